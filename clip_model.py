@@ -1,0 +1,507 @@
+"""CLIP from scratch: the frozen backbone STOP prompts.
+
+STOP (CVPR 2025) adapts a *frozen* CLIP (Radford et al., 2021) to video. This
+file is that CLIP, in plain PyTorch, loading OpenAI's released checkpoints
+unchanged:
+
+- ``VisionTransformer``: the image tower. A frame ``[3, R, R]`` is cut into a
+  ``G x G`` grid of ``P x P`` patches (``N = G*G``), embedded by a strided
+  convolution, prefixed by a learned CLS token, and passed through ``L``
+  residual attention blocks. STOP inserts its prompts between these blocks,
+  so each block is exposed on its own (``visual.transformer.resblocks``).
+- ``TextTransformer`` parts (token embedding, causal blocks, ``ln_final``):
+  the text tower, whose end-of-text token is the sentence feature.
+- ``Tokenizer`` / ``tokenize``: OpenAI's byte-level BPE, id for id.
+- ``load``: reads TorchScript archives (OpenAI's ``ViT-B-32.pt`` ...) or plain
+  state dicts, infers the architecture from the tensors' shapes, downloads
+  known models with a SHA256 check.
+
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention``.
+Weights are kept in fp32; mixed precision is autocast's job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html
+import os
+import re as stdlib_re
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+_OPENAI_MODELS = "https://openaipublic.azureedge.net/clip/models"
+# The SHA256 of each file is part of OpenAI's published URL.
+MODEL_SHA256 = {
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+}
+MODEL_FILES = {name: name.replace("/", "-").replace("@", "-") + ".pt" for name in MODEL_SHA256}  # "ViT-B-32.pt"
+MODEL_URLS = {name: f"{_OPENAI_MODELS}/{sha}/{MODEL_FILES[name]}" for name, sha in MODEL_SHA256.items()}
+RESNET_MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_URL = f"https://github.com/openai/CLIP/raw/main/clip/{VOCAB_FILE}"
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+class CLIPLoadError(Exception):
+    """A checkpoint or vocabulary that cannot be found, fetched or read."""
+
+
+def available_models() -> list[str]:
+    """The names ``load`` downloads: OpenAI's ViT checkpoints."""
+    return list(MODEL_URLS)
+
+
+def default_download_root() -> Path:
+    """``$XDG_CACHE_HOME/clip``, else ``~/.cache/clip``: where OpenAI's ``clip.load`` looks."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache) / "clip"
+
+
+# --------------------------------------------------------------------------- #
+# Architecture
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Every shape of a ViT CLIP; ``from_state_dict`` reads them off the tensors."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // 64  # OpenAI's convention: 64 channels per head
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
+        if "visual.proj" not in state_dict:
+            if any(key.startswith(("visual.layer1", "visual.attnpool")) for key in state_dict):
+                raise CLIPLoadError(
+                    "this is a ResNet CLIP checkpoint; STOP prompts the patch tokens of a "
+                    f"Vision Transformer, so use one of {available_models()}"
+                )
+            raise CLIPLoadError("no 'visual.proj' tensor: not a CLIP ViT checkpoint")
+
+        def layers(prefix: str) -> int:
+            return len({key.split(".")[prefix.count(".")] for key in state_dict if key.startswith(prefix)})
+
+        patch_size = state_dict["visual.conv1.weight"].shape[-1]
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        text_width = state_dict["ln_final.weight"].shape[0]
+        return cls(
+            embed_dim=state_dict["text_projection"].shape[1],
+            image_resolution=patch_size * grid,
+            vision_layers=layers("visual.transformer.resblocks."),
+            vision_width=state_dict["visual.conv1.weight"].shape[0],
+            vision_patch_size=patch_size,
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            transformer_width=text_width,
+            transformer_heads=text_width // 64,
+            transformer_layers=layers("transformer.resblocks."),
+        )
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``; its weights expect it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection (OpenAI's key names)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values of ``x [B, L, D]``, each ``[B, heads, L, D/heads]``."""
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
+        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``x [B, L, D]``; ``attn_mask`` boolean, True where attending is allowed, broadcast to ``[B, h, L, L]``."""
+        q, k, v = self.qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, h, L, Dh]
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width))
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, is_causal=is_causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower: patches + CLS -> ``L`` blocks -> ``ln_post(CLS) @ proj``."""
+
+    def __init__(self, resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int):
+        super().__init__()
+        self.input_resolution = resolution
+        self.patch_size = patch_size
+        self.grid_size = resolution // patch_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size**2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, 3, R, R]`` -> the tokens entering block 0, ``[B, 1+N, D]`` (CLS first)."""
+        patches = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # [B, 1, D]
+        tokens = torch.cat([cls, patches], dim=1) + self.positional_embedding.to(patches.dtype)
+        return self.ln_pre(tokens)
+
+    def head(self, cls_token: torch.Tensor) -> torch.Tensor:
+        """CLS token after the last block ``[..., D]`` -> image feature ``[..., E]``."""
+        return self.ln_post(cls_token) @ self.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.embed(images))[:, 0])
+
+
+class CLIP(nn.Module):
+    """The two towers and the learned temperature ``logit_scale`` (stored as its log)."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.context_length = config.context_length
+        self.visual = VisionTransformer(
+            config.image_resolution,
+            config.vision_patch_size,
+            config.vision_width,
+            config.vision_layers,
+            config.vision_heads,
+            config.embed_dim,
+        )
+        self.transformer = Transformer(config.transformer_width, config.transformer_layers, config.transformer_heads)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.transformer_width))
+        self.ln_final = nn.LayerNorm(config.transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(config.transformer_width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
+        self._initialize_parameters()
+
+    def _initialize_parameters(self) -> None:
+        """OpenAI's initialisation, so a randomly built CLIP behaves like an untrained one."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            width, layers = tower.width, len(tower.resblocks)
+            proj_std, attn_std, fc_std = (width**-0.5) * ((2 * layers) ** -0.5), width**-0.5, (2 * width) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``images [B, 3, R, R]`` (CLIP-normalised) -> ``[B, E]``, not normalised."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, context_length]`` -> ``[B, E]``: the end-of-text token's feature."""
+        x = self.token_embedding(tokens) + self.positional_embedding  # [B, C, D]
+        x = self.ln_final(self.transformer(x, is_causal=True))
+        end_of_text = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT has the largest id
+        return end_of_text @ self.text_projection
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image [B_i, B_t], logits_per_text [B_t, B_i])``: scaled cosine similarities."""
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def build_model(state_dict: dict[str, torch.Tensor]) -> CLIP:
+    """A fp32 CLIP shaped by, and holding, ``state_dict`` (OpenAI's key layout)."""
+    config = CLIPConfig.from_state_dict(state_dict)
+    model = CLIP(config)
+    extra = ("input_resolution", "context_length", "vocab_size")  # constants TorchScript archives carry
+    weights = {key: value.float() for key, value in state_dict.items() if key not in extra}
+    missing, unexpected = (
+        sorted(model.state_dict().keys() - weights.keys()),
+        sorted(weights.keys() - model.state_dict().keys()),
+    )
+    if missing or unexpected:
+        raise CLIPLoadError(f"the tensors do not form a CLIP ViT: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CLIPLoadError(f"the tensors do not form a CLIP ViT: {' '.join(str(error).split())}") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints: download, verify, read
+# --------------------------------------------------------------------------- #
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path, sha256: str) -> Path:
+    """Fetch ``url`` to ``target`` through a ``.part`` file; only a verified file gets the final name."""
+    if target.is_file():
+        if file_sha256(target) == sha256:
+            return target
+        warnings.warn(f"{target} does not match its SHA256 checksum; downloading it again", stacklevel=3)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as source, open(partial, "wb") as sink:
+            total = int(source.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as progress:
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    sink.write(chunk)
+                    progress.update(len(chunk))
+    except (urllib.error.URLError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        raise CLIPLoadError(
+            f"could not download {url} ({getattr(error, 'reason', error)}). "
+            f"Without network access, place the file at {target} (SHA256 {sha256})."
+        ) from None
+    if file_sha256(partial) != sha256:
+        partial.unlink()
+        raise CLIPLoadError(f"{url} downloaded, but its SHA256 is not {sha256}; nothing was kept. Try again.")
+    partial.replace(target)
+    return target
+
+
+def checkpoint_path(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Path:
+    """The local file for a model name (downloaded and verified if needed) or a path."""
+    name = str(name_or_path)
+    if name in MODEL_URLS:
+        root = Path(download_root) if download_root else default_download_root()
+        return _download(MODEL_URLS[name], root / MODEL_FILES[name], MODEL_SHA256[name])
+    if name in RESNET_MODELS:
+        raise CLIPLoadError(
+            f"{name} is a ResNet CLIP; STOP prompts the patch tokens of a Vision Transformer, "
+            f"so use one of {available_models()}"
+        )
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise CLIPLoadError(f"{name}: no such file, and not a known model name; known: {available_models()}")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a TorchScript archive (OpenAI's format) or of a plain ``torch.save``-d state dict."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            is_torchscript = any(entry.endswith("/constants.pkl") for entry in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        is_torchscript = False  # a legacy (non-zip) torch.save file, or a damaged one: torch.load decides
+    try:
+        if is_torchscript:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                return dict(torch.jit.load(path, map_location="cpu").state_dict())
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CLIPLoadError(f"{path}: cannot be read as a CLIP checkpoint (truncated or corrupt?): {error}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CLIPLoadError(f"{path}: holds a {type(state_dict).__name__}, not a state dict of tensors")
+    return state_dict
+
+
+def load(
+    name_or_path: str | os.PathLike, device: str | torch.device = "cpu", download_root: str | os.PathLike | None = None
+) -> CLIP:
+    """A CLIP ViT from a known name (see ``available_models``) or a checkpoint path, fp32, in eval mode."""
+    path = checkpoint_path(name_or_path, download_root)
+    try:
+        model = build_model(read_state_dict(path))
+    except CLIPLoadError as error:
+        raise CLIPLoadError(f"{path}: {error}") from None
+    return model.to(device)
+
+
+def random_clip(config: CLIPConfig, seed: int = 0) -> CLIP:
+    """A randomly initialised CLIP with ``config``'s shapes: for tests, benchmarks and the synthetic demo."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(config).eval()
+
+
+# The shapes of OpenAI's released ViTs, for random stand-ins in tests and benchmarks (``load`` reads shapes
+# off the checkpoint, never from here).
+VIT_B_32 = CLIPConfig(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
+VIT_B_16 = CLIPConfig(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
+VIT_L_14 = CLIPConfig(768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12)
+VIT_L_14_336 = CLIPConfig(768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12)
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer: byte-level BPE, as OpenAI's
+# --------------------------------------------------------------------------- #
+
+
+@lru_cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """Each byte as a printable character: printable Latin-1 maps to itself, the rest above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _clean(text: str) -> str:
+    """ftfy fixes, HTML entities unescaped (twice, as OpenAI does), whitespace collapsed, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return stdlib_re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """Byte-level BPE over a 49,152-entry vocabulary, giving OpenAI's ids exactly."""
+
+    SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+    PATTERN = regex.compile(
+        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        regex.IGNORECASE,
+    )
+
+    def __init__(self, vocab_path: str | os.PathLike):
+        with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
+            merges = [tuple(line.split()) for line in file.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(self.SPECIALS)
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self.sot_token, self.eot_token = (self.encoder[s] for s in self.SPECIALS)
+        self._cache = {s: s for s in self.SPECIALS}
+
+    def _bpe(self, word: str) -> str:
+        """Merge the symbols of one pre-token, lowest-ranked pair first; space-separated result."""
+        if word in self._cache:
+            return self._cache[word]
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
+            if best not in self.merge_ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self._cache[word] = " ".join(symbols)
+        return self._cache[word]
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.PATTERN.findall(_clean(text)):
+            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[token] for token in self._bpe(piece).split(" "))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        text = "".join(self.decoder[i] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+def vocab_path(download_root: str | os.PathLike | None = None) -> Path:
+    """The BPE vocabulary in ``download_root``, fetched from OpenAI and verified when absent."""
+    root = Path(download_root) if download_root else default_download_root()
+    return _download(VOCAB_URL, root / VOCAB_FILE, VOCAB_SHA256)
+
+
+@lru_cache
+def _tokenizer(download_root: str | None) -> Tokenizer:
+    return Tokenizer(vocab_path(download_root))
+
+
+def tokenize(
+    texts: str | list[str], context_length: int = 77, truncate: bool = False, download_root: str | None = None
+) -> torch.Tensor:
+    """``[len(texts), context_length]`` int64: ``<sot> ids <eot>`` then zeros, as ``clip.tokenize``.
+
+    A text too long for ``context_length`` raises ``ValueError`` unless ``truncate``, which keeps the
+    first ``context_length`` ids and ends them with ``<eot>``.
+    """
+    tokenizer = _tokenizer(download_root)
+    texts = [texts] if isinstance(texts, str) else texts
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"{text!r} is {len(ids)} tokens, longer than the context length {context_length}")
+            ids = [*ids[: context_length - 1], tokenizer.eot_token]
+        result[row, : len(ids)] = torch.tensor(ids)
+    return result

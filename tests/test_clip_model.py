@@ -1,0 +1,238 @@
+"""clip_model.py against OpenAI's reference outputs, plus loading, inference of shapes and every bad input."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip_model
+from clip_model import CLIPConfig, CLIPLoadError
+
+TINY = CLIPConfig(16, 32, 2, 64, 16, 77, 49408, 64, 1, 1)
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def tokenizer_cases(golden: Path) -> list[dict]:
+    return json.loads((golden / "tokenizer_cases.json").read_text())["cases"]
+
+
+def test_bpe_ids_match_openai_for_every_case(golden, tokenizer_cases):
+    tokenizer = clip_model.Tokenizer(golden / clip_model.VOCAB_FILE)
+    mismatches = [case["text"] for case in tokenizer_cases if tokenizer.encode(case["text"]) != case["bpe_ids"]]
+    assert mismatches == []
+    assert len(tokenizer_cases) >= 50
+
+
+def test_decode_matches_openai(golden, tokenizer_cases):
+    tokenizer = clip_model.Tokenizer(golden / clip_model.VOCAB_FILE)
+    for case in tokenizer_cases:
+        assert tokenizer.decode(case["bpe_ids"]) == case["decoded"], case["text"]
+
+
+def test_tokenize_truncate_matches_clip_tokenize(golden, tokenizer_cases):
+    tokens = clip_model.tokenize([c["text"] for c in tokenizer_cases], truncate=True, download_root=str(golden))
+    expected = torch.tensor([c["tokenize_77_truncate"] for c in tokenizer_cases])
+    assert tokens.dtype == torch.long
+    assert torch.equal(tokens, expected)
+
+
+def test_tokenize_refuses_too_long_text_without_truncate(golden, tokenizer_cases):
+    long_text = max((c["text"] for c in tokenizer_cases), key=lambda t: len(t))
+    with pytest.raises(ValueError, match="longer than the context length 77"):
+        clip_model.tokenize(long_text, download_root=str(golden))
+
+
+def test_vocabulary_found_in_download_root_without_network(golden, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the vocabulary in download_root must be used without a download")
+
+    monkeypatch.setattr(clip_model.urllib.request, "urlopen", no_network)
+    assert clip_model.vocab_path(golden) == golden / clip_model.VOCAB_FILE
+
+
+def test_missing_vocabulary_without_network_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_model, "VOCAB_URL", (tmp_path / "unreachable" / "vocab.gz").as_uri())
+    with pytest.raises(CLIPLoadError, match=f"place the file at {tmp_path / clip_model.VOCAB_FILE}"):
+        clip_model.vocab_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- #
+# The tiny reference model, both formats
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def reference(golden: Path) -> dict:
+    return torch.load(golden / "tiny_clip_reference_outputs.pt")
+
+
+@pytest.mark.parametrize("file_name", ["tiny_clip_state_dict.pt", "tiny_clip_jit.pt"])
+def test_tiny_model_reproduces_openai_outputs(golden, reference, file_name):
+    model = clip_model.load(golden / file_name)
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        image_features = model.encode_image(reference["images"])
+        text_features = model.encode_text(reference["texts"])
+        logits_per_image, logits_per_text = model(reference["images"], reference["texts"])
+    for ours, key in [
+        (image_features, "image_features"),
+        (text_features, "text_features"),
+        (logits_per_image, "logits_per_image"),
+        (logits_per_text, "logits_per_text"),
+    ]:
+        torch.testing.assert_close(ours, reference[key], rtol=0, atol=1e-5, msg=key)
+    assert sum(p.numel() for p in model.parameters()) == reference["num_parameters"]
+    inferred = model.config
+    for field, value in reference["config"].items():
+        assert getattr(inferred, field) == value, field
+    assert model.visual.input_resolution == reference["config"]["image_resolution"]
+
+
+# --------------------------------------------------------------------------- #
+# Architecture inferred from the tensors
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "config, parameters",
+    [
+        (clip_model.VIT_B_32, 151_277_313),
+        (clip_model.VIT_B_16, 149_620_737),
+        (clip_model.VIT_L_14, 427_616_513),
+        (clip_model.VIT_L_14_336, 427_944_193),
+    ],
+    ids=["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"],
+)
+def test_architecture_read_off_released_shapes(config, parameters):
+    with torch.device("meta"):  # the real shapes, no memory
+        model = clip_model.CLIP(config)
+    assert CLIPConfig.from_state_dict(model.state_dict()) == config
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_state_dict_round_trip_in_openai_layout(tmp_path):
+    model = clip_model.random_clip(TINY, seed=3)
+    half = {key: value.half() if value.ndim >= 2 else value for key, value in model.state_dict().items()}
+    torch.save(half, tmp_path / "tiny.pt")
+    loaded = clip_model.load(tmp_path / "tiny.pt")
+    assert loaded.config == TINY
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, half[key].float()), key
+
+
+def test_torchscript_archive_round_trip(tmp_path, golden):
+    archive = torch.jit.load(golden / "tiny_clip_jit.pt", map_location="cpu")
+    with pytest.warns(FutureWarning):  # torch.jit.save's deprecation notice
+        torch.jit.save(archive, tmp_path / "copy.pt")
+    from_archive = clip_model.load(tmp_path / "copy.pt").state_dict()
+    from_plain = clip_model.load(golden / "tiny_clip_state_dict.pt").state_dict()
+    assert from_archive.keys() == from_plain.keys()
+    assert all(torch.equal(from_archive[k], from_plain[k]) for k in from_plain)
+
+
+def test_random_clip_is_reproducible_from_its_seed():
+    first, second = clip_model.random_clip(TINY, seed=7), clip_model.random_clip(TINY, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert not torch.equal(first.visual.proj, clip_model.random_clip(TINY, seed=8).visual.proj)
+
+
+# --------------------------------------------------------------------------- #
+# Download
+# --------------------------------------------------------------------------- #
+
+
+def _serve_as_known_model(monkeypatch, source: Path, sha256: str) -> None:
+    monkeypatch.setitem(clip_model.MODEL_URLS, "ViT-B/32", source.as_uri())
+    monkeypatch.setitem(clip_model.MODEL_SHA256, "ViT-B/32", sha256)
+
+
+def test_known_name_is_downloaded_verified_and_reused(golden, tmp_path, monkeypatch):
+    source = golden / "tiny_clip_jit.pt"
+    _serve_as_known_model(monkeypatch, source, hashlib.sha256(source.read_bytes()).hexdigest())
+    cache = tmp_path / "cache"
+    model = clip_model.load("ViT-B/32", download_root=cache)
+    assert [p.name for p in cache.iterdir()] == ["ViT-B-32.pt"]
+    assert model.config.image_resolution == 32
+
+    monkeypatch.setitem(clip_model.MODEL_URLS, "ViT-B/32", (tmp_path / "gone.pt").as_uri())
+    assert clip_model.load("ViT-B/32", download_root=cache).config == model.config  # no second download
+
+
+def test_default_download_root_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert clip_model.default_download_root() == tmp_path / "clip"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert clip_model.default_download_root() == Path.home() / ".cache" / "clip"
+
+
+def test_checksum_mismatch_keeps_nothing(golden, tmp_path, monkeypatch):
+    _serve_as_known_model(monkeypatch, golden / "tiny_clip_jit.pt", "0" * 64)
+    with pytest.raises(CLIPLoadError, match="SHA256"):
+        clip_model.load("ViT-B/32", download_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_network_names_the_file_and_where_to_place_it(tmp_path, monkeypatch):
+    _serve_as_known_model(monkeypatch, tmp_path / "unreachable.pt", "1" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(CLIPLoadError, match=f"place the file at {cache / 'ViT-B-32.pt'}"):
+        clip_model.load("ViT-B/32", download_root=cache)
+    assert list(cache.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+
+
+def test_unknown_name_lists_the_known_models():
+    with pytest.raises(CLIPLoadError, match=r"ViT-B/32.*ViT-B/16.*ViT-L/14.*ViT-L/14@336px"):
+        clip_model.load("ViT-H/99")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CLIPLoadError, match="no such file"):
+        clip_model.load(tmp_path / "absent.pt")
+
+
+@pytest.mark.parametrize("file_name", ["tiny_clip_state_dict.pt", "tiny_clip_jit.pt"])
+def test_truncated_checkpoint(golden, tmp_path, file_name):
+    data = (golden / file_name).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CLIPLoadError, match="cut.pt: cannot be read as a CLIP checkpoint"):
+        clip_model.load(tmp_path / "cut.pt")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CLIPLoadError, match="noise.pt: cannot be read"):
+        clip_model.load(tmp_path / "noise.pt")
+
+
+def test_state_dict_with_missing_tensors(tmp_path):
+    state = clip_model.random_clip(TINY).state_dict()
+    del state["visual.ln_post.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(CLIPLoadError, match="partial.pt: the tensors do not form a CLIP ViT.*ln_post"):
+        clip_model.load(tmp_path / "partial.pt")
+
+
+def test_resnet_is_refused_by_name_and_by_contents(tmp_path):
+    with pytest.raises(CLIPLoadError, match="ResNet CLIP; STOP prompts the patch tokens"):
+        clip_model.load("RN50")
+    torch.save(
+        {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.attnpool.k_proj.weight": torch.zeros(1)},
+        tmp_path / "rn.pt",
+    )
+    with pytest.raises(CLIPLoadError, match="ResNet CLIP checkpoint"):
+        clip_model.load(tmp_path / "rn.pt")
