@@ -1,0 +1,528 @@
+"""Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in
+each published layout, built in temporary folders, read through the loaders."""
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torchcodec.decoders import VideoDecoder
+from torchvision.transforms import v2
+
+import data
+
+SIDE = 32  # test videos are tiny: SIDE x SIDE pixels (the ramp is wider)
+RESOLUTION = 48  # model input size in these tests: deliberately not 224
+MEAN = torch.tensor(data.CLIP_MEAN)[:, None, None]
+STD = torch.tensor(data.CLIP_STD)[:, None, None]
+
+
+def grey_video(levels: list[int], height: int = SIDE, width: int = SIDE) -> torch.Tensor:
+    """Frame i is a flat grey of brightness levels[i]: uint8 [T, 3, H, W]."""
+    return torch.tensor(levels, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, height, width).contiguous()
+
+
+def ramp_video(num_frames: int = 12) -> torch.Tensor:
+    """Still frames that brighten from left to right: a flip reverses them."""
+    ramp = torch.linspace(0, 255, 2 * SIDE).round().to(torch.uint8)
+    return ramp.expand(num_frames, 3, SIDE, 2 * SIDE).contiguous()
+
+
+def left_darker_than_right(clip: torch.Tensor) -> bool:
+    """clip [T, 3, R, R] normalised: is its left quarter darker than its right quarter?"""
+    quarter = clip.shape[-1] // 4
+    return bool(clip[..., :quarter].mean() < clip[..., -quarter:].mean())
+
+
+def normalised(level: float) -> torch.Tensor:
+    """A flat grey `level` after CLIP normalisation, per channel [3, 1, 1]."""
+    return (level / 255 - MEAN) / STD
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests move tiny tensors: one thread is fastest, and immune to a busy CPU."""
+    with data.single_threaded():
+        yield
+
+
+# ---------------------------------------------------------------- layouts
+
+
+@pytest.fixture(scope="module")
+def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """UCF101 layout; the HandstandPushups lists say `HandStandPushups`, CRLF line ends as published."""
+    root = tmp_path_factory.mktemp("ucf101")
+    folders = {"ApplyEyeMakeup": "ApplyEyeMakeup", "YoYo": "YoYo", "HandstandPushups": "HandStandPushups"}
+    train, test = [], []
+    for label, (folder, list_name) in enumerate(folders.items(), start=1):
+        for group in (1, 8):
+            file_name = f"v_{list_name}_g{group:02d}_c01.avi"
+            data.write_video(root / "UCF-101" / folder / file_name, ramp_video(), 25)
+            entry = f"{list_name}/{file_name}"
+            (test if group == 1 else train).append(entry if group == 1 else f"{entry} {label}")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_bytes(b"1 ApplyEyeMakeup\r\n2 YoYo\r\n3 HandstandPushups\r\n")
+    (lists / "trainlist01.txt").write_bytes("\r\n".join(train).encode() + b"\r\n")
+    (lists / "testlist01.txt").write_bytes("\r\n".join(test).encode() + b"\r\n")
+    return root
+
+
+HMDB_NAMES = {
+    "brush_hair": ["Brush my hair (2) & more_u_nm_np1_ba_goo_0.avi", "[Hair] brushing_f_cm_np1_fr_med_1.avi"],
+    "ride_bike": ["Ride & bike!_f_cm_np1_ri_med_0.avi", "bike ride (long) _u_cm_np1_le_goo_2.avi"],
+}
+
+
+@pytest.fixture(scope="module")
+def hmdb51_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HMDB51 layout: names with spaces, brackets and `&`; split lines end with a blank as published."""
+    root = tmp_path_factory.mktemp("hmdb51")
+    (root / "testTrainMulti_7030_splits").mkdir()
+    for folder, names in HMDB_NAMES.items():
+        for name in names:
+            data.write_video(root / "videos" / folder / name, grey_video([100] * 6), 30)
+        split1 = f"{names[0]} 1 \n{names[1]} 2 \nunused clip_0.avi 0 \n"
+        split2 = f"{names[0]} 2 \n{names[1]} 1 \n"
+        (root / "testTrainMulti_7030_splits" / f"{folder}_test_split1.txt").write_text(split1)
+        (root / "testTrainMulti_7030_splits" / f"{folder}_test_split2.txt").write_text(split2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ssv2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Something-Something v2 layout with VP9 WebM clips."""
+    root = tmp_path_factory.mktemp("ssv2")
+    for clip_id in ("101", "102", "103"):
+        data.write_video(root / "20bn-something-something-v2" / f"{clip_id}.webm", ramp_video(), 12)
+    labels = {"Approaching something with your camera": "0", "Pushing something from left to right": "1"}
+    train = [
+        {
+            "id": "101",
+            "label": "pushing a cup from left to right",
+            "template": "Pushing [something] from left to right",
+        },
+        {
+            "id": "102",
+            "label": "approaching a cup with your camera",
+            "template": "Approaching [something] with your camera",
+        },
+    ]
+    validation = [{"id": "103", "label": "pushing a pen", "template": "Pushing [something] from left to right"}]
+    (root / "labels").mkdir()
+    for name, content in (("labels", labels), ("train", train), ("validation", validation)):
+        (root / "labels" / f"{name}.json").write_text(json.dumps(content))
+    return root
+
+
+MSRVTT_SENTENCES = [
+    ("video0", "a man, smiling, sings"),
+    ("video1", 'a "quoted" caption'),
+    ("video0", "someone is singing"),
+    ("video2", "a cat plays"),
+    ("video1", "a second caption for video1"),
+]
+JSFUSION_ROWS = [("video2", "a cat, on a sofa, plays"), ("video3", "a dog runs")]
+
+
+@pytest.fixture(scope="module")
+def msrvtt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MSR-VTT layout with H.264 MP4 videos; video k is a flat grey of level 40 + 40 k."""
+    root = tmp_path_factory.mktemp("msrvtt")
+    for number in range(4):
+        data.write_video(root / "MSRVTT_Videos" / f"video{number}.mp4", grey_video([40 + 40 * number] * 8), 30)
+    (root / "msrvtt_data").mkdir()
+    sentences = [{"caption": c, "video_id": v, "sen_id": i} for i, (v, c) in enumerate(MSRVTT_SENTENCES)]
+    videos = [{"video_id": f"video{number}"} for number in range(4)]
+    (root / "msrvtt_data" / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
+    with (root / "msrvtt_data" / "MSRVTT_train.9k.csv").open("w", newline="") as file:
+        csv.writer(file).writerows([["video_id"], ["video0"], ["video1"]])
+    with (root / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv").open("w", newline="") as file:
+        rows = [[f"ret{i}", f"msr{v[5:]}", v, s] for i, (v, s) in enumerate(JSFUSION_ROWS)]
+        csv.writer(file).writerows([["key", "vid_key", "video_id", "sentence"], *rows])
+    return root
+
+
+# ---------------------------------------------------------------- encoding and decoding
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".avi", "mpeg4"), (".mp4", "h264"), (".webm", "vp9")])
+def test_write_video_encodes_real_files_of_each_codec(tmp_path: Path, suffix: str, codec: str) -> None:
+    levels = [30, 80, 130, 180, 230, 130]
+    path = tmp_path / f"clip{suffix}"
+    data.write_video(path, grey_video(levels), fps=10)
+    decoder = VideoDecoder(path, seek_mode="exact")
+    assert decoder.metadata.codec == codec
+    assert decoder.metadata.num_frames == len(levels)
+    decoded = decoder.get_frames_at(list(range(len(levels)))).data.float()
+    assert torch.allclose(decoded.mean(dim=(1, 2, 3)), torch.tensor(levels, dtype=torch.float), atol=4)
+
+
+def test_sample_indices_evaluation_takes_segment_centres() -> None:
+    expected = [math.floor((t + 0.5) * 100 / 8) for t in range(8)]  # 12.5 frames a segment
+    assert data.sample_indices(100, 8, train=False).tolist() == [expected]
+
+
+def test_sample_indices_training_draws_one_frame_in_each_segment() -> None:
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([data.sample_indices(100, 8, train=True, generator=generator) for _ in range(400)])  # [400, 8]
+    for t in range(8):  # segment t holds frames floor(12.5 t) ... floor(12.5 (t + 1)) - 1, and each gets drawn
+        assert set(draws[:, t].tolist()) == set(range(math.floor(t * 12.5), math.floor((t + 1) * 12.5)))
+
+
+def test_sample_indices_repeat_frames_of_a_short_video() -> None:
+    assert data.sample_indices(3, 8, train=False).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+    train = data.sample_indices(3, 8, train=True, generator=torch.Generator().manual_seed(1))
+    assert train.min() >= 0 and train.max() <= 2 and (train.diff() >= 0).all()
+    assert data.sample_indices(1, 4, train=True).tolist() == [[0, 0, 0, 0]]
+
+
+def test_sample_indices_views_are_evenly_offset() -> None:
+    assert data.sample_indices(90, 3, train=False, views=3).tolist() == [[5, 35, 65], [15, 45, 75], [25, 55, 85]]
+    with pytest.raises(ValueError):
+        data.sample_indices(90, 3, train=True, views=2)
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mp4", ".webm"])
+def test_read_frames_decodes_exactly_the_sampled_frames(tmp_path: Path, suffix: str) -> None:
+    levels = [20 + 10 * i for i in range(20)]
+    path = tmp_path / f"counter{suffix}"
+    data.write_video(path, grey_video(levels), fps=10)
+    frames = data.read_frames(path, 4, train=False)  # centres of 5-frame segments: 2, 7, 12, 17
+    assert frames.shape == (4, 3, SIDE, SIDE) and frames.dtype == torch.uint8
+    expected = torch.tensor([levels[i] for i in (2, 7, 12, 17)], dtype=torch.float)
+    assert torch.allclose(frames.float().mean(dim=(1, 2, 3)), expected, atol=4)
+
+
+def test_a_header_with_a_wrong_frame_count_is_recounted(tmp_path: Path) -> None:
+    levels = [20 + 5 * i for i in range(40)]
+    noise = torch.randint(-15, 16, (40, 3, SIDE, SIDE), generator=torch.Generator().manual_seed(0))
+    whole, truncated = tmp_path / "whole.avi", tmp_path / "truncated.avi"
+    data.write_video(whole, (grey_video(levels) + noise).clamp(0, 255).to(torch.uint8), fps=10)
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    assert VideoDecoder(truncated, seek_mode="approximate").metadata.num_frames == 40  # the header's claim
+    frames_there = VideoDecoder(truncated, seek_mode="exact").metadata.num_frames
+    assert 0 < frames_there < 40
+    means = data.read_frames(truncated, 8, train=False).float().mean(dim=(1, 2, 3))
+    expected = [levels[index] for index in data.sample_indices(frames_there, 8, train=False)[0].tolist()]
+    assert torch.allclose(means, torch.tensor(expected, dtype=torch.float), atol=4)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_evaluation_clip_is_normalised_with_clip_statistics(tmp_path: Path) -> None:
+    path = tmp_path / "grey.mp4"
+    data.write_video(path, grey_video([128] * 10), fps=10)
+    dataset = data.VideoDataset([path], [0], num_frames=4, resolution=RESOLUTION, train=False)
+    clip, label = dataset[0]
+    assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and clip.dtype == torch.float32 and label == 0
+    assert torch.allclose(clip, normalised(128).expand_as(clip), atol=0.05)
+
+
+def test_training_clip_values_stay_in_the_normalised_pixel_range(ucf101_root: Path) -> None:
+    dataset = data.build_dataset("ucf101", ucf101_root, "train", num_frames=8, resolution=RESOLUTION)
+    clip, _ = dataset[0]
+    assert clip.shape == (8, 3, RESOLUTION, RESOLUTION) and clip.dtype == torch.float32
+    assert (clip >= normalised(0) - 1e-5).all() and (clip <= normalised(255) + 1e-5).all()
+
+
+def test_all_frames_of_a_clip_get_the_same_crop_and_flip(ucf101_root: Path) -> None:
+    dataset = data.build_dataset("ucf101", ucf101_root, "train", num_frames=8, resolution=RESOLUTION)
+    torch.manual_seed(0)
+    for _ in range(5):
+        clip, _ = dataset[0]  # the source frames are identical, so the outputs must be too
+        assert torch.allclose(clip, clip[:1].expand_as(clip), atol=0.05)
+
+
+def test_ucf101_training_flips_some_clips(ucf101_root: Path) -> None:
+    dataset = data.build_dataset("ucf101", ucf101_root, "train", num_frames=4, resolution=RESOLUTION)
+    torch.manual_seed(0)
+    orientations = {left_darker_than_right(dataset[0][0]) for _ in range(20)}
+    assert orientations == {True, False}
+
+
+def test_ssv2_is_never_flipped(ssv2_root: Path) -> None:
+    dataset = data.build_dataset("ssv2", ssv2_root, "train", num_frames=4, resolution=RESOLUTION)
+    torch.manual_seed(0)
+    assert all(left_darker_than_right(dataset[index % 2][0]) for index in range(30))
+
+
+def test_a_root_with_the_no_flip_marker_is_never_flipped(ucf101_root: Path, tmp_path: Path) -> None:
+    marked = tmp_path / "ucf101"
+    marked.mkdir()
+    (marked / "UCF-101").symlink_to(ucf101_root / "UCF-101")
+    (marked / "ucfTrainTestlist").symlink_to(ucf101_root / "ucfTrainTestlist")
+    (marked / data.NO_FLIP_MARKER).write_text("")
+    dataset = data.build_dataset("ucf101", marked, "train", num_frames=4, resolution=RESOLUTION)
+    torch.manual_seed(0)
+    assert all(left_darker_than_right(dataset[0][0]) for _ in range(20))
+
+
+def test_evaluation_views_are_different_moments(tmp_path: Path) -> None:
+    levels = [20 + 10 * i for i in range(20)]
+    path = tmp_path / "counter.avi"
+    data.write_video(path, grey_video(levels), fps=10)
+    dataset = data.VideoDataset([path], [3], num_frames=2, resolution=RESOLUTION, train=False, views=2)
+    clip, _ = dataset[0]
+    assert clip.shape == (2, 2, 3, RESOLUTION, RESOLUTION)
+    for view, frame_indices in enumerate(data.sample_indices(20, 2, train=False, views=2).tolist()):
+        for t, index in enumerate(frame_indices):
+            assert torch.allclose(clip[view, t], normalised(levels[index]).expand(3, RESOLUTION, RESOLUTION), atol=0.1)
+    with pytest.raises(data.DataError):
+        data.VideoDataset([path], [3], num_frames=2, resolution=RESOLUTION, train=True, views=2)
+
+
+# ---------------------------------------------------------------- split files and class names
+
+
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [
+        ("ApplyEyeMakeup", "apply eye makeup"),
+        ("YoYo", "yo yo"),
+        ("PlayingDaf", "playing daf"),
+        ("HandstandPushups", "handstand pushups"),
+        ("TurningAnticlockwise", "turning anticlockwise"),
+        ("brush_hair", "brush hair"),
+        ("sword_exercise", "sword exercise"),
+    ],
+)
+def test_readable_class_name(folder: str, name: str) -> None:
+    assert data.readable_class_name(folder) == name
+
+
+def test_ucf101_split_files_with_case_mismatches(ucf101_root: Path) -> None:
+    train = data.build_dataset("ucf101", ucf101_root, "train", num_frames=4, resolution=RESOLUTION)
+    test = data.build_dataset("ucf101", ucf101_root, "test", num_frames=4, resolution=RESOLUTION)
+    assert train.classes == test.classes == ["apply eye makeup", "yo yo", "handstand pushups"]
+    assert train.targets == test.targets == [0, 1, 2]
+    assert all(path.is_file() for path in train.paths + test.paths)  # HandStandPushups found in HandstandPushups
+    assert test.paths[2] == ucf101_root / "UCF-101" / "HandstandPushups" / "v_HandStandPushups_g01_c01.avi"
+    clip, label = test[2]
+    assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and label == 2
+
+
+def test_hmdb51_split_files_with_spaces_brackets_and_ampersands(hmdb51_root: Path) -> None:
+    train = data.build_dataset("hmdb51", hmdb51_root, "train", num_frames=4, resolution=RESOLUTION)
+    test = data.build_dataset("hmdb51", hmdb51_root, "test", num_frames=4, resolution=RESOLUTION)
+    assert train.classes == ["brush hair", "ride bike"]
+    assert [path.name for path in train.paths] == [HMDB_NAMES["brush_hair"][0], HMDB_NAMES["ride_bike"][0]]
+    assert [path.name for path in test.paths] == [HMDB_NAMES["brush_hair"][1], HMDB_NAMES["ride_bike"][1]]
+    assert train.targets == test.targets == [0, 1]
+    split2 = data.build_dataset("hmdb51", hmdb51_root, "train", num_frames=4, resolution=RESOLUTION, split_id=2)
+    assert [path.name for path in split2.paths] == [HMDB_NAMES["brush_hair"][1], HMDB_NAMES["ride_bike"][1]]
+    clip, label = test[1]
+    assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and label == 1
+
+
+def test_ssv2_labels_come_from_templates(ssv2_root: Path) -> None:
+    train = data.build_dataset("ssv2", ssv2_root, "train", num_frames=4, resolution=RESOLUTION)
+    test = data.build_dataset("ssv2", ssv2_root, "test", num_frames=4, resolution=RESOLUTION)
+    assert train.classes == ["approaching something with your camera", "pushing something from left to right"]
+    assert train.targets == [1, 0] and test.targets == [1]
+    assert test.paths == [ssv2_root / "20bn-something-something-v2" / "103.webm"]
+
+
+def test_msrvtt_training_pairs_are_all_captions_of_the_training_videos(msrvtt_root: Path) -> None:
+    train = data.build_dataset("msrvtt", msrvtt_root, "train", num_frames=4, resolution=RESOLUTION)
+    expected = [(v, c) for v, c in MSRVTT_SENTENCES if v in ("video0", "video1")]
+    assert [(path.stem, caption) for path, caption in zip(train.paths, train.targets)] == expected
+    clip, caption = train[1]
+    assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and caption == 'a "quoted" caption'
+
+
+def test_msrvtt_test_set_is_the_jsfusion_rows_in_order(msrvtt_root: Path) -> None:
+    test = data.build_dataset("msrvtt", msrvtt_root, "test", num_frames=4, resolution=RESOLUTION)
+    assert [(path.stem, caption) for path, caption in zip(test.paths, test.targets)] == JSFUSION_ROWS
+    for index, (video_id, sentence) in enumerate(JSFUSION_ROWS):
+        clip, caption = test[index]
+        level = 40 + 40 * int(video_id[5:])
+        assert caption == sentence and torch.allclose(clip.mean(dim=(0, 2, 3)), normalised(level).flatten(), atol=0.05)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("name", "missing"),
+    [
+        ("ucf101", "ucfTrainTestlist/classInd.txt"),
+        ("hmdb51", "testTrainMulti_7030_splits"),
+        ("ssv2", "labels/labels.json"),
+        ("msrvtt", "msrvtt_data/MSRVTT_train.9k.csv"),
+    ],
+)
+def test_a_missing_split_file_is_named_with_the_expected_layout(tmp_path: Path, name: str, missing: str) -> None:
+    video_folder = {"ucf101": "UCF-101", "hmdb51": "videos", "ssv2": "20bn-something-something-v2"}
+    (tmp_path / video_folder.get(name, "MSRVTT_Videos")).mkdir()
+    with pytest.raises(data.DataError) as error:
+        data.build_dataset(name, tmp_path, "train", num_frames=4, resolution=RESOLUTION)
+    assert str(tmp_path / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
+
+
+def test_a_missing_root_and_unknown_names_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "nowhere"))) as error:
+        data.build_dataset("ucf101", tmp_path / "nowhere", "train", num_frames=4, resolution=RESOLUTION)
+    assert "ucfTrainTestlist/classInd.txt" in str(error.value)
+    with pytest.raises(data.DataError, match="ucf101, hmdb51, ssv2, msrvtt"):
+        data.build_dataset("kinetics", tmp_path, "train", num_frames=4, resolution=RESOLUTION)
+    with pytest.raises(data.DataError, match="train"):
+        data.build_dataset("ucf101", tmp_path, "val", num_frames=4, resolution=RESOLUTION)
+
+
+def test_missing_ffmpeg_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, ucf101_root: Path) -> None:
+    monkeypatch.setattr(data.torchcodec, "ffmpeg_major_version", None)
+    with pytest.raises(data.DataError, match="apt-get install ffmpeg") as error:
+        data.build_dataset("ucf101", ucf101_root, "train", num_frames=4, resolution=RESOLUTION)
+    assert "brew install ffmpeg" in str(error.value) and "conda" in str(error.value)
+
+
+@pytest.fixture
+def videos_with_broken_ones(tmp_path: Path) -> tuple[list[Path], set[int]]:
+    """Six videos (flat grey 30, 60, ... 180); items 1 (empty), 2 (random bytes), 4 (truncated MP4) are broken."""
+    paths = [tmp_path / f"clip{index}.avi" for index in range(6)]
+    for index, path in enumerate(paths):
+        data.write_video(path, grey_video([30 * (index + 1)] * 6), fps=10)
+    paths[1].write_bytes(b"")
+    paths[2].write_bytes(bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0)).tolist()))
+    paths[4] = tmp_path / "clip4.mp4"
+    data.write_video(paths[4], grey_video([150] * 6), fps=10)
+    paths[4].write_bytes(paths[4].read_bytes()[:300])
+    return paths, {1, 2, 4}
+
+
+def test_broken_videos_are_warned_about_replaced_and_counted(videos_with_broken_ones) -> None:
+    paths, broken = videos_with_broken_ones
+    dataset = data.VideoDataset(paths, list(range(6)), num_frames=2, resolution=RESOLUTION, train=False)
+    with pytest.warns(data.BrokenVideoWarning) as caught:
+        items = [dataset[index] for index in range(6)]
+    assert [label for _, label in items] == [0, 3, 3, 3, 5, 5]  # each broken item replaced by the next good one
+    for (clip, label), index in zip(items, range(6)):
+        assert torch.allclose(clip.mean(dim=(0, 2, 3)), normalised(30 * (label + 1)).flatten(), atol=0.05), index
+    warned = " ".join(str(warning.message) for warning in caught)
+    assert all(str(paths[index]) in warned for index in broken)
+    assert dataset.broken_count() == 4  # item 1 meets 1 and 2, item 2 meets 2, item 4 meets 4
+    dataset.reset_broken_count()
+    assert dataset.broken_count() == 0
+
+
+def test_strict_mode_makes_a_broken_video_an_error(videos_with_broken_ones) -> None:
+    paths, _ = videos_with_broken_ones
+    dataset = data.VideoDataset(paths, list(range(6)), num_frames=2, resolution=RESOLUTION, train=True, strict=True)
+    assert dataset[0][1] == 0
+    with pytest.raises(data.DataError, match=re.escape(str(paths[1]))):
+        dataset[1]
+
+
+def test_broken_count_is_shared_by_loader_workers(videos_with_broken_ones) -> None:
+    paths, _ = videos_with_broken_ones
+    dataset = data.VideoDataset(paths, list(range(6)), num_frames=2, resolution=RESOLUTION, train=True)
+    loader = data.build_loader(dataset, batch_size=2, shuffle=True, workers=2, seed=0)
+    assert loader.persistent_workers and loader.num_workers == 2
+    batches = list(loader)  # the warnings are printed by the worker processes
+    assert [tuple(batch[0].shape) for batch in batches] == [(2, 2, 3, RESOLUTION, RESOLUTION)] * 3
+    assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == [0, 3, 3, 3, 5, 5]
+    assert dataset.broken_count() == 4
+
+
+def test_loader_shuffle_order_follows_the_seed(videos_with_broken_ones) -> None:
+    paths, _ = videos_with_broken_ones
+    dataset = data.VideoDataset(paths, list(range(6)), num_frames=2, resolution=RESOLUTION, train=True)
+
+    def order(seed: int) -> list[list[int]]:
+        return list(data.build_loader(dataset, batch_size=2, shuffle=True, workers=0, seed=seed).batch_sampler)
+
+    assert order(0) == order(0) != order(1)
+
+
+def test_a_broken_retrieval_test_video_keeps_its_caption(videos_with_broken_ones) -> None:
+    paths, _ = videos_with_broken_ones
+    captions = [f"caption {index}" for index in range(6)]
+    dataset = data.VideoDataset(paths, captions, num_frames=2, resolution=RESOLUTION, train=False, keep_alignment=True)
+    with pytest.warns(data.BrokenVideoWarning, match=re.escape(str(paths[2]))):
+        clip, caption = dataset[2]
+    assert caption == "caption 2" and torch.equal(clip, torch.zeros(2, 3, RESOLUTION, RESOLUTION))
+    assert dataset.broken_count() == 1
+
+
+def test_a_short_video_repeats_frames(tmp_path: Path) -> None:
+    path = tmp_path / "short.webm"
+    data.write_video(path, grey_video([40, 140, 240]), fps=10)
+    dataset = data.VideoDataset([path], [0], num_frames=8, resolution=RESOLUTION, train=False)
+    clip, _ = dataset[0]
+    levels = [[40, 140, 240][index] for index in data.sample_indices(3, 8, train=False)[0].tolist()]
+    expected = torch.stack([normalised(level).flatten() for level in levels])  # [8, 3]
+    assert torch.allclose(clip.mean(dim=(2, 3)), expected, atol=0.06)
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+@pytest.mark.parametrize("pair", range(4))
+def test_synthetic_partner_classes_are_time_reversals(pair: int) -> None:
+    forward, colour, shape = data.render_synthetic_clip(2 * pair, torch.Generator().manual_seed(pair))
+    backward, colour_b, shape_b = data.render_synthetic_clip(2 * pair + 1, torch.Generator().manual_seed(pair))
+    assert forward.shape == (data.SYNTHETIC_FRAMES, 3, data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE)
+    assert forward.dtype == torch.uint8 and (colour, shape) == (colour_b, shape_b)
+    assert torch.equal(backward, forward.flip(0))
+    assert not torch.equal(forward, backward)  # something happens over time
+
+
+def _moving_centroid(frames: torch.Tensor) -> torch.Tensor:
+    """Centre (x, y) of the pixels that differ from the clip's median frame, per frame: [T, 2]."""
+    moving = (frames.float() - frames.float().median(dim=0).values).abs().sum(1) > 60  # [T, H, W]
+    rows, columns = torch.meshgrid(torch.arange(frames.shape[2]), torch.arange(frames.shape[3]), indexing="ij")
+    weight = moving.float().sum(dim=(1, 2))
+    return torch.stack([(moving * columns).sum(dim=(1, 2)) / weight, (moving * rows).sum(dim=(1, 2)) / weight], 1)
+
+
+def test_synthetic_motions_go_the_way_their_names_say() -> None:
+    for seed in range(5):
+        left, _, _ = data.render_synthetic_clip(0, torch.Generator().manual_seed(seed))
+        up, _, _ = data.render_synthetic_clip(2, torch.Generator().manual_seed(seed))
+        growing, _, _ = data.render_synthetic_clip(4, torch.Generator().manual_seed(seed))
+        assert _moving_centroid(left)[-1, 0] < _moving_centroid(left)[0, 0] - 10
+        assert _moving_centroid(up)[-1, 1] < _moving_centroid(up)[0, 1] - 10
+        changed = (growing.float() - growing[:1].float()).abs().sum(1) > 60  # [T, H, W] vs the first frame
+        assert changed[-1].sum() > changed[1].sum() > 0
+
+
+def test_synthetic_turning_is_clockwise_on_screen() -> None:
+    """A horizontal bar turned by a small positive angle dips on its right (y points down)."""
+    centre = torch.tensor([32.0])
+    bar = data._shape_alpha("bar", centre, centre, torch.tensor([40.0]), torch.tensor([0.3]))[0, 0]  # [S, S]
+    assert bar[32 + 5, 32 + 16] > 0.5 and bar[32 - 5, 32 + 16] == 0
+    assert bar[32 - 5, 32 - 16] > 0.5 and bar[32 + 5, 32 - 16] == 0
+
+
+def test_ensure_synthetic_builds_both_layouts_once(tmp_path: Path) -> None:
+    root = tmp_path / "synthetic"
+    (root / "ucf101" / "UCF-101").mkdir(parents=True)  # an interrupted earlier run: no COMPLETE marker
+    (root / "ucf101" / "UCF-101" / "half_written.avi").write_bytes(b"")
+    assert data.ensure_synthetic(root, seed=0) == root
+    assert not (root / "ucf101" / "UCF-101" / "half_written.avi").exists()
+    marker_time = (root / "COMPLETE").stat().st_mtime_ns
+    assert data.ensure_synthetic(root, seed=0) == root and (root / "COMPLETE").stat().st_mtime_ns == marker_time
+    assert [path.name for path in tmp_path.iterdir()] == ["synthetic"]  # no scratch folder left behind
+
+    train = data.build_dataset("ucf101", root / "ucf101", "train", num_frames=8, resolution=RESOLUTION)
+    test = data.build_dataset("ucf101", root / "ucf101", "test", num_frames=8, resolution=RESOLUTION)
+    assert train.classes[:2] == ["moving left", "moving right"] and train.classes[-1] == "turning anticlockwise"
+    assert len(train) == 8 * 48 and len(test) == 8 * 16
+    assert sorted(train.targets) == sorted(list(range(8)) * 48)
+    assert not any(isinstance(step, v2.RandomHorizontalFlip) for step in train.transform.transforms)
+    clip, label = train[0]
+    assert clip.shape == (8, 3, RESOLUTION, RESOLUTION) and label == 0
+
+    retrieval_train = data.build_dataset("msrvtt", root / "msrvtt", "train", num_frames=8, resolution=RESOLUTION)
+    retrieval_test = data.build_dataset("msrvtt", root / "msrvtt", "test", num_frames=8, resolution=RESOLUTION)
+    assert len(retrieval_train) == 256 * 3 and len(retrieval_test) == 64
+    assert len(set(retrieval_test.paths)) == 64 and not set(retrieval_test.paths) & set(retrieval_train.paths)
+    assert re.fullmatch(r"a \w+ (square|triangle|bar) moves to the left", retrieval_train.targets[0])
+    clip, caption = retrieval_test[0]
+    assert clip.shape == (8, 3, RESOLUTION, RESOLUTION) and caption == retrieval_test.targets[0]
