@@ -1,0 +1,489 @@
+"""STOP: integrated spatial-temporal dynamic prompting over a frozen CLIP (CVPR 2025, arXiv 2503.15973).
+
+The baseline is CLIP4Clip "meanP" with a frozen CLIP: every frame goes through the image tower on its own
+and the video feature is the mean of the frame features, L2-normalised. STOP keeps every CLIP weight frozen
+and, in each prompted block ``l``, trains two small prompt generators (``../shared/design/STOP_SPEC.md``):
+
+- intra-frame spatial prompting (steps 1-4, ``SpatialPrompter``): the frozen CLS attention ``A`` and the
+  learned temporal dynamics ``M`` (3-D conv ``N^s``) are fused into ``W^s``; its top patches are the regions
+  ``r``; the prompter ``P^s`` adds ``r * W^s * p^s`` to those patch tokens;
+- inter-frame temporal prompting (steps 5-8, ``TemporalPrompter`` and ``prompted_block``): the variation
+  ``W^t`` of each gap between frames (3-D conv ``N^t`` over the frame difference) sets how many prompt
+  tokens ``n_t = ceil(eta W^t)`` the prompter ``P^t`` inserts between the two frames; each frame attends to
+  the prompts of the two gaps beside it.
+
+All ``B*T`` frames run as one batch through every block, and videos with different prompt counts share a
+batch through a key mask (never truncated, no Python loop over videos or frames). ``STOPModel`` also runs the
+ablation variants of ``PROMPT_VARIANTS``: ``none`` (the frozen baseline), ``static`` (VPT-deep style shared
+prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 0``).
+
+Readings of the spec made here (each is explained where it is implemented):
+
+- the prompt generators read ``ln_1(h)``, the block's own normalised tokens, rather than the raw residual
+  stream, whose scale grows with depth;
+- the 3-D convolutions over frames pad by replicating the edge frame, so a video of identical frames gives
+  identical frames after spatial prompting, hence ``W^t = 0`` and no temporal prompts, for any weights;
+- ``N^t`` has a temporal kernel of 1, so ``W^t_t`` depends on gap ``t`` alone and a change between two
+  frames prompts only the gap between them;
+- prompt tokens are keys/values of the block's attention only, so they are produced directly in the space
+  that attention reads (after ``ln_1``): a LayerNorm would undo the ``W^t`` scaling and with it ``N^t``'s
+  gradient;
+- ``P^t`` pools 3x3-convolved difference tokens plus a learned position embedding, so a prompt knows where
+  the change is and in which direction it goes (a frame difference alone cancels CLIP's positions).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from clip_model import CLIP, ResidualAttentionBlock
+
+PROMPT_VARIANTS = ("none", "static", "spatial", "temporal", "stop")
+PAPER_TRAINABLE_PARAMETERS = 7_530_000  # STOP's count for ViT-B/32 in the paper's MSR-VTT table
+
+
+@dataclass
+class PromptDetails:
+    """What one prompted block decided, detached, for inspection (``encode_video(..., return_details=True)``).
+
+    Quantities a variant does not compute are zeros (``static``: ``counts = eta`` and ``variation = 1``).
+    """
+
+    attention: torch.Tensor  # A, step 1: [B, T, N] in [0, 1]
+    dynamics: torch.Tensor  # M, step 2: [B, T, N] in (0, 1)
+    fused_score: torch.Tensor  # W^s, step 3: [B, T, N]
+    regions: torch.Tensor  # r, step 3: [B, T, N] bool, ceil(rho N) True per frame
+    variation: torch.Tensor  # W^t, step 5: [B, T-1] in [0, 1)
+    counts: torch.Tensor  # n, step 6: [B, T-1] int64 in 0..eta
+
+
+# --------------------------------------------------------------------------- #
+# Layout helpers
+# --------------------------------------------------------------------------- #
+
+
+def to_volume(tokens: torch.Tensor, batch: int, grid: int) -> torch.Tensor:
+    """Patch tokens ``[B*T, N, C]`` (or ``[B, T, N, C]``) -> ``[B, C, T, G, G]``, the layout of ``Conv3d``."""
+    channels = tokens.shape[-1]
+    return tokens.reshape(batch, -1, grid, grid, channels).permute(0, 4, 1, 2, 3)
+
+
+def from_volume(volume: torch.Tensor) -> torch.Tensor:
+    """``[B, C, T, G, G]`` -> patch tokens ``[B, T, N, C]``."""
+    return volume.flatten(3).permute(0, 2, 3, 1)
+
+
+def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
+    """A 3-D convolution over ``[T, G, G]`` that keeps the shape, padding by replicating edges.
+
+    Replicating (rather than zero-padding) the first and last frame means a video whose frames are all equal
+    gives equal outputs for every frame, whatever the weights: the identical-frames invariant then holds
+    after training too, not only at initialisation.
+    """
+    padding = tuple(size // 2 for size in kernel)
+    return nn.Conv3d(in_channels, out_channels, kernel, padding=padding, padding_mode="replicate")
+
+
+# --------------------------------------------------------------------------- #
+# Step 1 and step 8: the frozen block, read and extended
+# --------------------------------------------------------------------------- #
+
+
+@torch.no_grad()
+def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor) -> torch.Tensor:
+    """Step 1, ``A_t``: frame t's CLS-query attention to its patches in ``block``, head-averaged, min-max scaled.
+
+    ``normed`` is ``ln_1(h)`` ``[B*T, 1+N, D]``; returns ``[B*T, N]`` in ``[0, 1]``. These are the block's own
+    attention probabilities (softmax over all ``1+N`` keys, CLS included) without projecting any key: per head,
+    ``q_cls . k_j = (W_k^T q_cls) . x_j + q_cls . b_k`` and the last term, equal for every key, cancels in the
+    softmax. No gradient flows through ``A``.
+    """
+    attn = block.attn
+    width = normed.shape[-1]
+    head_dim = width // attn.heads
+    query_weight, key_weight, _ = attn.in_proj_weight.chunk(3)  # each [D, D]
+    query = F.linear(normed[:, 0], query_weight, attn.in_proj_bias[:width]).view(-1, attn.heads, head_dim)
+    folded = torch.einsum("bhc,hcd->bhd", query, key_weight.view(attn.heads, head_dim, width))  # [B*T, H, D]
+    logits = normed @ folded.transpose(1, 2) * head_dim**-0.5  # [B*T, 1+N, H]
+    attention = logits.float().softmax(dim=1)[:, 1:].mean(dim=-1)  # [B*T, N]
+    low, high = attention.aminmax(dim=-1, keepdim=True)
+    return (attention - low) / (high - low).clamp_min(1e-12)
+
+
+def plain_block(block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """``block(h)`` given ``normed = block.ln_1(h)``: the same operations, so bit-identical to it."""
+    h = h + block.attn(normed)
+    return h + block.mlp(block.ln_2(h))
+
+
+def prompted_block(
+    block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, prompts: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Step 8 in one block: each frame attends to its own tokens and to the real prompts of the gaps beside it.
+
+    ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``prompts`` ``[B, T-1, eta, D]``
+    the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``counts``
+    ``[B, T-1]`` are real. Frame t's keys/values are ``[CLS_t, patches_t, p^t_{t-1}, p^t_t]``; absent gaps (left
+    of the first frame, right of the last) and unused slots are masked out. Prompts are keys and values only:
+    they are not queries, skip the MLP and are dropped after the block. The slot count is the largest
+    ``n_t`` of the batch (one host sync), so a batch without prompts runs ``plain_block`` exactly.
+    """
+    slots = int(counts.max()) if counts.numel() else 0
+    if slots == 0:
+        return plain_block(block, h, normed)
+    batch, gaps, _, width = prompts.shape
+    frames = gaps + 1
+    attn = block.attn
+    heads, head_dim = attn.heads, width // attn.heads
+    query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
+
+    prompt_kv = F.linear(prompts[:, :, :slots], attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+    prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, s, 2D]: an empty gap before and after the video
+    beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2s, 2D]: gaps t-1 and t of frame t
+    beside = beside.reshape(batch * frames, 2 * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2s, Dh]
+    value = torch.cat([value, beside[1]], dim=2)
+
+    slot = torch.arange(slots, device=counts.device)
+    padded_counts = F.pad(counts, (1, 1))  # [B, T+1]
+    real = torch.cat([slot < padded_counts[:, :-1, None], slot < padded_counts[:, 1:, None]], dim=-1)  # [B, T, 2s]
+    frame_keys = real.new_ones(batch * frames, h.shape[1])
+    key_mask = torch.cat([frame_keys, real.flatten(0, 1)], dim=1)[:, None, None, :]  # [B*T, 1, 1, 1+N+2s]
+
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)  # [B*T, H, 1+N, Dh]
+    h = h + attn.out_proj(out.transpose(1, 2).flatten(2))
+    return h + block.mlp(block.ln_2(h))
+
+
+# --------------------------------------------------------------------------- #
+# Steps 2-4: intra-frame spatial prompting
+# --------------------------------------------------------------------------- #
+
+
+class SpatialPrompter(nn.Module):
+    """Steps 2-4 of one block: dynamics ``M`` (``N^s``), fusion ``W^s``, regions ``r`` and prompts ``p^s`` (``P^s``).
+
+    The reduced tokens ``u = ln_1(h)_patches @ W_u`` (``D -> d_r``) feed both ``N^s`` and ``P^s``. ``P^s`` follows
+    Figure 2b: Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D) -> Dropout; its second convolution has
+    a temporal kernel of 1, so ``p^s_t`` sees frames t-1, t, t+1 as the spec says. The last Linear starts at
+    zero, so at initialisation ``h^s = h`` exactly.
+    """
+
+    def __init__(self, width: int, grid: int, reduced_dim: int, alpha: float, rho: float, dropout: float):
+        super().__init__()
+        self.grid = grid
+        self.alpha = alpha
+        self.num_regions = math.ceil(rho * grid * grid)  # K_s
+        self.reduce = nn.Linear(width, reduced_dim)  # W_u
+        self.dynamics = frame_conv(reduced_dim, 1, (3, 3, 3))  # N^s
+        self.prompter = nn.Sequential(
+            frame_conv(reduced_dim, reduced_dim, (3, 3, 3)),
+            nn.ReLU(),
+            frame_conv(reduced_dim, reduced_dim, (1, 3, 3)),
+        )
+        self.project = nn.Sequential(
+            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
+        )
+        nn.init.zeros_(self.project[2].weight)
+        nn.init.zeros_(self.project[2].bias)
+
+    def forward(
+        self, h: torch.Tensor, normed: torch.Tensor, attention: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h``, ``normed = ln_1(h)`` ``[B*T, 1+N, D]``, ``A`` ``[B*T, N]`` -> ``(h^s, r, W^s, M)``."""
+        reduced = to_volume(self.reduce(normed[:, 1:]), batch, self.grid)  # u: [B, d_r, T, G, G]
+        dynamics = torch.sigmoid(self.dynamics(reduced)).reshape(attention.shape)  # M: [B*T, N]
+        fused = self.alpha * attention + (1 - self.alpha) * dynamics  # W^s = alpha A + (1 - alpha) M: [B*T, N]
+        top = fused.detach().topk(self.num_regions, dim=-1).indices  # [B*T, K_s]
+        regions = torch.zeros_like(fused, dtype=torch.bool).scatter_(-1, top, True)  # r: [B*T, N]
+        prompts = self.project(from_volume(self.prompter(reduced)).flatten(0, 1))  # p^s: [B*T, N, D]
+        gate = (regions * fused).unsqueeze(-1)  # r * W^s, which keeps N^s trainable through the hard top-K
+        prompted = torch.cat([h[:, :1], h[:, 1:] + gate * prompts], dim=1)  # h^s, patches only: [B*T, 1+N, D]
+        return prompted, regions, fused, dynamics
+
+
+# --------------------------------------------------------------------------- #
+# Steps 5-7: inter-frame temporal prompting
+# --------------------------------------------------------------------------- #
+
+
+class TemporalPrompter(nn.Module):
+    """Steps 5-7 of one block: variation ``W^t`` (``N^t``), counts ``n``, and prompt candidates ``p^t`` (``P^t``).
+
+    The frame difference ``Delta_t = ln_1(h^s)_{t+1} - ln_1(h^s)_t`` is taken after the bias-free reduction to
+    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free Conv3d with a temporal kernel of 1: identical
+    frames give ``v = 0``, hence ``W^t = 0``, and gap t's variation depends on gap t alone.
+
+    ``P^t`` (Figure 2c): a 3x3 convolution of the ``Delta`` tokens (each token sees where its neighbours gained
+    and lost content: the direction of motion) plus a learned position embedding (where: a difference cancels
+    CLIP's own positions), pooled by ``eta`` learned queries, then Linear -> ReLU -> Linear(-> D) -> Dropout.
+    """
+
+    def __init__(self, width: int, grid: int, reduced_dim: int, beta: float, eta: int, dropout: float):
+        super().__init__()
+        self.grid = grid
+        self.beta = beta
+        self.eta = eta
+        self.reduce = nn.Linear(width, reduced_dim, bias=False)
+        self.variation = nn.Conv3d(reduced_dim, 1, (1, 3, 3), padding=(0, 1, 1), bias=False)  # N^t
+        self.local = nn.Conv3d(reduced_dim, reduced_dim, (1, 3, 3), padding=(0, 1, 1))
+        self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))
+        self.queries = nn.Parameter(reduced_dim**-0.5 * torch.randn(eta, reduced_dim))
+        self.project = nn.Sequential(
+            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
+        )
+
+    def forward(
+        self, normed: torch.Tensor, regions: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ln_1(h^s)`` ``[B*T, 1+N, D]``, ``r`` ``[B*T, N]`` -> ``(p^t, n, W^t)``.
+
+        Shapes: ``p^t`` ``[B, T-1, eta, D]``, ``n`` and ``W^t`` ``[B, T-1]``.
+        """
+        reduced = self.reduce(normed[:, 1:]).unflatten(0, (batch, -1))  # [B, T, N, d_r]
+        delta = reduced[:, 1:] - reduced[:, :-1]  # Delta: [B, T-1, N, d_r]
+        volume = to_volume(delta, batch, self.grid)  # [B, d_r, T-1, G, G]
+
+        change = self.variation(volume).abs()[:, 0].flatten(2).float()  # v = |N^t(Delta)|: [B, T-1, N]
+        regions = regions.view(batch, -1, regions.shape[-1])
+        weight = 1 + self.beta * (regions[:, 1:] | regions[:, :-1]).float()  # 1 + beta r, r of frame t or t+1
+        variation = torch.tanh((weight * change).sum(-1) / weight.sum(-1))  # W^t: [B, T-1]
+        counts = torch.ceil(self.eta * variation.detach()).long()  # n_t = ceil(eta W^t), no gradient
+
+        tokens = from_volume(self.local(volume)) + self.position  # [B, T-1, N, d_r]
+        pooling = (tokens @ self.queries.t() * tokens.shape[-1] ** -0.5).softmax(dim=2)  # [B, T-1, N, eta]
+        pooled = pooling.transpose(2, 3) @ tokens  # [B, T-1, eta, d_r]
+        prompts = self.project(pooled) * variation[..., None, None]  # each candidate scaled by W^t: [B, T-1, eta, D]
+        return prompts, counts, variation
+
+
+# --------------------------------------------------------------------------- #
+# One prompted block, every variant
+# --------------------------------------------------------------------------- #
+
+
+class BlockPrompter(nn.Module):
+    """The trainable modules of one prompted block, and the block's forward pass with them (steps 1-8).
+
+    ``static``: ``eta`` learned tokens, shared by every gap of every video, inserted as in step 8 with
+    ``n = eta``; a frame's output then depends only on the frame and on how many gaps it has, so the video
+    feature cannot see frame order. Like ``P^t``'s prompts they live in ``ln_1``'s output space.
+    """
+
+    def __init__(
+        self,
+        prompt: str,
+        width: int,
+        grid: int,
+        *,
+        alpha: float,
+        beta: float,
+        eta: int,
+        rho: float,
+        reduced_dim: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.eta = eta
+        self.spatial = (
+            SpatialPrompter(width, grid, reduced_dim, alpha, rho, dropout) if prompt in ("spatial", "stop") else None
+        )
+        self.temporal = (
+            TemporalPrompter(width, grid, reduced_dim, beta, eta, dropout) if prompt in ("temporal", "stop") else None
+        )
+        self.static = nn.Parameter(width**-0.5 * torch.randn(eta, width)) if prompt == "static" else None
+
+    def forward(self, block: ResidualAttentionBlock, h: torch.Tensor, batch: int) -> tuple[torch.Tensor, PromptDetails]:
+        """Frame tokens ``h`` ``[B*T, 1+N, D]`` entering ``block`` -> the tokens leaving it, and what was decided."""
+        frames_total, length, width = h.shape
+        frames, patches = frames_total // batch, length - 1
+        normed = block.ln_1(h)
+        zeros = h.new_zeros(batch, frames, patches, dtype=torch.float32)
+        attention, dynamics, fused, regions = zeros, zeros, zeros, torch.zeros_like(zeros, dtype=torch.bool)
+        if self.spatial is not None:
+            attention = cls_attention_map(block, normed)  # A: [B*T, N]
+            h, regions, fused, dynamics = self.spatial(h, normed, attention, batch)
+            normed = block.ln_1(h)
+
+        variation = h.new_zeros(batch, frames - 1, dtype=torch.float32)
+        counts = torch.zeros_like(variation, dtype=torch.long)
+        prompts = h.new_zeros(batch, frames - 1, 0, width)
+        if self.temporal is not None and frames > 1:
+            prompts, counts, variation = self.temporal(normed, regions.view(batch * frames, patches), batch)
+        elif self.static is not None:
+            prompts = self.static.expand(batch, frames - 1, -1, -1)
+            counts.fill_(self.eta)
+            variation.fill_(1.0)
+
+        h = prompted_block(block, h, normed, prompts, counts)
+        details = PromptDetails(
+            *(x.detach().view(batch, frames, patches) for x in (attention, dynamics, fused, regions)),
+            variation=variation.detach(),
+            counts=counts,
+        )
+        return h, details
+
+
+# --------------------------------------------------------------------------- #
+# The model
+# --------------------------------------------------------------------------- #
+
+
+class STOPModel(nn.Module):
+    """A frozen CLIP4Clip-meanP video encoder, prompted by STOP or one of its ablations (``PROMPT_VARIANTS``).
+
+    Hyper-parameters (spec defaults; where the spec is silent, the choice is stated):
+
+    - ``alpha = 0.5``: ``W^s = alpha A + (1 - alpha) M`` weighs the frozen attention and the learned dynamics
+      equally (spec silent);
+    - ``beta = 1.0``: a region patch counts twice in ``W^t`` (spec silent);
+    - ``eta = 4``: at most 4 prompts per gap; ``rho = 1/8``: ``ceil(rho N)`` regions per frame;
+    - ``reduced_dim = 32`` (``d_r``); ``prompt_layers = None``: every block, else the first ``prompt_layers``;
+    - ``dropout = 0.1`` on the output of ``P^s`` and ``P^t`` (spec silent; VPT's prompt dropout);
+    - ``grad_checkpoint``: recompute each block in the backward pass while training, to cut activation memory.
+    """
+
+    def __init__(
+        self,
+        clip: CLIP,
+        prompt: str = "stop",
+        *,
+        alpha: float = 0.5,
+        beta: float = 1.0,
+        eta: int = 4,
+        rho: float = 1 / 8,
+        reduced_dim: int = 32,
+        prompt_layers: int | None = None,
+        dropout: float = 0.1,
+        grad_checkpoint: bool = False,
+    ):
+        super().__init__()
+        num_layers = len(clip.visual.transformer.resblocks)
+        prompt_layers = num_layers if prompt_layers is None else prompt_layers
+        checks = [
+            (prompt in PROMPT_VARIANTS, f"prompt={prompt!r}: expected one of {PROMPT_VARIANTS}"),
+            (0 <= alpha <= 1, f"alpha={alpha}: expected a weight in [0, 1]"),
+            (beta >= 0, f"beta={beta}: expected beta >= 0"),
+            (isinstance(eta, int) and eta >= 1, f"eta={eta}: expected an integer >= 1"),
+            (0 < rho <= 1, f"rho={rho}: expected 0 < rho <= 1"),
+            (isinstance(reduced_dim, int) and reduced_dim >= 1, f"reduced_dim={reduced_dim}: expected an integer >= 1"),
+            (
+                isinstance(prompt_layers, int) and 1 <= prompt_layers <= num_layers,
+                f"prompt_layers={prompt_layers}: expected an integer in 1..{num_layers} (this CLIP's vision blocks)",
+            ),
+            (0 <= dropout < 1, f"dropout={dropout}: expected 0 <= dropout < 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+        self.clip = clip.requires_grad_(False).eval()
+        self.prompt = prompt
+        self.grad_checkpoint = grad_checkpoint
+        prompter_settings = dict(alpha=alpha, beta=beta, eta=eta, rho=rho, reduced_dim=reduced_dim, dropout=dropout)
+        self.hyperparameters = dict(prompt=prompt, **prompter_settings, prompt_layers=prompt_layers)
+        visual = clip.visual
+        self.prompters = nn.ModuleList(
+            BlockPrompter(prompt, visual.conv1.out_channels, visual.grid_size, **prompter_settings)
+            for _ in range(prompt_layers if prompt != "none" else 0)
+        )
+
+    def train(self, mode: bool = True) -> STOPModel:
+        """Train the prompt generators; CLIP stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def _run(self, function: Callable, *args):
+        """``function(*args)``, recomputed in the backward pass when ``grad_checkpoint`` is on and training."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def encode_video(
+        self, video: torch.Tensor, return_details: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[PromptDetails]]:
+        """``video`` ``[B, T, 3, R, R]`` (CLIP-normalised) -> ``[B, E]``, L2-normalised.
+
+        Frame feature = ``ln_post(CLS) @ proj`` after the last block; video feature = mean over frames, then
+        L2-normalised (meanP). With ``return_details`` also a list, one ``PromptDetails`` per prompted block.
+        """
+        visual = self.clip.visual
+        resolution = visual.input_resolution
+        if video.dim() != 5 or video.shape[2] != 3 or video.shape[3:] != (resolution, resolution):
+            raise ValueError(f"video of shape {tuple(video.shape)}: expected [B, T, 3, {resolution}, {resolution}]")
+        batch, frames = video.shape[:2]
+        h = visual.embed(video.flatten(0, 1))  # [B*T, 1+N, D]
+        details = []
+        for index, block in enumerate(visual.transformer.resblocks):
+            if index < len(self.prompters):
+                h, block_details = self._run(self.prompters[index], block, h, batch)
+                details.append(block_details)
+            else:
+                h = self._run(block, h)
+        frame_features = visual.head(h[:, 0]).view(batch, frames, -1)  # [B, T, E]
+        features = F.normalize(frame_features.mean(dim=1), dim=-1)  # [B, E]
+        return (features, details) if return_details else features
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B, context_length]`` -> ``[B, E]``, L2-normalised (frozen text tower)."""
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def similarity(self, video_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Normalised ``[Bv, E]`` and ``[Bt, E]`` -> ``[Bv, Bt]`` logits: ``logit_scale.exp() * cosine``."""
+        return self.clip.logit_scale.exp() * video_features @ text_features.t()
+
+    def class_logits(self, video: torch.Tensor, class_text_features: torch.Tensor) -> torch.Tensor:
+        """``video`` ``[B, T, 3, R, R]`` and normalised ``[C, E]`` class text features -> ``[B, C]`` logits."""
+        return self.similarity(self.encode_video(video), class_text_features)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that train: the prompt generators' (CLIP's are frozen)."""
+        return self.prompters.parameters()
+
+    def num_trainable_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.trainable_parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains (what a checkpoint stores), keyed as in ``state_dict()``."""
+        return self.prompters.state_dict(prefix="prompters.")
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ValueError``."""
+        expected = self.trainable_state_dict()
+        problems = [
+            *(f"missing {key}" for key in sorted(expected.keys() - state.keys())),
+            *(f"unexpected {key}" for key in sorted(state.keys() - expected.keys())),
+            *(
+                f"{key} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+                for key in sorted(expected.keys() & state.keys())
+                if state[key].shape != expected[key].shape
+            ),
+        ]
+        if problems:
+            listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"not a trainable state of this STOPModel({self.extra_repr()}): {listed}")
+        self.prompters.load_state_dict({key.removeprefix("prompters."): value for key, value in state.items()})
+
+    def extra_repr(self) -> str:
+        settings = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters.items())
+        return f"{settings}, trainable parameters={self.num_trainable_parameters():,}"
+
+    def __repr__(self) -> str:
+        """The settings, the trainable count and the prompt generators; CLIP in one line."""
+        visual = self.clip.visual
+        clip_summary = (
+            f"frozen CLIP ViT (layers={len(visual.transformer.resblocks)}, width={visual.conv1.out_channels}, "
+            f"patch={visual.patch_size}, resolution={visual.input_resolution}), "
+            f"{sum(p.numel() for p in self.clip.parameters()):,} parameters"
+        )
+        prompters = textwrap.indent(repr(self.prompters), "  ").lstrip()
+        return f"STOPModel(\n  {self.extra_repr()}\n  (clip): {clip_summary}\n  (prompters): {prompters}\n)"

@@ -1,0 +1,445 @@
+"""STOP (stop.py): the invariants of ``../shared/design/STOP_SPEC.md``, each pinned by a real assertion.
+
+Most tests use a tiny random CLIP (32 px, patch 8, so N = 16 patches; width 128 with 2 heads; 3 blocks), built
+here so they always run; the golden 32-px checkpoint is used where a loaded checkpoint matters.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import clip_model
+import stop
+from stop import PAPER_TRAINABLE_PARAMETERS, PROMPT_VARIANTS, STOPModel, cls_attention_map, prompted_block
+
+TINY = clip_model.CLIPConfig(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=3,
+    vision_width=128,
+    vision_patch_size=8,
+    context_length=16,
+    vocab_size=100,
+    transformer_width=32,
+    transformer_heads=1,
+    transformer_layers=1,
+)
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def clip() -> clip_model.CLIP:
+    return clip_model.random_clip(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def golden_clip(golden) -> clip_model.CLIP:
+    return clip_model.load(golden / "tiny_clip_state_dict.pt")
+
+
+@pytest.fixture(params=["tiny", "golden"])
+def any_clip(request, clip) -> clip_model.CLIP:
+    """The tiny random CLIP, then the golden checkpoint (skipped where ``../shared/golden`` is absent)."""
+    return clip if request.param == "tiny" else request.getfixturevalue("golden_clip")
+
+
+def random_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def as_if_trained(model: STOPModel, seed: int = 0) -> STOPModel:
+    """Every trainable tensor redrawn at random (zero-initialised layers included), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def one_change_video(seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """``[1, 8, 3, 32, 32]``: frames 1-3 show one image, frames 4-8 another (1-based): one change, at gap 3."""
+    first, second = random_videos(2, frames=1, seed=seed)[:, 0]
+    return torch.stack([first] * 3 + [first + scale * (second - first)] * 5)[None]
+
+
+def features(model: STOPModel, video: torch.Tensor, **kwargs):
+    with torch.no_grad():
+        return model.encode_video(video, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# Construction, parameters, freezing
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"prompt": "dynamic"}, "'dynamic'"),
+        ({"eta": 0}, "eta=0"),
+        ({"rho": 0.0}, "rho=0.0"),
+        ({"rho": 1.5}, "rho=1.5"),
+        ({"prompt_layers": 0}, "prompt_layers=0"),
+        ({"prompt_layers": 4}, "prompt_layers=4"),
+        ({"alpha": 1.2}, "alpha=1.2"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+    ],
+)
+def test_bad_hyperparameters_raise_naming_the_value(clip, kwargs, named):
+    with pytest.raises(ValueError, match="expected") as error:
+        STOPModel(clip, **kwargs)
+    assert named in str(error.value)
+
+
+def test_trainable_parameters_per_variant(clip):
+    counts = {prompt: STOPModel(clip, prompt).num_trainable_parameters() for prompt in PROMPT_VARIANTS}
+    assert counts["none"] == 0
+    assert counts["static"] == TINY.vision_layers * 4 * TINY.vision_width  # eta tokens per block
+    assert counts["stop"] == counts["spatial"] + counts["temporal"]
+    assert STOPModel(clip, prompt_layers=1).num_trainable_parameters() * TINY.vision_layers == counts["stop"]
+    model = STOPModel(clip)
+    assert f"trainable parameters={counts['stop']:,}" in repr(model)
+
+
+def test_vit_b32_trainable_parameters_stay_below_the_papers():
+    model = STOPModel(clip_model.random_clip(clip_model.VIT_B_32))
+    count = model.num_trainable_parameters()
+    print(f"\nSTOP trainable parameters, ViT-B/32: {count:,} (paper: {PAPER_TRAINABLE_PARAMETERS:,})")
+    assert count < PAPER_TRAINABLE_PARAMETERS
+    assert 0.1e6 < count / 12 < 0.2e6  # the spec's budget per block
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_clip_is_frozen_and_stays_in_eval_mode(clip):
+    model = STOPModel(clip).train()
+    assert not any(p.requires_grad for p in model.clip.parameters())
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert not any(module.training for module in model.clip.modules())
+    assert all(module.training for module in model.prompters.modules())
+
+
+def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(clip):
+    model = STOPModel(clip, "none")
+    video = random_videos(2)
+    assert model.num_trainable_parameters() == 0 and model.trainable_state_dict() == {}
+    expected = F.normalize(clip.encode_image(video.flatten(0, 1)).view(2, FRAMES, -1).mean(dim=1), dim=-1)
+    video_features, details = features(model, video, return_details=True)
+    assert details == []
+    torch.testing.assert_close(video_features, expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# Steps 1 and 8 against independent computations
+# --------------------------------------------------------------------------- #
+
+
+def test_cls_attention_map_is_the_blocks_own_attention(clip):
+    block = clip.visual.transformer.resblocks[1]
+    normed = block.ln_1(torch.randn(6, 17, TINY.vision_width))
+    query, key, _ = block.attn.qkv(normed)  # [6, H, 17, Dh]
+    probabilities = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])).softmax(dim=-1)
+    attention = probabilities[:, :, 0, 1:].mean(dim=1)  # CLS row, patch columns, mean over heads
+    low, high = attention.min(dim=-1, keepdim=True).values, attention.max(dim=-1, keepdim=True).values
+    torch.testing.assert_close(cls_attention_map(block, normed), (attention - low) / (high - low))
+
+
+def test_prompted_block_equals_explicit_per_frame_sequences(clip):
+    """Step 8, batched with a key mask, against a loop building ``[frame tokens, p_{t-1}[:n], p_t[:n]]``."""
+    block = clip.visual.transformer.resblocks[0]
+    batch, frames, length, width, eta = 3, 4, 17, TINY.vision_width, 4
+    h = torch.randn(batch * frames, length, width)
+    prompts = torch.randn(batch, frames - 1, eta, width)
+    counts = torch.tensor([[0, 2, 4], [1, 0, 0], [0, 0, 0]])  # a video with no prompts among videos with some
+    with torch.no_grad():
+        result = prompted_block(block, h, block.ln_1(h), prompts, counts).view(batch, frames, length, width)
+        attn, heads = block.attn, block.attn.heads
+        for video in range(batch):
+            for t in range(frames):
+                x = h.view(batch, frames, length, width)[video, t]
+                left = prompts[video, t - 1, : counts[video, t - 1]] if t > 0 else prompts[video, 0, :0]
+                right = prompts[video, t, : counts[video, t]] if t < frames - 1 else prompts[video, 0, :0]
+                keys_in = torch.cat([block.ln_1(x), left, right])  # prompts are already in ln_1's output space
+                q = F.linear(block.ln_1(x), attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+                k, v = F.linear(keys_in, attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
+                q, k, v = (y.view(len(y), heads, -1).transpose(0, 1) for y in (q, k, v))
+                out = ((q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])).softmax(-1) @ v  # [H, L, Dh]
+                x = x + attn.out_proj(out.transpose(0, 1).flatten(1))
+                expected = x + block.mlp(block.ln_2(x))
+                torch.testing.assert_close(result[video, t], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prompted_block_without_prompts_is_the_plain_block_bit_for_bit(clip):
+    block = clip.visual.transformer.resblocks[0]
+    h = torch.randn(8, 17, TINY.vision_width)
+    with torch.no_grad():
+        result = prompted_block(block, h, block.ln_1(h), torch.randn(2, 3, 4, TINY.vision_width), torch.zeros(2, 3))
+        assert torch.equal(result, block(h))
+
+
+# --------------------------------------------------------------------------- #
+# The spec's invariants
+# --------------------------------------------------------------------------- #
+
+
+def test_spatial_at_initialisation_equals_the_baseline_exactly(any_clip):
+    video = random_videos(2)
+    baseline = features(STOPModel(any_clip, "none"), video)
+    spatial, details = features(STOPModel(any_clip, "spatial").eval(), video, return_details=True)
+    assert torch.equal(spatial, baseline)  # bit-identical: p^s is exactly zero at initialisation
+    assert all(d.regions.any() for d in details)  # regions were chosen, and prompted with zeros
+    assert torch.equal(features(STOPModel(any_clip, "spatial").train(), video), baseline)
+
+
+def test_identical_frames_get_no_temporal_prompts(clip):
+    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
+    baseline = features(STOPModel(clip, "none"), video)
+    initial, details = features(STOPModel(clip, "stop").eval(), video, return_details=True)
+    assert all(d.counts.eq(0).all() and d.variation.eq(0).all() for d in details)
+    assert torch.equal(initial, baseline)  # bit-identical: every block ran as the plain block
+    # Replicate padding over time: with any weights, identical frames stay identical and get no prompts.
+    for prompt in ("stop", "temporal"):
+        _, details = features(as_if_trained(STOPModel(clip, prompt)), video, return_details=True)
+        assert all(d.counts.eq(0).all() and d.variation.eq(0).all() for d in details)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, details = features(as_if_trained(STOPModel(clip, "stop")), video, return_details=True)
+    assert all(d.counts.eq(0).all() for d in details)
+
+
+def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip):
+    """In the first prompted block; deeper blocks see frames 3-4 changed by those prompts, as they should."""
+    expected = torch.tensor([[False, False, True, False, False, False, False]])
+    for model in (STOPModel(any_clip, "stop").eval(), as_if_trained(STOPModel(any_clip, "temporal"))):
+        _, details = features(model, one_change_video(), return_details=True)
+        assert torch.equal(details[0].counts > 0, expected)
+        assert torch.equal(details[0].variation > 0, expected)
+    model = STOPModel(any_clip, "stop", prompt_layers=1).eval()
+    _, details = features(model, one_change_video(), return_details=True)
+    assert len(details) == 1 and torch.equal(details[0].counts > 0, expected)
+
+
+def test_prompt_count_grows_with_the_change(clip):
+    model = STOPModel(clip, "stop").eval()
+    variations, counts = [], []
+    for scale in (0.0, 0.01, 0.1, 0.3, 1.0, 3.0):
+        _, details = features(model, one_change_video(scale=scale), return_details=True)
+        variations.append(details[0].variation[0, 2].item())
+        counts.append(details[0].counts[0, 2].item())
+    assert variations[0] == 0 and counts[0] == 0
+    assert all(a < b for a, b in zip(variations, variations[1:])), variations
+    assert all(a <= b for a, b in zip(counts, counts[1:])) and counts[-1] > counts[1], counts
+    assert all(n == math.ceil(4 * w) for n, w in zip(counts, variations))  # n_t = ceil(eta W^t)
+
+
+def test_reversal_changes_stop_but_not_the_baseline_or_static(clip):
+    video = random_videos(3)
+    reversed_video = video.flip(1)
+    for model in (STOPModel(clip, "none"), as_if_trained(STOPModel(clip, "static"))):
+        torch.testing.assert_close(features(model, reversed_video), features(model, video), rtol=0, atol=1e-6)
+    # At initialisation only P^t's small prompts see the order (still far above the 1e-7 of rounding).
+    for model, least in ((STOPModel(clip, "stop").eval(), 1e-5), (as_if_trained(STOPModel(clip, "stop")), 0.1)):
+        change = (features(model, reversed_video) - features(model, video)).norm(dim=-1)
+        assert (change > least).all(), change
+
+
+def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
+    """Videos with different prompt counts share a batch through the key mask: nothing truncated or leaked."""
+    still = random_videos(1, frames=1, seed=1).expand(-1, FRAMES, -1, -1, -1)
+    batch = torch.cat([still, random_videos(1, seed=2), one_change_video(seed=3)])
+    model = as_if_trained(STOPModel(clip, "stop"))
+    together, details = features(model, batch, return_details=True)
+    totals = details[0].counts.sum(dim=1)
+    assert totals[0] == 0 and totals[1] > totals[2] > 0, totals
+    for index in range(3):
+        alone, alone_details = features(model, batch[index : index + 1], return_details=True)
+        torch.testing.assert_close(together[index : index + 1], alone, rtol=0, atol=1e-5)
+        for mixed, single in zip(details, alone_details):
+            assert torch.equal(mixed.counts[index : index + 1], single.counts)
+            assert torch.equal(mixed.regions[index : index + 1], single.regions)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip):
+    model = as_if_trained(STOPModel(clip, "stop")).train()
+    before = {name: tensor.clone() for name, tensor in model.clip.state_dict().items()}
+    trainable_before = [p.detach().clone() for p in model.trainable_parameters()]
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.2)
+    text = F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
+    loss = F.cross_entropy(model.class_logits(random_videos(2), text), torch.tensor([0, 1]))
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in model.clip.parameters())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.clip.state_dict().items())
+    named = dict(model.prompters.named_parameters())
+    no_gradient = [name for name, p in named.items() if p.grad is None or not p.grad.any()]
+    assert no_gradient == [], no_gradient  # N^s through r W^s, N^t through the W^t scaling, everything else
+    assert all(not torch.equal(a, b) for a, b in zip(trainable_before, model.trainable_parameters()))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stop, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
+    gradients = []
+    for grad_checkpoint in (False, True):
+        model = as_if_trained(STOPModel(clip, "stop", grad_checkpoint=grad_checkpoint)).train()
+        torch.manual_seed(0)  # the same dropout masks; checkpointing replays them in the recomputation
+        F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1])).backward()
+        gradients.append([p.grad for p in model.trainable_parameters()])
+    assert len(calls) == TINY.vision_layers  # one recomputed segment per block, only when asked
+    for plain, checkpointed in zip(*gradients):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_bfloat16_autocast_forward_and_backward(clip):
+    model = as_if_trained(STOPModel(clip, "stop")).train()
+    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = features(model.eval(), video).float()
+    cosine = (low_precision * features(model, video)).sum(dim=-1)
+    assert (cosine > 0.98).all(), cosine
+
+
+def blob_videos(count: int, generator: torch.Generator, frames: int = FRAMES, step: int = 2) -> torch.Tensor:
+    """``[count, T, 3, 32, 32]``: a bright Gaussian blob moving right by ``step`` px a frame, random start and row."""
+    start = torch.randint(4, 32 - 4 - step * (frames - 1) + 1, (count,), generator=generator).float()
+    row = torch.randint(6, 32 - 6, (count,), generator=generator).float()
+    column = start[:, None] + step * torch.arange(frames)  # [count, T]
+    pixels = torch.arange(32).float()
+    rows = (pixels - row[:, None]) ** 2  # [count, H]
+    columns = (pixels - column[:, :, None]) ** 2  # [count, T, W]
+    blob = torch.exp(-(rows[:, None, :, None] + columns[:, :, None, :]) / (2 * 2.5**2))  # [count, T, H, W]
+    return (-1.5 + 3.5 * blob)[:, :, None].expand(-1, -1, 3, -1, -1).contiguous()
+
+
+def train_direction(clip: clip_model.CLIP, prompt: str, steps: int = 40) -> tuple[STOPModel, torch.Tensor]:
+    """A few dozen AdamW steps on "moves right" (0) versus "moves left" (1); the class texts are random unit vectors."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = STOPModel(clip, prompt).train()
+    class_features = F.normalize(torch.randn(2, clip.config.embed_dim, generator=generator), dim=-1)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        right = blob_videos(16, generator)
+        left = torch.rand(16, generator=generator) < 0.5
+        videos = torch.where(left[:, None, None, None, None], right.flip(1), right)
+        loss = F.cross_entropy(model.class_logits(videos, class_features), left.long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval(), class_features
+
+
+def test_stop_learns_motion_direction_while_static_stays_at_chance(clip):
+    """The paper's claim in miniature. The held-out set pairs each video with its reversal, so a model blind
+    to frame order gives both the same feature and scores exactly 0.5."""
+    right = blob_videos(32, torch.Generator().manual_seed(1234))
+    videos, labels = torch.cat([right, right.flip(1)]), torch.cat([torch.zeros(32), torch.ones(32)]).long()
+    accuracy = {}
+    for prompt in ("stop", "static"):
+        model, class_features = train_direction(clip, prompt)
+        with torch.no_grad():
+            accuracy[prompt] = (model.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
+        if prompt == "static":
+            torch.testing.assert_close(features(model, right.flip(1)), features(model, right), rtol=0, atol=1e-6)
+    baseline = STOPModel(clip, "none")
+    with torch.no_grad():
+        accuracy["none"] = (baseline.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
+    assert accuracy["stop"] >= 0.9, accuracy
+    assert accuracy["static"] <= 0.6 and accuracy["none"] <= 0.6, accuracy
+
+
+# --------------------------------------------------------------------------- #
+# Interface
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("prompt", PROMPT_VARIANTS)
+def test_details_per_prompted_block(clip, prompt):
+    model = STOPModel(clip, prompt, prompt_layers=2).eval()
+    video_features, details = features(model, random_videos(2), return_details=True)
+    assert video_features.shape == (2, TINY.embed_dim)
+    torch.testing.assert_close(video_features.norm(dim=-1), torch.ones(2))
+    assert len(details) == (0 if prompt == "none" else 2)
+    for block in details:
+        assert block.regions.shape == block.fused_score.shape == block.attention.shape == (2, FRAMES, 16)
+        assert block.counts.shape == block.variation.shape == (2, FRAMES - 1) and block.counts.dtype == torch.long
+        assert block.regions.dtype == torch.bool
+        assert block.counts.min() >= 0 and block.counts.max() <= 4
+        if prompt in ("spatial", "stop"):
+            assert block.regions.sum(dim=-1).eq(math.ceil(16 / 8)).all()  # K_s = ceil(rho N)
+            top = block.fused_score.topk(2, dim=-1).indices
+            assert torch.equal(block.regions, torch.zeros_like(block.regions).scatter(-1, top, True))
+        else:
+            assert not block.regions.any()
+        if prompt == "static":
+            assert block.counts.eq(4).all()
+        if prompt in ("temporal", "stop"):
+            assert torch.equal(block.counts, torch.ceil(4 * block.variation).long())
+
+
+@pytest.mark.parametrize(("width", "patch"), [(192, 4), (64, 16)])  # 3 heads on an 8x8 grid; 1 head on 2x2
+def test_any_vit_shape(width, patch):
+    config = clip_model.CLIPConfig(32, 32, 2, width, patch, 16, 100, 32, 1, 1)
+    model = as_if_trained(STOPModel(clip_model.random_clip(config), "stop"))
+    video_features, details = features(model, random_videos(2, frames=4), return_details=True)
+    patches = (32 // patch) ** 2
+    assert video_features.shape == (2, 32) and details[0].regions.shape == (2, 4, patches)
+    assert details[0].regions.sum(dim=-1).eq(math.ceil(patches / 8)).all()
+
+
+def test_single_frame_videos_work(clip):
+    video_features, details = features(STOPModel(clip).eval(), random_videos(2, frames=1), return_details=True)
+    assert video_features.shape == (2, TINY.embed_dim) and details[0].counts.shape == (2, 0)
+
+
+def test_wrong_video_shape_raises(clip):
+    with pytest.raises(ValueError, match=r"expected \[B, T, 3, 32, 32\]"):
+        STOPModel(clip).encode_video(torch.randn(2, 3, 32, 32))
+
+
+def test_text_similarity_and_class_logits(clip):
+    model = STOPModel(clip).eval()
+    tokens = torch.randint(1, TINY.vocab_size, (3, TINY.context_length))
+    text = model.encode_text(tokens)
+    torch.testing.assert_close(text, F.normalize(clip.encode_text(tokens), dim=-1))
+    video = random_videos(2)
+    with torch.no_grad():
+        logits = model.class_logits(video, text)
+        expected = clip.logit_scale.exp() * model.encode_video(video) @ text.t()
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(model.similarity(text[:2], text), clip.logit_scale.exp() * text[:2] @ text.t())
+
+
+def test_trainable_state_round_trips_and_refuses_another_variant_or_shape(clip):
+    source = as_if_trained(STOPModel(clip, "stop"))
+    target = STOPModel(clip, "stop").eval()
+    target.load_trainable_state_dict(source.trainable_state_dict())
+    video = random_videos(2)
+    assert torch.equal(features(target, video), features(source, video))
+    assert all(key.startswith("prompters.") for key in source.trainable_state_dict())
+
+    with pytest.raises(ValueError, match="missing prompters.0.temporal"):
+        target.load_trainable_state_dict(STOPModel(clip, "spatial").trainable_state_dict())
+    with pytest.raises(ValueError, match="unexpected prompters.1.static"):
+        one_block = STOPModel(clip, "static", prompt_layers=1)
+        one_block.load_trainable_state_dict(STOPModel(clip, "static").trainable_state_dict())
+    with pytest.raises(ValueError, match=r"queries has shape \(2, 32\), expected \(4, 32\)"):
+        target.load_trainable_state_dict(STOPModel(clip, "stop", eta=2).trainable_state_dict())
+    other_width = clip_model.random_clip(clip_model.CLIPConfig(32, 32, 3, 64, 8, 16, 100, 32, 1, 1))
+    with pytest.raises(ValueError, match="expected"):
+        target.load_trainable_state_dict(STOPModel(other_width, "stop").trainable_state_dict())
+    STOPModel(clip, "none").load_trainable_state_dict({})
