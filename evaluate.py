@@ -1,0 +1,413 @@
+"""Evaluate STOP: action recognition (top-1/top-5) and text-video retrieval (R@K, MdR, MnR).
+
+``python evaluate.py recognize --dataset ucf101 --root /data/UCF101 --checkpoint runs/x/best.pt``
+``python evaluate.py retrieve --dataset msrvtt --root /data/msrvtt --checkpoint runs/x/best.pt``
+``python evaluate.py recognize --dataset hmdb51 --root /data/HMDB51 --clip ViT-B/32 --prompt none`` (zero-shot)
+
+Recognition scores a video against one text per class ("a video of a person {class}."), computed once by the
+frozen text tower; retrieval ranks the whole test set's videos for each caption and captions for each video,
+as CLIP4Clip reports them. This file also holds what ``train.py`` shares with it: loading the backbone and a
+checkpoint, the metrics, and turning bad input into one clear message.
+"""
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import typer
+from tqdm import tqdm
+
+import clip_model
+import data
+from clip_model import CLIP, CLIPConfig, CLIPLoadError
+from data import DataError
+from stop import PROMPT_VARIANTS, STOPModel
+
+Dataset = Literal["ucf101", "hmdb51", "ssv2", "msrvtt", "synthetic"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Prompt = Literal[PROMPT_VARIANTS]
+
+# A CLIP small enough to train on a laptop CPU in minutes, randomly initialised: the synthetic demo's backbone.
+DEMO_CLIP = CLIPConfig(
+    embed_dim=128,
+    image_resolution=64,
+    vision_layers=4,
+    vision_width=128,
+    vision_patch_size=16,
+    context_length=32,
+    vocab_size=258,  # UTF-8 bytes + <sot> + <eot>: clip_model.byte_tokenize, no BPE file needed
+    transformer_width=128,
+    transformer_heads=2,
+    transformer_layers=2,
+)
+DEMO_CLIP_NAME = "random-demo-clip"
+CAPTION_TOKENS = 32  # CLIP4Clip's max_words
+TEMPLATES = {"ssv2": "a video of {}.", "synthetic": "a video of a shape {}."}
+DEFAULT_TEMPLATE = "a video of a person {}."
+
+
+class RunError(Exception):
+    """Bad input to a command: its message is all the user sees."""
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn the project's expected failures into ``error: <message>`` and exit code 1, never a traceback."""
+    try:
+        yield
+    except (RunError, CLIPLoadError, DataError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+# --------------------------------------------------------------------------- #
+# Device, precision, backbone, checkpoint
+# --------------------------------------------------------------------------- #
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked, but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 (or fp16) autocast on a GPU, fp32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclass
+class Backbone:
+    """The frozen CLIP, what identifies it in a checkpoint, and the tokenizer its text tower reads."""
+
+    clip: CLIP
+    name: str
+    sha256: str
+    tokenize: Callable[[list[str]], torch.Tensor]
+
+
+def tensors_sha256(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_backbone(name: str | None) -> Backbone:
+    """``--clip``: an OpenAI model name or a checkpoint path; none (or ``random-demo-clip``) gives the demo CLIP."""
+    if name in (None, DEMO_CLIP_NAME):
+        typer.echo(
+            f"no --clip given: using a small randomly initialised ViT-CLIP ({DEMO_CLIP.image_resolution} px, "
+            f"{DEMO_CLIP.vision_layers} layers, width {DEMO_CLIP.vision_width}) sized for a CPU; "
+            "its text tower reads UTF-8 bytes, so nothing is downloaded"
+        )
+        clip = clip_model.random_clip(DEMO_CLIP, seed=0)
+        tokenize = partial(clip_model.byte_tokenize, context_length=DEMO_CLIP.context_length)
+        return Backbone(clip, DEMO_CLIP_NAME, tensors_sha256(clip), tokenize)
+    path = clip_model.checkpoint_path(name)
+    sha256 = clip_model.MODEL_SHA256.get(name) or clip_model.file_sha256(path)
+    clip = clip_model.load(path)
+    tokenize = partial(clip_model.tokenize, context_length=min(CAPTION_TOKENS, clip.context_length), truncate=True)
+    return Backbone(clip, name, sha256, tokenize)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RunError(f"{path}: cannot be read as a STOP checkpoint (truncated or corrupt?): {error}") from None
+    if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
+        raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")
+    return checkpoint
+
+
+def check_same_backbone(checkpoint: dict[str, Any], backbone: Backbone, path: Path) -> None:
+    trained_on = checkpoint["clip"]
+    if trained_on["sha256"] != backbone.sha256:
+        raise RunError(
+            f"{path} was trained on the CLIP {trained_on['name']!r} (SHA256 {trained_on['sha256'][:12]}…), but "
+            f"--clip {backbone.name!r} is another one (SHA256 {backbone.sha256[:12]}…): its prompts fit only the "
+            "CLIP they were trained with"
+        )
+
+
+def build_model(backbone: Backbone, config: dict[str, Any], device: torch.device) -> STOPModel:
+    hyperparameters = {key: config[key] for key in STOP_HYPERPARAMETERS if key in config}
+    model = STOPModel(backbone.clip, prompt=config["prompt"], **hyperparameters)
+    return model.to(device)
+
+
+STOP_HYPERPARAMETERS = ("alpha", "beta", "eta", "rho", "reduced_dim", "prompt_layers", "dropout", "grad_checkpoint")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write through a temporary file and rename: an interrupted save never leaves a half-written file."""
+    temporary = path.with_name(path.name + ".tmp")
+    if isinstance(obj, str):
+        temporary.write_text(obj)
+    else:
+        torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------- #
+# Datasets
+# --------------------------------------------------------------------------- #
+
+
+def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, Path]:
+    """The loader's name and root: ``synthetic`` is generated on first use in the UCF101 or MSR-VTT layout."""
+    if dataset == "synthetic":
+        base = data.ensure_synthetic(root or Path("data/synthetic"))
+        return ("ucf101", base / "ucf101") if task == "recognize" else ("msrvtt", base / "msrvtt")
+    if (dataset == "msrvtt") != (task == "retrieve"):
+        raise RunError(f"--dataset {dataset} is not a {task} dataset")
+    if root is None:
+        raise RunError(f"--root is required for --dataset {dataset}: the folder holding it (see DATASETS in README)")
+    return dataset, root
+
+
+def class_prompts(dataset: str, classes: list[str]) -> list[str]:
+    return [TEMPLATES.get(dataset, DEFAULT_TEMPLATE).format(name) for name in classes]
+
+
+@torch.no_grad()
+def text_features(model: STOPModel, tokenize: Callable, texts: list[str], device: torch.device) -> torch.Tensor:
+    """``[len(texts), E]``, L2-normalised, in batches of 256."""
+    return torch.cat([model.encode_text(tokenize(texts[i : i + 256]).to(device)) for i in range(0, len(texts), 256)])
+
+
+# --------------------------------------------------------------------------- #
+# Metrics
+# --------------------------------------------------------------------------- #
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Percentage of videos whose label is among the ``k`` highest scores, ``logits [N, C]``."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, k]
+    hits = ranked == labels[:, None]
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def ranks_of_matches(similarity: torch.Tensor) -> torch.Tensor:
+    """1-based rank of the true match ``i`` in row ``i`` of ``similarity [N, N]``.
+
+    Rank = 1 + the number of candidates scored strictly higher: a tie counts in the true match's favour, as
+    CLIP4Clip's sort-then-find does.
+    """
+    return 1 + (similarity > similarity.diagonal()[:, None]).sum(dim=1)
+
+
+def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 (percent), median rank MdR and mean rank MnR, CLIP4Clip's definitions."""
+    ranks = ranks.double()
+    metrics = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
+    metrics["MdR"] = float(torch.floor(torch.quantile(ranks - 1, 0.5)) + 1)
+    metrics["MnR"] = ranks.mean().item()
+    return metrics
+
+
+def retrieval_metrics(similarity: torch.Tensor) -> dict[str, dict[str, float]]:
+    """``similarity [N_text, N_video]`` with text ``i`` describing video ``i``: both directions."""
+    return {
+        "text_to_video": rank_metrics(ranks_of_matches(similarity)),
+        "video_to_text": rank_metrics(ranks_of_matches(similarity.t())),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation loops
+# --------------------------------------------------------------------------- #
+
+
+def encode_videos(model: STOPModel, videos: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 3, R, R]`` or, with temporal views, ``[B, K, T, 3, R, R]`` -> ``[B, E]`` (views averaged)."""
+    if videos.ndim == 5:
+        return model.encode_video(videos)
+    batch, views = videos.shape[:2]
+    features = model.encode_video(videos.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def evaluate_recognition(model, loader, class_features, device, precision) -> dict[str, float]:
+    model.eval()
+    logits, labels = [], []
+    for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False):
+        with autocast(device, precision):
+            features = encode_videos(model, videos.to(device, non_blocking=True))
+            logits.append(model.similarity(features, class_features).float().cpu())
+        labels.append(batch_labels)
+    return topk_accuracy(torch.cat(logits), torch.cat(labels))
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, loader, tokenize, device, precision) -> dict[str, dict[str, float]]:
+    model.eval()
+    video_features, captions = [], []
+    for videos, batch_captions in tqdm(loader, desc="evaluate", leave=False):
+        with autocast(device, precision):
+            video_features.append(encode_videos(model, videos.to(device, non_blocking=True)).float())
+        captions.extend(batch_captions)
+    with autocast(device, precision):
+        caption_features = text_features(model, tokenize, captions, device).float()
+    return retrieval_metrics(caption_features @ torch.cat(video_features).t())
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A markdown table: one row per direction for retrieval, one row for recognition."""
+    if "text_to_video" in metrics:
+        names = list(metrics["text_to_video"])
+        rows = [f"| {d} | " + " | ".join(f"{metrics[d][n]:.1f}" for n in names) + " |" for d in metrics]
+        return "\n".join([f"| direction | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|", *rows])
+    return "| top-1 | top-5 |\n|---|---|\n" + f"| {metrics['top1']:.2f} | {metrics['top5']:.2f} |"
+
+
+# --------------------------------------------------------------------------- #
+# Commands
+# --------------------------------------------------------------------------- #
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+DatasetOption = Annotated[Dataset, typer.Option(help="Which dataset; synthetic is generated on first use.")]
+RootOption = Annotated[Path | None, typer.Option(help="Dataset folder in its published layout.")]
+CheckpointOption = Annotated[Path | None, typer.Option(help="best.pt or last.pt of a train.py run.")]
+ClipOption = Annotated[
+    str | None, typer.Option(help="CLIP name (ViT-B/32, ...) or path; default: the checkpoint's, else the demo CLIP.")
+]
+PromptOption = Annotated[Prompt, typer.Option(help="Ablation row; evaluating without --checkpoint takes 'none'.")]
+FramesOption = Annotated[int | None, typer.Option(help="Frames per video; default: the checkpoint's, else 8/12.")]
+ViewsOption = Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")]
+SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
+BatchOption = Annotated[int, typer.Option(min=1)]
+WorkersOption = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")]
+DeviceOption = Annotated[Device, typer.Option(help="auto: CUDA when present.")]
+PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")]
+StrictOption = Annotated[bool, typer.Option(help="A broken video is an error instead of a warning.")]
+OutOption = Annotated[Path | None, typer.Option(help="Metrics JSON; default: beside the checkpoint, else runs/.")]
+
+
+def options(
+    dataset: DatasetOption = "synthetic",
+    root: RootOption = None,
+    checkpoint: CheckpointOption = None,
+    clip: ClipOption = None,
+    prompt: PromptOption = "none",
+    frames: FramesOption = None,
+    views: ViewsOption = 1,
+    split_id: SplitOption = 1,
+    batch_size: BatchOption = 32,
+    workers: WorkersOption = 4,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    strict: StrictOption = False,
+    out: OutOption = None,
+) -> dict[str, Any]:
+    """The options both commands take (their signature, shared through ``__signature__`` below)."""
+    return dict(locals())
+
+
+def run_evaluation(task: str, options: dict[str, Any]) -> None:
+    device = resolve_device(options["device"])
+    precision = resolve_precision(options["precision"], device)
+    checkpoint_file, dataset, frames = options["checkpoint"], options["dataset"], options["frames"]
+    if checkpoint_file is not None:
+        checkpoint = read_checkpoint(checkpoint_file)
+        backbone = load_backbone(options["clip"] or checkpoint["clip"]["name"])
+        check_same_backbone(checkpoint, backbone, checkpoint_file)
+        model = build_model(backbone, checkpoint["config"], device)
+        model.load_trainable_state_dict(checkpoint["stop"])
+        frames = frames or checkpoint["config"]["frames"]
+    else:
+        if options["prompt"] != "none":
+            raise RunError(
+                f"--prompt {options['prompt']} without --checkpoint would evaluate untrained prompts; "
+                "pass --checkpoint RUN/best.pt, or --prompt none for zero-shot CLIP4Clip"
+            )
+        backbone = load_backbone(options["clip"])
+        model = build_model(backbone, {"prompt": "none"}, device)
+        frames = frames or (8 if task == "recognize" else 12)
+    name, location = dataset_location(dataset, options["root"], task)
+    resolution = model.clip.visual.input_resolution
+    test_set = data.build_dataset(
+        name,
+        location,
+        "test",
+        num_frames=frames,
+        resolution=resolution,
+        split_id=options["split_id"],
+        views=options["views"],
+        strict=options["strict"],
+    )
+    loader = data.build_loader(test_set, batch_size=options["batch_size"], shuffle=False, workers=options["workers"])
+    if task == "recognize":
+        with autocast(device, precision):
+            class_features = text_features(model, backbone.tokenize, class_prompts(dataset, test_set.classes), device)
+        metrics = evaluate_recognition(model, loader, class_features, device, precision)
+    else:
+        metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
+
+    out = (
+        options["out"] or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "task": task,
+        "dataset": dataset,
+        "split_id": options["split_id"],
+        "frames": frames,
+        "views": options["views"],
+        "prompt": model.prompt,
+        "checkpoint": str(checkpoint_file) if checkpoint_file else None,
+        "clip": backbone.name,
+        "videos": len(test_set),
+        "broken_videos": test_set.broken_count(),
+        **metrics,
+    }
+    atomic_save(json.dumps(result, indent=2) + "\n", out)
+    typer.echo(format_metrics(metrics))
+    typer.echo(f"metrics written to {out}")
+
+
+def register(task: str, help: str) -> None:
+    def command(**given: Any) -> None:
+        with reported_errors():
+            run_evaluation(task, given)
+
+    command.__signature__ = inspect.signature(options)  # Typer reads the options from here
+    app.command(task, help=help)(command)
+
+
+register("recognize", "Top-1 / top-5 action recognition on a dataset's test split.")
+register("retrieve", "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A).")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,240 @@
+"""train.py and evaluate.py end to end on the synthetic data with the 32-px golden CLIP, and their bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import clip_model
+import data
+import evaluate
+import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture
+def golden_clip(golden, tmp_path, monkeypatch) -> str:
+    """The tiny golden CLIP as --clip, with the BPE vocabulary in the download root as a user would have it."""
+    cache = tmp_path / "cache"
+    (cache / "clip").mkdir(parents=True)
+    shutil.copy(golden / clip_model.VOCAB_FILE, cache / "clip" / clip_model.VOCAB_FILE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    clip_model._tokenizer.cache_clear()
+    return str(golden / "tiny_clip_state_dict.pt")
+
+
+def run(app, *args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout + result.stderr
+
+
+def quick(task: str, root: Path, clip: str, out: Path, *extra: str) -> tuple[int, str]:
+    return run(
+        train.app,
+        task,
+        "--dataset",
+        "synthetic",
+        "--root",
+        root,
+        "--clip",
+        clip,
+        "--out",
+        out,
+        "--frames",
+        4,
+        "--batch-size",
+        8,
+        "--workers",
+        0,
+        "--epochs",
+        1,
+        *extra,
+    )
+
+
+def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["stop"]
+
+
+def test_recognition_trains_resumes_exactly_and_evaluates(synthetic_root, golden_clip, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    code, output = quick("recognize", synthetic_root, golden_clip, straight, "--epochs", 2)
+    assert code == 0, output
+    assert "trainable" in output
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in records)
+
+    interrupted = tmp_path / "interrupted"
+    evaluations = []
+
+    def interrupt_at_second_evaluation(*args):
+        evaluations.append(args)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2's evaluation: only epoch 1 was saved
+        return evaluate.evaluate_recognition(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate_recognition", interrupt_at_second_evaluation)
+        code, output = quick("recognize", synthetic_root, golden_clip, interrupted, "--epochs", 2)
+    assert code == 130 and "interrupted" in output
+    assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == 1
+    code, output = quick("recognize", synthetic_root, golden_clip, interrupted, "--epochs", 2, "--resume")
+    assert code == 0, output
+    assert "resuming" in output
+    assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed, uninterrupted = stop_tensors(interrupted / "last.pt"), stop_tensors(straight / "last.pt")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    checkpoint = torch.load(straight / "best.pt", weights_only=True)
+    assert checkpoint["clip"]["sha256"] == clip_model.file_sha256(Path(golden_clip))
+    assert checkpoint["config"]["prompt"] == "stop" and checkpoint["config"]["frames"] == 4
+    assert (straight / "best.pt").stat().st_size < 5_000_000  # STOP's parameters only, not the backbone
+    assert not any(p.name.endswith(".tmp") for p in straight.iterdir())
+
+    code, output = run(
+        evaluate.app,
+        "recognize",
+        "--dataset",
+        "synthetic",
+        "--root",
+        synthetic_root,
+        "--checkpoint",
+        straight / "best.pt",
+        "--workers",
+        0,
+        "--views",
+        2,
+    )
+    assert code == 0, output
+    result = json.loads((straight / "eval-recognize-synthetic.json").read_text())
+    assert result["views"] == 2 and result["frames"] == 4 and 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_retrieval_trains_and_evaluates(synthetic_root, golden_clip, tmp_path):
+    out = tmp_path / "retrieval"
+    code, output = quick("retrieve", synthetic_root, golden_clip, out)
+    assert code == 0, output
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert set(record["text_to_video"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+
+    code, output = run(
+        evaluate.app,
+        "retrieve",
+        "--dataset",
+        "synthetic",
+        "--root",
+        synthetic_root,
+        "--checkpoint",
+        out / "best.pt",
+        "--workers",
+        0,
+        "--out",
+        tmp_path / "r.json",
+    )
+    assert code == 0, output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["videos"] == len(
+        data.build_dataset("msrvtt", synthetic_root / "msrvtt", "test", num_frames=4, resolution=32)
+    )
+    assert 1 <= result["video_to_text"]["MdR"] <= result["videos"]
+
+
+def test_zero_shot_baseline_evaluates_without_a_checkpoint(synthetic_root, golden_clip, tmp_path):
+    code, output = run(
+        evaluate.app,
+        "recognize",
+        "--dataset",
+        "synthetic",
+        "--root",
+        synthetic_root,
+        "--clip",
+        golden_clip,
+        "--prompt",
+        "none",
+        "--frames",
+        4,
+        "--workers",
+        0,
+        "--out",
+        tmp_path / "z.json",
+    )
+    assert code == 0, output
+    assert json.loads((tmp_path / "z.json").read_text())["prompt"] == "none"
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: one clear message, a non-zero exit, nothing overwritten
+# --------------------------------------------------------------------------- #
+
+
+def test_unknown_dataset_and_prompt_values():
+    code, output = run(train.app, "recognize", "--dataset", "kinetics")
+    assert code != 0 and "Invalid value for '--dataset'" in output
+    code, output = run(evaluate.app, "retrieve", "--prompt", "dynamic")
+    assert code != 0 and "Invalid value for '--prompt'" in output
+
+
+def test_missing_root(tmp_path):
+    code, output = run(train.app, "recognize", "--dataset", "ucf101", "--out", tmp_path / "run")
+    assert code == 1 and "--root is required for --dataset ucf101" in output
+    code, output = run(
+        train.app, "recognize", "--dataset", "ucf101", "--root", tmp_path / "nowhere", "--out", tmp_path / "run2"
+    )
+    assert code == 1 and "nowhere" in output and "Traceback" not in output
+
+
+def test_prompt_none_training_is_refused(synthetic_root, golden_clip, tmp_path):
+    code, output = quick("recognize", synthetic_root, golden_clip, tmp_path / "none", "--prompt", "none")
+    assert code == 1 and "nothing to train" in output and "evaluate.py" in output
+
+
+def test_existing_run_is_never_overwritten(synthetic_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    code, output = quick("recognize", synthetic_root, golden_clip, out)
+    assert code == 1 and "--resume" in output and "--overwrite" in output
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+    code, output = quick("recognize", synthetic_root, golden_clip, tmp_path / "fresh", "--resume")
+    assert code == 1 and "nothing to resume" in output
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint at all")
+    code, output = run(evaluate.app, "recognize", "--checkpoint", tmp_path / "best.pt")
+    assert code == 1 and "best.pt: cannot be read as a STOP checkpoint" in output
+
+
+def test_checkpoint_of_another_clip_is_refused(synthetic_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    assert quick("recognize", synthetic_root, golden_clip, out)[0] == 0
+    code, output = run(
+        evaluate.app,
+        "recognize",
+        "--dataset",
+        "synthetic",
+        "--root",
+        synthetic_root,
+        "--checkpoint",
+        out / "best.pt",
+        "--clip",
+        evaluate.DEMO_CLIP_NAME,
+    )
+    assert code == 1 and "was trained on the CLIP" in output and "random-demo-clip" in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_asked_without_a_gpu(tmp_path):
+    code, output = run(evaluate.app, "recognize", "--device", "cuda", "--prompt", "none")
+    assert code == 1 and "no CUDA GPU" in output
