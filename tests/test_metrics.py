@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from evaluate import rank_metrics, ranks_of_matches, retrieval_metrics, topk_accuracy
+from evaluate import direction_accuracy, rank_metrics, ranks_of_matches, retrieval_metrics, topk_accuracy
 
 
 def test_retrieval_metrics_match_a_hand_computed_ranking():
@@ -46,3 +46,11 @@ def test_topk_accuracy():
     # top-1 hits: videos 0 and 2; top-5 over 3 classes: every video
     assert topk_accuracy(logits, labels) == pytest.approx({"top1": 50.0, "top5": 100.0})
     assert topk_accuracy(logits, labels, ks=(1, 2)) == pytest.approx({"top1": 50.0, "top2": 75.0})
+
+
+def test_direction_accuracy_compares_each_video_with_its_reversed_class():
+    # classes (0, 1) and (2, 3) are time-reversed pairs
+    logits = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.9, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.4], [0.5, 0.0, 0.3, 0.2]])
+    labels = torch.tensor([0, 1, 3, 2])
+    # video 0: 0.9 > 0.1 yes; video 1: 0.2 > 0.9 no; video 2: 0.4 > 0.1 yes; video 3: 0.3 > 0.2 yes (top-1 is wrong)
+    assert direction_accuracy(logits, labels) == pytest.approx(75.0)
