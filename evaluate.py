@@ -7,7 +7,11 @@
 Recognition scores a video against one text per class ("a video of a person {class}."), computed once by the
 frozen text tower; retrieval ranks the whole test set's videos for each caption and captions for each video,
 as CLIP4Clip reports them. This file also holds what ``train.py`` shares with it: loading the backbone and a
-checkpoint, the metrics, and turning bad input into one clear message.
+checkpoint, the metrics, turning bad input into one clear message, and running as several processes.
+
+``torchrun --nproc_per_node N evaluate.py recognize ...`` splits the test set over N processes (a
+``DistributedSampler``), gathers every video's scores or features back in the dataset's order without the
+sampler's padding, and computes the metrics on the whole set, so they are those of one process.
 """
 
 import contextlib
@@ -16,14 +20,18 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 import typer
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import clip_model
@@ -60,16 +68,40 @@ class RunError(Exception):
     """Bad input to a command: its message is all the user sees."""
 
 
+class RankError(RunError):
+    """A failure this process met alone (its share of the data, joining the others): reported by it, not rank 0."""
+
+
+EXPECTED_ERRORS = (RunError, CLIPLoadError, DataError, ValueError)
+
+
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Turn the project's expected failures into ``error: <message>`` and exit code 1, never a traceback."""
+    """Turn the project's expected failures into ``error: <message>`` and exit code 1, never a traceback.
+
+    Under torchrun every rank runs the same setup and meets the same bad input, so rank 0 alone reports it. A
+    ``RankError`` is reported by the rank that met it, and so is a collective that failed because another rank
+    died, hung or never joined: each rank ends with at most one line.
+    """
     try:
         yield
-    except (RunError, CLIPLoadError, DataError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
+    except EXPECTED_ERRORS as error:
+        if rank() == 0 or isinstance(error, RankError):
+            typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        typer.echo(
+            f"error: rank {rank()}: a collective operation with the other processes failed (one of them died, was "
+            f"stopped, or did not answer within {TIMEOUT_VARIABLE}={collective_minutes():g} minutes; its own message "
+            f"or torchrun's report names it): {first_line(error)}",
+            err=True,
+        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if rank() == 0:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
 
 
@@ -79,10 +111,19 @@ def reported_errors() -> Iterator[None]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when present. Under torchrun each process on a machine takes its own GPU, ``LOCAL_RANK``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked, but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if device == "cuda" and world_size() > 1:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise RankError(
+                f"rank {rank()}: LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} GPUs: "
+                "start at most one process per GPU (torchrun --nproc_per_node)"
+            )
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 
@@ -123,7 +164,7 @@ def tensors_sha256(module: torch.nn.Module) -> str:
 def load_backbone(name: str | None) -> Backbone:
     """``--clip``: an OpenAI model name or a checkpoint path; none (or ``random-demo-clip``) gives the demo CLIP."""
     if name in (None, DEMO_CLIP_NAME):
-        typer.echo(
+        echo(
             f"no --clip given: using a small randomly initialised ViT-CLIP ({DEMO_CLIP.image_resolution} px, "
             f"{DEMO_CLIP.vision_layers} layers, width {DEMO_CLIP.vision_width}) sized for a CPU; "
             "its text tower reads UTF-8 bytes, so nothing is downloaded"
@@ -180,6 +221,174 @@ def atomic_save(obj: Any, path: Path) -> None:
     else:
         torch.save(obj, temporary)
     os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------- #
+# Several processes: torchrun
+# --------------------------------------------------------------------------- #
+
+TIMEOUT_VARIABLE = "STOP_TIMEOUT_MINUTES"  # how long a collective (joining included) waits for every rank
+DEFAULT_TIMEOUT_MINUTES = 10.0
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    """How many processes torchrun started (``WORLD_SIZE``): 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank (``RANK``): 0 in a single process. Read from the environment, so still known once the
+    process group is gone (``reported_errors`` runs after it)."""
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
+def distributed() -> bool:
+    """Whether this process runs in a process group with others (``process_group`` joined one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def echo(message: str) -> None:
+    """``typer.echo`` on rank 0 only: every rank runs the same code and would print it once each."""
+    if rank() == 0:
+        typer.echo(message)
+
+
+def collective_minutes() -> float:
+    """``STOP_TIMEOUT_MINUTES``, checked: how long a collective waits for every rank before it fails."""
+    text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not 0 < minutes < math.inf:
+        raise RunError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of minutes")
+    return minutes
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line without the ``[file.cc:123]`` source location that gloo puts in front."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+
+
+def lost_contact(error: RuntimeError) -> bool:
+    """A collective that failed because of another process: NCCL and the stores raise ``DistError``; gloo raises a
+    plain ``RuntimeError`` from its transport ("Connection closed by peer", "Timed out waiting ...")."""
+    return world_size() > 1 and (isinstance(error, dist.DistError) or "gloo" in str(error))
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Join torchrun's other processes when it started several (``WORLD_SIZE > 1``); do nothing otherwise.
+
+    NCCL when ``--device`` resolves to CUDA (this process's GPU is ``LOCAL_RANK``, given as ``device_id`` so the
+    communicator forms at once), gloo on the CPU. Every collective, joining included, gives up after
+    ``STOP_TIMEOUT_MINUTES`` (default 10), so a rank that hangs or never arrives ends the job instead of stalling it.
+    """
+    if world_size() == 1:
+        yield
+        return
+    placed = resolve_device(device)
+    timeout = timedelta(minutes=collective_minutes())
+    if placed.type == "cuda":
+        torch.cuda.set_device(placed)
+    try:
+        if placed.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=placed)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    except dist.DistError as error:
+        raise RankError(
+            f"rank {rank()}: the {world_size()} processes did not all join within {TIMEOUT_VARIABLE}="
+            f"{collective_minutes():g} minutes (is every machine started, and MASTER_ADDR/MASTER_PORT or the "
+            f"rendezvous endpoint reachable?): {first_line(error)}"
+        ) from None
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def on_rank_zero(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` run by rank 0 alone, its result (or its bad-input error) handed to every rank.
+
+    For what must happen once: checking and reading the run folder, generating the synthetic data. The other ranks
+    wait in the broadcast; when it fails, every rank raises the same ``RunError`` and rank 0 alone reports it.
+    """
+    if not distributed():
+        return function(*args)
+    outcome: list[Any] = [None]
+    if rank() == 0:
+        try:
+            outcome = [(True, function(*args))]
+        except EXPECTED_ERRORS as error:
+            outcome = [(False, str(error))]
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise RunError(value)
+    return value
+
+
+@contextlib.contextmanager
+def rank_local_errors() -> Iterator[None]:
+    """Around the loops over this rank's share of the data: a ``DataError`` there (a broken video with ``--strict``)
+    concerns this rank alone, so under torchrun it becomes a ``RankError`` that this rank reports, naming itself."""
+    try:
+        yield
+    except DataError as error:
+        if world_size() == 1:
+            raise
+        raise RankError(f"rank {rank()}: {error}") from None
+
+
+def shard(dataset: data.VideoDataset, *, train: bool, seed: int = 0) -> DistributedSampler | None:
+    """This rank's share of ``dataset`` under torchrun; ``None`` in one process (the loader's own order).
+
+    Training: reshuffled each epoch (``set_epoch``) with the same permutation on every rank, the remainder dropped so
+    every rank runs the same number of steps. Evaluation: in order and complete, a few items repeated so the shares
+    are equal; ``gather_in_dataset_order`` drops the repeats.
+    """
+    if not distributed():
+        return None
+    return DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+
+
+def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -> tuple[torch.Tensor | list, ...]:
+    """Every rank's rows, once each and in the order of ``loader.dataset``: what one process would have.
+
+    ``columns`` hold one row per item this rank's ``loader`` yielded: tensors (rows along dim 0) or lists (captions).
+    They travel with the dataset indices of this rank's sampler through ``all_gather_object``, which works on gloo
+    and NCCL alike and, at the size of a test set's scores or features (MB), costs little; the repeats the sampler
+    added are dropped (the first copy is kept) and the rows put back in order. One process: returned unchanged.
+    """
+    if not distributed():
+        return columns
+    shares: list[Any] = [None] * dist.get_world_size()
+    local = [column.cpu() if isinstance(column, torch.Tensor) else column for column in columns]
+    dist.all_gather_object(shares, (list(loader.sampler), local))
+    first: dict[int, int] = {}  # dataset index -> its first position among all ranks' rows
+    for position, index in enumerate(index for indices, _ in shares for index in indices):
+        first.setdefault(index, position)
+    order = [first[index] for index in range(len(loader.dataset))]
+    gathered = []
+    for number, column in enumerate(columns):
+        if isinstance(column, torch.Tensor):
+            gathered.append(torch.cat([rows[number] for _, rows in shares])[order].to(column.device))
+        else:
+            every = [row for _, rows in shares for row in rows[number]]
+            gathered.append([every[position] for position in order])
+    return tuple(gathered)
+
+
+def summed_over_ranks(*values: float) -> list[float]:
+    """Each value summed over every rank (losses, clip counts, broken videos); the values themselves in one process."""
+    if not distributed():
+        return list(values)
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, values)
+    return [sum(share[i] for share in shares) for i in range(len(values))]
 
 
 # --------------------------------------------------------------------------- #
@@ -276,12 +485,12 @@ def evaluate_recognition(model, loader, class_features, device, precision, rever
     """Top-1/top-5; with ``reversed_pairs`` (the synthetic classes) also the direction accuracy."""
     model.eval()
     logits, labels = [], []
-    for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False):
+    for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
         with autocast(device, precision):
             features = encode_videos(model, videos.to(device, non_blocking=True))
             logits.append(model.similarity(features, class_features).float().cpu())
         labels.append(batch_labels)
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    logits, labels = gather_in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
     metrics = topk_accuracy(logits, labels)
     if reversed_pairs:
         metrics["direction"] = direction_accuracy(logits, labels)
@@ -290,15 +499,17 @@ def evaluate_recognition(model, loader, class_features, device, precision, rever
 
 @torch.no_grad()
 def evaluate_retrieval(model, loader, tokenize, device, precision) -> dict[str, dict[str, float]]:
+    """The whole test set's ``[N_text, N_video]`` similarity; under torchrun every rank gathers all of it."""
     model.eval()
     video_features, captions = [], []
-    for videos, batch_captions in tqdm(loader, desc="evaluate", leave=False):
+    for videos, batch_captions in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
         with autocast(device, precision):
             video_features.append(encode_videos(model, videos.to(device, non_blocking=True)).float())
         captions.extend(batch_captions)
+    video_features, captions = gather_in_dataset_order(loader, torch.cat(video_features), captions)
     with autocast(device, precision):
         caption_features = text_features(model, tokenize, captions, device).float()
-    return retrieval_metrics(caption_features @ torch.cat(video_features).t())
+    return retrieval_metrics(caption_features @ video_features.t())
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -378,7 +589,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         backbone = load_backbone(options["clip"])
         model = build_model(backbone, {"prompt": "none"}, device)
         frames = frames or (8 if task == "recognize" else 12)
-    name, location = dataset_location(dataset, options["root"], task)
+    name, location = on_rank_zero(dataset_location, dataset, options["root"], task)
     resolution = model.clip.visual.input_resolution
     test_set = data.build_dataset(
         name,
@@ -390,14 +601,24 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         views=options["views"],
         strict=options["strict"],
     )
-    loader = data.build_loader(test_set, batch_size=options["batch_size"], shuffle=False, workers=options["workers"])
-    if task == "recognize":
-        with autocast(device, precision):
-            class_features = text_features(model, backbone.tokenize, class_prompts(dataset, test_set.classes), device)
-        metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
-    else:
-        metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
-
+    loader = data.build_loader(
+        test_set,
+        batch_size=options["batch_size"],
+        shuffle=False,
+        workers=options["workers"],
+        sampler=shard(test_set, train=False),
+    )
+    with rank_local_errors():
+        if task == "recognize":
+            with autocast(device, precision):
+                prompts = class_prompts(dataset, test_set.classes)
+                class_features = text_features(model, backbone.tokenize, prompts, device)
+            metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
+        else:
+            metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
+    (broken,) = summed_over_ranks(test_set.broken_count())
+    if rank() != 0:
+        return  # rank 0 writes and prints the result
     out = (
         options["out"] or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
     )
@@ -412,7 +633,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         "checkpoint": str(checkpoint_file) if checkpoint_file else None,
         "clip": backbone.name,
         "videos": len(test_set),
-        "broken_videos": test_set.broken_count(),
+        "broken_videos": int(broken),
         **metrics,
     }
     atomic_save(json.dumps(result, indent=2) + "\n", out)
@@ -422,7 +643,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
 
 def register(task: str, help: str) -> None:
     def command(**given: Any) -> None:
-        with reported_errors():
+        with reported_errors(), process_group(given["device"]):
             run_evaluation(task, given)
 
     command.__signature__ = inspect.signature(options)  # Typer reads the options from here

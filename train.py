@@ -9,6 +9,11 @@ minimises cross-entropy over ``logit_scale * cos(video, class text)``; retrieval
 the batch's video-caption pairs. After each epoch the test split is evaluated, a line is appended to
 ``metrics.jsonl``, and ``last.pt`` (and ``best.pt`` when the metric improved) are written to the run folder:
 STOP's parameters, the optimiser and scheduler, RNG states and the configuration, never the frozen backbone.
+
+``torchrun --nproc_per_node N train.py recognize ...`` trains on N processes (GPUs, or CPU processes with gloo):
+each takes its share of every epoch (``DistributedSampler``, reshuffled per epoch), DistributedDataParallel averages
+the gradients of STOP's parameters only, and rank 0 alone prints, draws progress bars and writes the run folder.
+``--batch-size`` is per process. The test split is evaluated by all of them and gathered, as in ``evaluate.py``.
 """
 
 import inspect
@@ -21,8 +26,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import typer
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -44,15 +52,24 @@ from evaluate import (
     check_same_backbone,
     class_prompts,
     dataset_location,
+    distributed,
+    echo,
     evaluate_recognition,
     evaluate_retrieval,
     format_metrics,
     load_backbone,
+    on_rank_zero,
+    process_group,
+    rank,
+    rank_local_errors,
     read_checkpoint,
     reported_errors,
     resolve_device,
     resolve_precision,
+    shard,
+    summed_over_ranks,
     text_features,
+    world_size,
 )
 from stop import STOPModel
 
@@ -93,30 +110,58 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
-def batch_loss(model: STOPModel, task: str, videos, targets, class_features, tokenize, device) -> torch.Tensor:
-    """Cross-entropy over classes (recognition) or symmetric InfoNCE over the batch (retrieval)."""
+def open_run(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the run folder and, with ``--resume``, read its ``last.pt``."""
+    check_run_folder(out, resume, overwrite)
+    return read_checkpoint(out / "last.pt") if resume else None
+
+
+class VideoTower(nn.Module):
+    """What DistributedDataParallel wraps: STOP's video encoder as a ``forward``, STOP's prompters as its parameters.
+
+    DDP averages gradients only for what runs through its ``forward``, and at the start broadcasts every parameter
+    of the module it wraps from rank 0. Registering ``model.prompters`` as the only submodule, and calling the model
+    through a bound method, keeps both to what trains: the frozen CLIP, the same on every rank, is never sent.
+    """
+
+    def __init__(self, model: STOPModel):
+        super().__init__()
+        self.prompters = model.prompters
+        self.encode_video = model.encode_video  # a method, not a submodule: CLIP stays out of DDP's view
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.encode_video(videos)
+
+
+def batch_loss(model: STOPModel, encode, task: str, videos, targets, class_features, tokenize, device) -> torch.Tensor:
+    """Cross-entropy over classes (recognition) or symmetric InfoNCE over the batch (retrieval).
+
+    ``encode`` is ``model.encode_video``, or under torchrun its DistributedDataParallel wrapper; the negatives of
+    InfoNCE are then the captions of this process's batch.
+    """
     if task == "recognize":
-        return F.cross_entropy(model.class_logits(videos, class_features), targets.to(device))
+        return F.cross_entropy(model.similarity(encode(videos), class_features), targets.to(device))
     with torch.no_grad():
         caption_features = model.encode_text(tokenize(list(targets)).to(device))  # frozen text tower
-    logits = model.similarity(model.encode_video(videos), caption_features)  # [B, B], pair i on the diagonal
+    logits = model.similarity(encode(videos), caption_features)  # [B, B], pair i on the diagonal
     labels = torch.arange(logits.shape[0], device=device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
     out = Path(config["out"])
-    check_run_folder(out, resume, overwrite)
-    checkpoint = read_checkpoint(out / "last.pt") if resume else None
+    checkpoint = on_rank_zero(open_run, out, resume, overwrite)
     if checkpoint:  # the saved configuration, with --epochs able to extend the run
         config = {**checkpoint["config"], "epochs": config["epochs"] or checkpoint["config"]["epochs"]}
     task, dataset = config["task"], config["dataset"]
     epochs, lr = DEFAULT_SCHEDULE[task, "synthetic" if dataset == "synthetic" else "real"]
     config = {**config, "epochs": config["epochs"] or epochs, "lr": config["lr"] or lr}
     device = resolve_device(config["device"])
+    if distributed() and (device.type == "cuda") != (dist.get_backend() == "nccl"):
+        raise RunError(f"this run was trained with --device {config['device']}: resume it with that --device")
     precision = resolve_precision(config["precision"], device)
 
-    name, location = dataset_location(dataset, config["root"], task)
+    name, location = on_rank_zero(dataset_location, dataset, config["root"], task)
     torch.manual_seed(config["seed"])  # the prompt modules' initialisation
     backbone = load_backbone(config["clip"])
     if checkpoint:
@@ -126,7 +171,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
     frozen = sum(p.numel() for p in model.clip.parameters())
     trainable = model.num_trainable_parameters()
-    typer.echo(f"STOP --prompt {model.prompt}: {trainable:,} trainable parameters, CLIP's {frozen:,} frozen")
+    echo(f"STOP --prompt {model.prompt}: {trainable:,} trainable parameters, CLIP's {frozen:,} frozen")
 
     resolution = model.clip.visual.input_resolution
     splits = {
@@ -147,13 +192,21 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
         shuffle=True,
         workers=config["workers"],
         drop_last=True,
+        sampler=shard(splits["train"], train=True, seed=config["seed"]),
         seed=config["seed"],
     )
     test_loader = data.build_loader(
-        splits["test"], batch_size=config["batch_size"], shuffle=False, workers=config["workers"]
+        splits["test"],
+        batch_size=config["batch_size"],
+        shuffle=False,
+        workers=config["workers"],
+        sampler=shard(splits["test"], train=False),
     )
     if len(train_loader) == 0:
-        raise RunError(f"--batch-size {config['batch_size']} is larger than the {len(splits['train'])} training videos")
+        share = f" each of the {world_size()} processes gets" if distributed() else ""
+        raise RunError(
+            f"--batch-size {config['batch_size']} is larger than the {len(train_loader.sampler)} training videos{share}"
+        )
     class_features = None
     if task == "recognize":
         with autocast(device, precision):
@@ -166,80 +219,99 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, best = 0, None
-    if overwrite and not resume:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:
+        if overwrite and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
     if checkpoint:
         model.load_trainable_state_dict(checkpoint["stop"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        typer.echo(f"resuming {out} at epoch {start_epoch + 1} of {config['epochs']}")
+        echo(f"resuming {out} at epoch {start_epoch + 1} of {config['epochs']}")
+    encode = model.encode_video
+    if distributed():
+        # A batch whose temporal prompters insert no prompt (n_t = 0 everywhere) leaves their parameters without
+        # gradient. find_unused_parameters lets DDP finish such steps; a parameter unused on every rank keeps no
+        # gradient, so AdamW skips it exactly as it does in one process (a zero gradient would still move it).
+        encode = DistributedDataParallel(
+            VideoTower(model), device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+        )
 
-    for epoch in range(start_epoch, config["epochs"]):
-        # The shuffle order, augmentation and dropout depend on the seed and epoch only, so --resume continues exactly
-        torch.manual_seed(config["seed"] + epoch)
-        random.seed(config["seed"] + epoch)
-        train_loader.generator.manual_seed(config["seed"] + epoch)
-        model.train()
-        running_loss, clips, started = 0.0, 0, time.perf_counter()
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}")
-        for videos, targets in progress:
-            videos = videos.to(device, non_blocking=True)
-            with autocast(device, precision):
-                loss = batch_loss(model, task, videos, targets, class_features, backbone.tokenize, device)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running_loss += loss.item() * len(videos)
-            clips += len(videos)
-            progress.set_postfix(
-                loss=f"{loss.item():.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}"
+    with rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
+        for epoch in range(start_epoch, config["epochs"]):
+            # The shuffle order, augmentation and dropout depend on the seed and epoch only, so --resume continues
+            # exactly. Under torchrun every rank shuffles alike (the sampler's seed) but augments with its own seed.
+            epoch_seed = config["seed"] + epoch + rank() * 2**32
+            torch.manual_seed(epoch_seed)
+            random.seed(epoch_seed)
+            train_loader.generator.manual_seed(epoch_seed)
+            if distributed():
+                train_loader.sampler.set_epoch(epoch)
+            model.train()
+            running_loss, clips, started = 0.0, 0, time.perf_counter()
+            progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=rank() != 0)
+            for videos, targets in progress:
+                videos = videos.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    loss = batch_loss(model, encode, task, videos, targets, class_features, backbone.tokenize, device)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                running_loss += loss.item() * len(videos)
+                clips += len(videos)
+                progress.set_postfix(
+                    loss=f"{loss.item():.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}"
+                )
+
+            if task == "recognize":
+                metrics = evaluate_recognition(
+                    model, test_loader, class_features, device, precision, dataset == "synthetic"
+                )
+                score = metrics["top1"]
+            else:
+                metrics = evaluate_retrieval(model, test_loader, backbone.tokenize, device, precision)
+                score = metrics["text_to_video"]["R@1"]
+            running_loss, clips, broken = summed_over_ranks(
+                running_loss, clips, splits["train"].broken_count() + splits["test"].broken_count()
             )
+            improved = best is None or score > best
+            best = score if improved else best
+            if rank() != 0:
+                continue  # rank 0 writes the run folder
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": running_loss / clips,
+                "lr": scheduler.get_last_lr()[0],
+                "train_clips_per_second": clips / (time.perf_counter() - started),
+                "broken_videos": int(broken),
+                **metrics,
+            }
+            with open(out / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            typer.echo(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}\n{format_metrics(metrics)}")
+            if record["broken_videos"]:
+                typer.echo(f"warning: {record['broken_videos']} broken videos were replaced by others (see warnings)")
 
-        if task == "recognize":
-            metrics = evaluate_recognition(
-                model, test_loader, class_features, device, precision, dataset == "synthetic"
-            )
-            score = metrics["top1"]
-        else:
-            metrics = evaluate_retrieval(model, test_loader, backbone.tokenize, device, precision)
-            score = metrics["text_to_video"]["R@1"]
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": running_loss / clips,
-            "lr": scheduler.get_last_lr()[0],
-            "train_clips_per_second": clips / (time.perf_counter() - started),
-            "broken_videos": splits["train"].broken_count() + splits["test"].broken_count(),
-            **metrics,
-        }
-        with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        typer.echo(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}\n{format_metrics(metrics)}")
-        if record["broken_videos"]:
-            typer.echo(f"warning: {record['broken_videos']} broken videos were replaced by others (see warnings)")
-
-        improved = best is None or score > best
-        best = score if improved else best
-        state = {
-            "stop": model.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "metrics": metrics,
-            "rng": rng_states(),
-            "config": config,
-            "clip": {"name": backbone.name, "sha256": backbone.sha256},
-        }
-        atomic_save(state, out / "last.pt")
-        if improved:
-            atomic_save(state, out / "best.pt")
-    typer.echo(f"done: {out / 'best.pt'} (best {'top-1' if task == 'recognize' else 'text-to-video R@1'} {best:.2f})")
+            state = {
+                "stop": model.trainable_state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "metrics": metrics,
+                "rng": rng_states(),
+                "config": config,
+                "clip": {"name": backbone.name, "sha256": backbone.sha256},
+            }
+            atomic_save(state, out / "last.pt")
+            if improved:
+                atomic_save(state, out / "best.pt")
+    echo(f"done: {out / 'best.pt'} (best {'top-1' if task == 'recognize' else 'text-to-video R@1'} {best:.2f})")
 
 
 # --------------------------------------------------------------------------- #
@@ -300,7 +372,7 @@ def run_config(task: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def register(task: str, help: str) -> None:
     def command(**given: Any) -> None:
-        with reported_errors():
+        with reported_errors(), process_group(given["device"]):
             resume, overwrite = given.pop("resume"), given.pop("overwrite")
             train(run_config(task, given), resume=resume, overwrite=overwrite)
 

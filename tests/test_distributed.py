@@ -1,0 +1,296 @@
+"""train.py and evaluate.py under ``torchrun --nproc_per_node 2`` (gloo, CPU) with the 32-px golden CLIP.
+
+Evaluating under two processes must give one process's metrics (the test sets here have an odd size, so the
+sampler pads and the padding must be dropped); a run must resume under torchrun exactly; and a rank that fails,
+dies or never joins must end the job with one message per rank and no half-written checkpoint.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+from typer.testing import CliRunner
+
+import clip_model
+import data
+import evaluate
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 120  # seconds: a hung job fails the test instead of stalling the suite
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def odd_root(synthetic_root, tmp_path_factory) -> Path:
+    """The synthetic data with one test video fewer in each layout (127 and 63): two ranks' shares need padding."""
+    root = tmp_path_factory.mktemp("odd") / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    for listing in (
+        root / "ucf101" / "ucfTrainTestlist" / "testlist01.txt",
+        root / "msrvtt" / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv",
+    ):
+        lines = listing.read_text().splitlines(keepends=True)
+        listing.write_text("".join(lines[:-1]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def environment(golden, tmp_path_factory) -> dict[str, str]:
+    """The subprocesses' environment: the BPE vocabulary in the download root, as a user would have it."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "clip").mkdir()
+    shutil.copy(golden / clip_model.VOCAB_FILE, cache / "clip" / clip_model.VOCAB_FILE)
+    return {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+
+@pytest.fixture
+def in_process(environment, monkeypatch) -> Iterator[None]:
+    """Commands run in this process (the single-process reference) read the same vocabulary, on one thread as each
+    torchrun worker does (OMP_NUM_THREADS=1): on a busy machine a second thread can make them several times slower."""
+    monkeypatch.setenv("XDG_CACHE_HOME", environment["XDG_CACHE_HOME"])
+    clip_model._tokenizer.cache_clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def torchrun_command(script: str, *args) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        *map(str, args),
+    ]
+
+
+def torchrun(environment: dict[str, str], script: str, *args) -> tuple[int, str]:
+    done = subprocess.run(
+        torchrun_command(script, *args),
+        cwd=PROJECT_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def training(task: str, root: Path, golden: Path, out: Path, *extra) -> list:
+    clip = golden / "tiny_clip_state_dict.pt"
+    common = ["--dataset", "synthetic", "--root", root, "--clip", clip, "--frames", 4, "--batch-size", 8]
+    return [task, *common, "--workers", 0, "--epochs", 1, "--out", out, *extra]
+
+
+def evaluation(task: str, root: Path, checkpoint: Path, out: Path) -> list:
+    common = ["--dataset", "synthetic", "--root", root, "--checkpoint", checkpoint, "--batch-size", 8]
+    return [task, *common, "--workers", 0, "--out", out]
+
+
+def error_lines(output: str) -> list[str]:
+    """Our workers' ``error:`` lines (tqdm's carriage returns may put one on the same line as a progress bar)."""
+    return [line[line.index("error: ") :] for line in output.replace("\r", "\n").splitlines() if "error: " in line]
+
+
+def no_traceback_of_ours(output: str) -> bool:
+    """torchrun prints its own traceback when a worker fails; none may come from this project's files."""
+    return not any(f'{name}", line' in output for name in ("train.py", "evaluate.py", "stop.py", "data.py"))
+
+
+def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["stop"]
+
+
+def evaluate_in_one_process(args: list) -> dict:
+    result = CliRunner().invoke(evaluate.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(Path(args[-1]).read_text())
+
+
+def test_recognition_trains_and_evaluates_as_one_process(
+    synthetic_root, odd_root, golden, environment, in_process, tmp_path
+):
+    run = tmp_path / "run"
+    code, output = torchrun(environment, "train.py", *training("recognize", synthetic_root, golden, run))
+    assert code == 0, output
+    assert output.count("trainable parameters") == 1 and output.count("done: ") == 1  # rank 0 alone logs
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # and writes
+    checkpoint = evaluate.read_checkpoint(run / "best.pt")
+    assert checkpoint["epoch"] == 0 and checkpoint["config"]["frames"] == 4
+    assert not any(path.name.endswith(".tmp") for path in run.iterdir())
+
+    two = tmp_path / "two.json"
+    code, output = torchrun(environment, "evaluate.py", *evaluation("recognize", odd_root, run / "best.pt", two))
+    assert code == 0, output
+    assert output.count("metrics written to") == 1
+    one = evaluate_in_one_process(evaluation("recognize", odd_root, run / "best.pt", tmp_path / "one.json"))
+    two = json.loads(two.read_text())
+    assert two["videos"] == one["videos"] == 127
+    assert {key: two[key] for key in ("top1", "top5", "direction")} == pytest.approx(
+        {key: one[key] for key in ("top1", "top5", "direction")}, abs=1e-6
+    )
+
+
+def test_retrieval_trains_and_evaluates_as_one_process(
+    synthetic_root, odd_root, golden, environment, in_process, tmp_path
+):
+    run = tmp_path / "retrieval"
+    code, output = torchrun(environment, "train.py", *training("retrieve", synthetic_root, golden, run))
+    assert code == 0, output
+    assert set(evaluate.read_checkpoint(run / "best.pt")["metrics"]) == {"text_to_video", "video_to_text"}
+
+    two = tmp_path / "two.json"
+    code, output = torchrun(environment, "evaluate.py", *evaluation("retrieve", odd_root, run / "best.pt", two))
+    assert code == 0, output
+    one = evaluate_in_one_process(evaluation("retrieve", odd_root, run / "best.pt", tmp_path / "one.json"))
+    two = json.loads(two.read_text())
+    assert two["videos"] == one["videos"] == 63
+    for direction in ("text_to_video", "video_to_text"):  # the same ranks, so the same R@K, MdR and MnR exactly
+        assert two[direction] == one[direction]
+
+
+# --------------------------------------------------------------------------- #
+# Bad input, a dying rank, a rank that never joins
+# --------------------------------------------------------------------------- #
+
+
+def test_bad_input_met_by_every_rank_is_reported_once(synthetic_root, golden, environment, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    code, output = torchrun(environment, "train.py", *training("recognize", synthetic_root, golden, out))
+    assert code != 0
+    assert error_lines(output) == [
+        f"error: {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+    ]
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+    assert no_traceback_of_ours(output)
+
+
+def test_a_broken_video_of_one_rank_ends_the_job(synthetic_root, golden, environment, tmp_path):
+    """With --strict a broken video is an error; the one rank 1 reads first is broken, so rank 1 alone meets it."""
+    root = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    train_set = data.build_dataset("ucf101", root / "ucf101", "train", num_frames=4, resolution=32)
+    share = DistributedSampler(train_set, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
+    share.set_epoch(0)
+    broken = train_set.paths[next(iter(share))]
+    broken.write_bytes(b"not a video")
+
+    out = tmp_path / "run"
+    code, output = torchrun(environment, "train.py", *training("recognize", root, golden, out, "--strict"))
+    assert code != 0
+    errors = error_lines(output)  # rank 1's reason, and maybe rank 0's lost contact (unless torchrun stopped it first)
+    reasons = [line for line in errors if not line.startswith("error: rank 0: a collective operation")]
+    assert len(reasons) == 1 and reasons[0].startswith(f"error: rank 1: cannot decode video {broken}")
+    assert not (out / "last.pt").exists() and not list(out.glob("*.tmp"))
+    assert no_traceback_of_ours(output)
+
+
+def worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the process torchrun (``launcher``) started as ``rank``, read from Linux's /proc."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == launcher and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (ValueError, OSError, IndexError):
+            continue  # not a process, or one that has just ended
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(synthetic_root, golden, environment, tmp_path):
+    out = tmp_path / "run"
+    args = training("recognize", synthetic_root, golden, out, "--epochs", 4)
+    job = subprocess.Popen(
+        torchrun_command("train.py", *args),
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "last.pt").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker = worker_of_rank(job.pid, 1)
+        assert (out / "last.pt").exists() and worker is not None, "the job ended before rank 1 could be killed"
+        os.kill(worker, signal.SIGKILL)  # rank 1 dies mid-run, without a word
+        output, _ = job.communicate(timeout=TIMEOUT)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert all(line.startswith("error: rank 0: a collective operation") for line in error_lines(output))
+    assert not list(out.glob("*.tmp"))
+    assert evaluate.read_checkpoint(out / "last.pt")["epoch"] < 3  # whole: written to a temporary file, renamed
+    assert no_traceback_of_ours(output)
+
+    code, output = torchrun(environment, "train.py", *args, "--resume")
+    assert code == 0, output
+    assert output.count("resuming") == 1
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 4
+    straight = tmp_path / "straight"
+    code, output = torchrun(
+        environment, "train.py", *training("recognize", synthetic_root, golden, straight, "--epochs", 4)
+    )
+    assert code == 0, output
+    resumed, uninterrupted = stop_tensors(out / "last.pt"), stop_tensors(straight / "last.pt")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch):
+    """Rank 0 of two started by hand, the way a second machine that never comes up leaves it: it gives up in time."""
+    alone = {
+        **environment,
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        evaluate.TIMEOUT_VARIABLE: "0.05",  # 3 seconds
+    }
+    done = subprocess.run(
+        [sys.executable, "train.py", "recognize", "--out", tmp_path / "run"],
+        cwd=PROJECT_ROOT,
+        env=alone,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 1
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert error_lines(done.stderr)[0].startswith("error: rank 0: the 2 processes did not all join within")
+    assert len(error_lines(done.stderr)) == 1 and not (tmp_path / "run").exists()
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(evaluate.TIMEOUT_VARIABLE, "soon")
+    result = CliRunner().invoke(evaluate.app, ["recognize", "--device", "cpu"])
+    assert (
+        result.exit_code == 1 and "STOP_TIMEOUT_MINUTES='soon': expected a positive number of minutes" in result.output
+    )
