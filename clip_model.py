@@ -263,7 +263,8 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, context_length]`` -> ``[B, E]``: the end-of-text token's feature."""
-        x = self.token_embedding(tokens) + self.positional_embedding  # [B, C, D]
+        # [B, C, D]; C may be shorter than context_length: under the causal mask, padding after EOT changes nothing
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, is_causal=True))
         end_of_text = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT has the largest id
         return end_of_text @ self.text_projection
@@ -503,5 +504,19 @@ def tokenize(
             if not truncate:
                 raise ValueError(f"{text!r} is {len(ids)} tokens, longer than the context length {context_length}")
             ids = [*ids[: context_length - 1], tokenizer.eot_token]
+        result[row, : len(ids)] = torch.tensor(ids)
+    return result
+
+
+def byte_tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+    """Tokens for a randomly initialised CLIP with a 258-entry vocabulary, which needs no BPE file.
+
+    UTF-8 bytes are the ids 0-255, ``<sot>`` is 256 and ``<eot>`` 257, the largest id, so ``encode_text``
+    finds it by ``argmax`` exactly as with BPE. Too long a text is truncated and still ends with ``<eot>``.
+    """
+    texts = [texts] if isinstance(texts, str) else texts
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [256, *_clean(text).encode("utf-8")][: context_length - 1] + [257]
         result[row, : len(ids)] = torch.tensor(ids)
     return result

@@ -236,3 +236,20 @@ def test_resnet_is_refused_by_name_and_by_contents(tmp_path):
     )
     with pytest.raises(CLIPLoadError, match="ResNet CLIP checkpoint"):
         clip_model.load(tmp_path / "rn.pt")
+
+
+def test_text_feature_is_unchanged_by_a_shorter_context(golden, reference):
+    """Under the causal mask nothing after EOT reaches it: 32-token captions give the 77-token features."""
+    model = clip_model.load(golden / "tiny_clip_state_dict.pt")
+    texts = ["a man is playing a guitar on stage", "a red square moves to the left"]
+    with torch.no_grad():
+        full = model.encode_text(clip_model.tokenize(texts, download_root=str(golden)))
+        short = model.encode_text(clip_model.tokenize(texts, context_length=32, download_root=str(golden)))
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-6)
+
+
+def test_byte_tokenize_ends_every_row_with_the_largest_id():
+    tokens = clip_model.byte_tokenize(["ab", "é" * 40], context_length=8)
+    assert tokens[0].tolist() == [256, 97, 98, 257, 0, 0, 0, 0]
+    assert tokens[1, 0] == 256 and tokens[1, -1] == 257 and (tokens[1].argmax() == 7)
+
