@@ -128,11 +128,31 @@ class CLIPConfig:
         )
 
 
+class _QuickGELUFunction(torch.autograd.Function):
+    """``x * sigmoid(1.702 x)`` keeping only ``x`` for the backward pass, which recomputes the sigmoid.
+
+    Autograd through the three plain operations keeps both ``x`` and ``sigmoid(1.702 x)``: two tensors the size
+    of the MLP's hidden activation ``[B, L, 4D]``, the widest of a block. One is enough: for a ViT-B/32 video
+    batch of 2 x 12 frames that is 169 MiB less at the training peak, for the same step time (measured).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (1.702 * x).sigmoid_().mul_(x)  # one new tensor, where x * torch.sigmoid(1.702 * x) makes three
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        gate = (1.702 * x).sigmoid_()  # s
+        return grad * gate * (1 + 1.702 * x * (1 - gate))  # d/dx x s(1.702 x) = s (1 + 1.702 x (1 - s))
+
+
 class QuickGELU(nn.Module):
     """CLIP's GELU approximation ``x * sigmoid(1.702 x)``; its weights expect it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return _QuickGELUFunction.apply(x)
 
 
 class SelfAttention(nn.Module):

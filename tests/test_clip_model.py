@@ -253,3 +253,14 @@ def test_byte_tokenize_ends_every_row_with_the_largest_id():
     assert tokens[0].tolist() == [256, 97, 98, 257, 0, 0, 0, 0]
     assert tokens[1, 0] == 256 and tokens[1, -1] == 257 and (tokens[1].argmax() == 7)
 
+
+def test_quick_gelu_values_and_gradients_match_the_plain_formula():
+    """The fused QuickGELU (one saved tensor) is ``x * sigmoid(1.702 x)``, forward and backward, in float64."""
+    x = torch.linspace(-6, 6, 97, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(clip_model.QuickGELU(), (x,))
+    plain = x * torch.sigmoid(1.702 * x)
+    fused = clip_model.QuickGELU()(x)
+    assert torch.equal(fused, plain)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), x)
+    (fused_grad,) = torch.autograd.grad(fused.sum(), x)
+    torch.testing.assert_close(fused_grad, plain_grad)

@@ -1,0 +1,67 @@
+"""bench.py: small smoke runs of both commands; what they report, never how fast anything was."""
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+import bench
+import clip_model
+
+
+def test_model_reports_every_row_against_the_baseline_and_full_fine_tuning(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    arguments = ["model", "--backbone", "tiny", "--frames", "3", "--warmup", "0", "--runs", "1", "--threads", "1"]
+    result = CliRunner().invoke(
+        bench.app, [*arguments, "--row", "stop", "--row", "stop --grad-checkpoint", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| model | trainable params |" in result.output and "% of it." in result.output
+
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert list(rows) == ["none", "stop", "stop --grad-checkpoint", "full fine-tune"]
+    visual = sum(p.numel() for p in clip_model.random_clip(bench.TINY).visual.parameters())
+    assert rows["none"]["trainable_parameters"] == 0 and "train_ms_per_clip" not in rows["none"]
+    assert rows["full fine-tune"]["trainable_parameters"] == visual
+    assert 0 < rows["stop"]["trainable_parameters"] == rows["stop --grad-checkpoint"]["trainable_parameters"]
+    assert rows["none"]["eval_x_none"] == 1.0 and rows["full fine-tune"]["train_x_full"] == 1.0
+    assert "eval_ms_per_clip" not in rows["stop --grad-checkpoint"]  # its eval forward is STOP's
+    for name in ("stop", "stop --grad-checkpoint", "full fine-tune"):
+        assert rows[name]["train_ms_per_clip"] > 0 and rows[name]["train_memory_x_full"] > 0
+        assert rows[name]["train_peak_bytes"] >= rows[name]["eval_peak_bytes"] > 0
+    # each row measured in its own process: full fine-tuning holds a gradient and two AdamW moments per weight
+    assert rows["full fine-tune"]["train_peak_bytes"] >= 3 * 4 * visual
+    assert report["forward_flops"] > 0 and all(rate > 0 for rate in report["matmul_flops_per_s"])
+    assert [target["goal"] for target in report["targets"]] == ["<= 1.25", "<= 0.85", "<= 0.75", "<= 0.4", ">= 0.5"]
+    assert report["setup"]["threads"] == 1 and report["setup"]["batch_size"] == 2
+
+
+def test_data_reads_raw_and_prepared_stand_ins(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    arguments = ["data", "--dataset", "ucf101", "--dataset", "ssv2", "--videos", "2", "--clips", "2", "--rounds", "1"]
+    result = CliRunner().invoke(
+        bench.app, [*arguments, "--max-seconds", "1", "--keep", str(tmp_path), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["datasets"]
+    assert list(report) == ["ucf101", "ssv2"]
+    assert report["ucf101"]["prepared"].startswith("AVI, mpeg4") and report["ssv2"]["prepared"].startswith("WEBM, vp8")
+    for result in report.values():
+        assert all(result[f"{kind}_clips_per_s"] > 0 for kind in ("raw_decode", "prepared_decode", "raw_pipeline"))
+    assert (tmp_path / "ucf101/prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi").is_file()
+
+
+def test_unknown_choices_are_refused_by_name() -> None:
+    result = CliRunner().invoke(bench.app, ["model", "--row", "everything"])
+    assert result.exit_code == 2 and "'everything': expected one of" in result.output
+    result = CliRunner().invoke(bench.app, ["data", "--dataset", "kinetics"])
+    assert result.exit_code == 2 and "'kinetics'" in result.output
+
+
+def test_camera_like_stand_in_moves_and_is_deterministic() -> None:
+    video = bench.camera_like_video(4, 24, 32, seed=1)
+    assert video.shape == (4, 3, 24, 32) and video.dtype == torch.uint8
+    assert torch.equal(video, bench.camera_like_video(4, 24, 32, seed=1))
+    assert (video[1].float() - video[0].float()).abs().mean() > 1  # the pan changes every frame
