@@ -1,7 +1,6 @@
 """train.py and evaluate.py end to end on the synthetic data with the 32-px golden CLIP, and their bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,12 @@ def synthetic_root(tmp_path_factory) -> Path:
     return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
-@pytest.fixture
-def golden_clip(golden, tmp_path, monkeypatch) -> str:
-    """The tiny golden CLIP as --clip, with the BPE vocabulary in the download root as a user would have it."""
-    cache = tmp_path / "cache"
-    (cache / "clip").mkdir(parents=True)
-    shutil.copy(golden / clip_model.VOCAB_FILE, cache / "clip" / clip_model.VOCAB_FILE)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    clip_model._tokenizer.cache_clear()
-    return str(golden / "tiny_clip_state_dict.pt")
-
-
 def run(app, *args: str):
     result = runner.invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout + result.stderr
 
 
-def quick(task: str, root: Path, clip: str, out: Path, *extra: str) -> tuple[int, str]:
+def quick(task: str, root: Path, clip: Path, out: Path, *extra: str) -> tuple[int, str]:
     return run(
         train.app,
         task,
@@ -97,7 +85,7 @@ def test_recognition_trains_resumes_exactly_and_evaluates(synthetic_root, golden
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
     checkpoint = torch.load(straight / "best.pt", weights_only=True)
-    assert checkpoint["clip"]["sha256"] == clip_model.file_sha256(Path(golden_clip))
+    assert checkpoint["clip"]["sha256"] == clip_model.file_sha256(golden_clip)
     assert checkpoint["config"]["prompt"] == "stop" and checkpoint["config"]["frames"] == 4
     assert (straight / "best.pt").stat().st_size < 5_000_000  # STOP's parameters only, not the backbone
     assert not any(p.name.endswith(".tmp") for p in straight.iterdir())

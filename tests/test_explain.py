@@ -9,7 +9,6 @@ dynamics network ``N^s`` set by hand to what training could make of it: the temp
 initialisation (zero output), so a gap between two identical frames gets ``n_t = 0``: STOP's invariant.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -40,17 +39,6 @@ def draw_frame(background: torch.Tensor, position: str | None) -> torch.Tensor:
         top = BAR_ROWS[position]
         frame[:, top : top + 8, 40:64] = 240  # 8-pixel aligned and flat, so H.264 repeats a frame exactly
     return frame
-
-
-@pytest.fixture
-def golden_clip(golden, tmp_path, monkeypatch) -> Path:
-    """The golden CLIP's file, with the BPE vocabulary in the download root as a user would have it."""
-    cache = tmp_path / "cache"
-    (cache / "clip").mkdir(parents=True)
-    shutil.copy(golden / clip_model.VOCAB_FILE, cache / "clip" / clip_model.VOCAB_FILE)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    clip_model._tokenizer.cache_clear()
-    return golden / "tiny_clip_state_dict.pt"
 
 
 @pytest.fixture
