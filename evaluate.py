@@ -138,8 +138,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype; fp32 runs without autocast
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = PRECISION_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -204,9 +207,14 @@ def check_same_backbone(checkpoint: dict[str, Any], backbone: Backbone, path: Pa
         )
 
 
-def build_model(backbone: Backbone, config: dict[str, Any], device: torch.device) -> STOPModel:
+def build_model(backbone: Backbone, config: dict[str, Any], device: torch.device, precision: str = "fp32") -> STOPModel:
+    """The STOP model of ``config`` on ``device``. Under bf16/fp16 autocast the frozen CLIP's matrix weights are
+    stored in that dtype once (``clip_model.convert_matmul_weights``); the prompt generators keep fp32 weights."""
     hyperparameters = {key: config[key] for key in STOP_HYPERPARAMETERS if key in config}
     model = STOPModel(backbone.clip, prompt=config["prompt"], **hyperparameters)
+    compute_dtype = PRECISION_DTYPES.get(precision)
+    if compute_dtype is not None:
+        clip_model.convert_matmul_weights(model.clip, compute_dtype)
     return model.to(device)
 
 
@@ -577,7 +585,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         checkpoint = read_checkpoint(checkpoint_file)
         backbone = load_backbone(options["clip"] or checkpoint["clip"]["name"])
         check_same_backbone(checkpoint, backbone, checkpoint_file)
-        model = build_model(backbone, checkpoint["config"], device)
+        model = build_model(backbone, checkpoint["config"], device, precision)
         model.load_trainable_state_dict(checkpoint["stop"])
         frames = frames or checkpoint["config"]["frames"]
     else:
@@ -587,7 +595,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
                 "pass --checkpoint RUN/best.pt, or --prompt none for zero-shot CLIP4Clip"
             )
         backbone = load_backbone(options["clip"])
-        model = build_model(backbone, {"prompt": "none"}, device)
+        model = build_model(backbone, {"prompt": "none"}, device, precision)
         frames = frames or (8 if task == "recognize" else 12)
     name, location = on_rank_zero(dataset_location, dataset, options["root"], task)
     resolution = model.clip.visual.input_resolution

@@ -166,7 +166,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
     backbone = load_backbone(config["clip"])
     if checkpoint:
         check_same_backbone(checkpoint, backbone, out / "last.pt")
-    model = build_model(backbone, config, device)
+    model = build_model(backbone, config, device, precision)
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
     frozen = sum(p.numel() for p in model.clip.parameters())
