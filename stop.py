@@ -29,7 +29,13 @@ Readings of the spec made here (each is explained where it is implemented):
   that attention reads (after ``ln_1``): a LayerNorm would undo the ``W^t`` scaling and with it ``N^t``'s
   gradient;
 - ``P^t`` pools 3x3-convolved difference tokens plus a learned position embedding, so a prompt knows where
-  the change is and in which direction it goes (a frame difference alone cancels CLIP's positions).
+  the change is and in which direction it goes (a frame difference alone cancels CLIP's positions);
+- ``n_t = ceil(eta W^t)`` has a dead zone: a gap with ``W^t <= tau = 1e-3`` (``VARIATION_DEAD_ZONE``) gets no
+  prompt, so float noise between identical frames never becomes one.
+
+For speed on a GPU the forward pass has shapes that never depend on the data: every gap carries ``eta`` prompt
+slots and a key mask marks the ``n_t`` real ones, so nothing is read back to the host and ``torch.compile`` sees
+one graph; convolutions that read the same input with the same window run as one.
 """
 
 from __future__ import annotations
@@ -132,31 +138,33 @@ def prompted_block(
     ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``prompts`` ``[B, T-1, eta, D]``
     the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``counts``
     ``[B, T-1]`` are real. Frame t's keys/values are ``[CLS_t, patches_t, p^t_{t-1}, p^t_t]``; absent gaps (left
-    of the first frame, right of the last) and unused slots are masked out. Prompts are keys and values only:
-    they are not queries, skip the MLP and are dropped after the block. The slot count is the largest
-    ``n_t`` of the batch (one host sync), so a batch without prompts runs ``plain_block`` exactly.
+    of the first frame, right of the last) and the slots at or past ``n_t`` are masked out. Prompts are keys and
+    values only: they are not queries, skip the MLP and are dropped after the block.
+
+    Every gap gets all ``eta`` slots whatever ``n_t`` is, and the key mask marks the real ones (``slot < n_t``): a
+    masked key adds nothing to the softmax, so this is the same attention as keeping only the real prompts, with
+    shapes that do not depend on the data. No value is read back to the host, and the whole forward and backward
+    pass is one graph for ``torch.compile``. ``prompts`` with no slot (``spatial``, or single frames) run
+    ``plain_block``, bit for bit.
     """
-    slots = int(counts.max()) if counts.numel() else 0
+    batch, gaps, slots, width = prompts.shape
     if slots == 0:
         return plain_block(block, h, normed)
-    batch, gaps, _, width = prompts.shape
     frames = gaps + 1
     attn = block.attn
     heads, head_dim = attn.heads, width // attn.heads
     query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
 
-    prompt_kv = F.linear(prompts[:, :, :slots], attn.in_proj_weight[width:], attn.in_proj_bias[width:])
-    prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, s, 2D]: an empty gap before and after the video
-    beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2s, 2D]: gaps t-1 and t of frame t
+    prompt_kv = F.linear(prompts, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # [B, T-1, eta, 2D]
+    prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, eta, 2D]: an empty gap before and after the video
+    beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2 eta, 2D]: gaps t-1 and t of frame t
     beside = beside.reshape(batch * frames, 2 * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2s, Dh]
+    key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2 eta, Dh]
     value = torch.cat([value, beside[1]], dim=2)
 
-    slot = torch.arange(slots, device=counts.device)
-    padded_counts = F.pad(counts, (1, 1))  # [B, T+1]
-    real = torch.cat([slot < padded_counts[:, :-1, None], slot < padded_counts[:, 1:, None]], dim=-1)  # [B, T, 2s]
-    frame_keys = real.new_ones(batch * frames, h.shape[1])
-    key_mask = torch.cat([frame_keys, real.flatten(0, 1)], dim=1)[:, None, None, :]  # [B*T, 1, 1, 1+N+2s]
+    real = torch.arange(slots, device=counts.device) < F.pad(counts, (1, 1))[..., None]  # [B, T+1, eta]: slot < n
+    real = torch.cat([real[:, :-1], real[:, 1:]], dim=-1).flatten(0, 1)  # [B*T, 2 eta]: gaps t-1 and t of frame t
+    key_mask = F.pad(real, (h.shape[1], 0), value=True)[:, None, None, :]  # [B*T, 1, 1, 1+N+2 eta]
 
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)  # [B*T, H, 1+N, Dh]
     h = h + attn.out_proj(out.transpose(1, 2).flatten(2))
@@ -171,9 +179,10 @@ def prompted_block(
 class SpatialPrompter(nn.Module):
     """Steps 2-4 of one block: dynamics ``M`` (``N^s``), fusion ``W^s``, regions ``r`` and prompts ``p^s`` (``P^s``).
 
-    The reduced tokens ``u = ln_1(h)_patches @ W_u`` (``D -> d_r``) feed both ``N^s`` and ``P^s``. ``P^s`` follows
-    Figure 2b: Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D) -> Dropout; its second convolution has
-    a temporal kernel of 1, so ``p^s_t`` sees frames t-1, t, t+1 as the spec says. The last Linear starts at
+    The reduced tokens ``u = ln_1(h)_patches @ W_u`` (``D -> d_r``) feed both ``N^s`` and ``P^s``, through one
+    shared 3x3x3 convolution. ``P^s`` follows Figure 2b: Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D)
+    -> Dropout; its second convolution has a temporal kernel of 1, so ``p^s_t`` sees frames t-1, t, t+1 as the spec
+    says. The last Linear starts at
     zero, so at initialisation ``h^s = h`` exactly.
 
     ``r_{t,j} W^s_{t,j} p^s_{t,j}`` is zero off the ``K_s`` regions, so the Linear layers run at the regions only
@@ -188,12 +197,10 @@ class SpatialPrompter(nn.Module):
         self.alpha = alpha
         self.num_regions = math.ceil(rho * grid * grid)  # K_s
         self.reduce = nn.Linear(width, reduced_dim)  # W_u
-        self.dynamics = frame_conv(reduced_dim, 1, (3, 3, 3))  # N^s
-        self.prompter = nn.Sequential(
-            frame_conv(reduced_dim, reduced_dim, (3, 3, 3)),
-            nn.ReLU(),
-            frame_conv(reduced_dim, reduced_dim, (1, 3, 3)),
-        )
+        # N^s and the first convolution of P^s read the same u with the same 3x3x3 window: one Conv3d computes both,
+        # output channel 0 is N^s, channels 1..d_r are P^s's (one kernel launch, one padding, instead of two).
+        self.dynamics_and_prompter = frame_conv(reduced_dim, 1 + reduced_dim, (3, 3, 3))
+        self.prompter = nn.Sequential(nn.ReLU(), frame_conv(reduced_dim, reduced_dim, (1, 3, 3)))  # rest of P^s's convs
         self.project = nn.Sequential(
             nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
         )
@@ -206,12 +213,13 @@ class SpatialPrompter(nn.Module):
         """``h``, ``normed = ln_1(h)`` ``[B*T, 1+N, D]``, ``A`` ``[B*T, N]`` -> ``(h^s, r, W^s, M)``."""
         # u: [B, d_r, T, G, G]; reducing CLS too and dropping it after avoids copying the patch slice
         reduced = to_volume(self.reduce(normed)[:, 1:], batch, self.grid)
-        dynamics = torch.sigmoid(self.dynamics(reduced)).reshape(attention.shape)  # M: [B*T, N]
+        convolved = self.dynamics_and_prompter(reduced)  # [N^s(u), P^s's first convolution of u]: [B, 1+d_r, T, G, G]
+        dynamics = torch.sigmoid(convolved[:, 0]).reshape(attention.shape)  # M: [B*T, N]
         fused = self.alpha * attention + (1 - self.alpha) * dynamics  # W^s = alpha A + (1 - alpha) M: [B*T, N]
         top = fused.detach().topk(self.num_regions, dim=-1).indices  # the regions' patch indices: [B*T, K_s]
         regions = torch.zeros_like(fused, dtype=torch.bool).scatter_(-1, top, True)  # r: [B*T, N]
 
-        features = from_volume(self.prompter(reduced)).flatten(0, 1)  # [B*T, N, d_r]
+        features = from_volume(self.prompter(convolved[:, 1:])).flatten(0, 1)  # [B*T, N, d_r]
         picked = features.gather(1, top.unsqueeze(-1).expand(-1, -1, features.shape[-1]))  # [B*T, K_s, d_r]
         # r W^s p^s at the regions, where r = 1; W^s keeps N^s trainable through the hard top-K: [B*T, K_s, D]
         prompts = fused.gather(1, top).unsqueeze(-1) * self.project(picked)
@@ -224,17 +232,32 @@ class SpatialPrompter(nn.Module):
 # Steps 5-7: inter-frame temporal prompting
 # --------------------------------------------------------------------------- #
 
+VARIATION_DEAD_ZONE = 1e-3  # tau: a gap whose W^t is at most this gets no prompt (float noise, not motion)
+
+
+def prompt_counts(variation: torch.Tensor, eta: int) -> torch.Tensor:
+    """Step 6, ``n_t = ceil(eta W^t)`` where ``W^t > tau``, else 0: ``[B, T-1]`` int64 in ``0..eta``.
+
+    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise. Identical frames give ``W^t = 0`` in exact
+    arithmetic, but a matrix product may round the same row differently at two batch positions (it does on a
+    16-core Xeon in fp32, and more so in bf16), and ``ceil`` would turn a ``W^t`` of 1e-7 into a whole prompt.
+    """
+    return torch.where(variation > VARIATION_DEAD_ZONE, torch.ceil(eta * variation), 0).long()
+
 
 class TemporalPrompter(nn.Module):
     """Steps 5-7 of one block: variation ``W^t`` (``N^t``), counts ``n``, and prompt candidates ``p^t`` (``P^t``).
 
     The frame difference ``Delta_t = ln_1(h^s)_{t+1} - ln_1(h^s)_t`` is taken after the bias-free reduction to
-    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free Conv3d with a temporal kernel of 1: identical
-    frames give ``v = 0``, hence ``W^t = 0``, and gap t's variation depends on gap t alone.
+    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free convolution with a temporal kernel of 1 (so a
+    ``Conv2d`` over each gap's ``G x G`` grid): identical frames give ``v = 0``, hence ``W^t = 0``, and gap t's
+    variation depends on gap t alone.
 
     ``P^t`` (Figure 2c): a 3x3 convolution of the ``Delta`` tokens (each token sees where its neighbours gained
     and lost content: the direction of motion) plus a learned position embedding (where: a difference cancels
     CLIP's own positions), pooled by ``eta`` learned queries, then Linear -> ReLU -> Linear(-> D) -> Dropout.
+    ``N^t`` and this convolution read the same ``Delta`` with the same window, so one bias-free ``Conv2d`` computes
+    both (output channel 0 is ``N^t``); a bias of ``P^t``'s convolution would only repeat the position embedding.
     """
 
     def __init__(self, width: int, grid: int, reduced_dim: int, beta: float, eta: int, dropout: float):
@@ -243,8 +266,7 @@ class TemporalPrompter(nn.Module):
         self.beta = beta
         self.eta = eta
         self.reduce = nn.Linear(width, reduced_dim, bias=False)
-        self.variation = nn.Conv3d(reduced_dim, 1, (1, 3, 3), padding=(0, 1, 1), bias=False)  # N^t
-        self.local = nn.Conv3d(reduced_dim, reduced_dim, (1, 3, 3), padding=(0, 1, 1))
+        self.variation_and_local = nn.Conv2d(reduced_dim, 1 + reduced_dim, 3, padding=1, bias=False)  # [N^t, P^t's]
         self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))
         self.queries = nn.Parameter(reduced_dim**-0.5 * torch.randn(eta, reduced_dim))
         self.project = nn.Sequential(
@@ -260,15 +282,17 @@ class TemporalPrompter(nn.Module):
         """
         reduced = self.reduce(normed)[:, 1:].unflatten(0, (batch, -1))  # [B, T, N, d_r] (CLS reduced, then dropped)
         delta = reduced[:, 1:] - reduced[:, :-1]  # Delta: [B, T-1, N, d_r]
-        volume = to_volume(delta, batch, self.grid)  # [B, d_r, T-1, G, G]
+        grids = delta.flatten(0, 1).transpose(1, 2).unflatten(-1, (self.grid, self.grid))  # [B*(T-1), d_r, G, G]
+        convolved = self.variation_and_local(grids).flatten(2).transpose(1, 2)  # [B*(T-1), N, 1+d_r]
+        convolved = convolved.unflatten(0, (batch, -1))  # [B, T-1, N, 1+d_r]
 
-        change = self.variation(volume).abs()[:, 0].flatten(2).float()  # v = |N^t(Delta)|: [B, T-1, N]
+        change = convolved[..., 0].abs().float()  # v = |N^t(Delta)|: [B, T-1, N]
         regions = regions.view(batch, -1, regions.shape[-1])
         weight = 1 + self.beta * (regions[:, 1:] | regions[:, :-1]).float()  # 1 + beta r, r of frame t or t+1
         variation = torch.tanh((weight * change).sum(-1) / weight.sum(-1))  # W^t: [B, T-1]
-        counts = torch.ceil(self.eta * variation.detach()).long()  # n_t = ceil(eta W^t), no gradient
+        counts = prompt_counts(variation.detach(), self.eta)  # n_t, no gradient
 
-        tokens = from_volume(self.local(volume)) + self.position  # [B, T-1, N, d_r]
+        tokens = convolved[..., 1:] + self.position  # [B, T-1, N, d_r]
         pooling = (tokens @ self.queries.t() * tokens.shape[-1] ** -0.5).softmax(dim=2)  # [B, T-1, N, eta]
         pooled = pooling.transpose(2, 3) @ tokens  # [B, T-1, eta, d_r]
         prompts = self.project(pooled) * variation[..., None, None]  # each candidate scaled by W^t: [B, T-1, eta, D]
