@@ -11,7 +11,8 @@ unchanged:
   so each block is exposed on its own (``visual.transformer.resblocks``).
 - ``TextTransformer`` parts (token embedding, causal blocks, ``ln_final``):
   the text tower, whose end-of-text token is the sentence feature.
-- ``Tokenizer`` / ``tokenize``: OpenAI's byte-level BPE, id for id.
+- ``Tokenizer`` / ``tokenize``: OpenAI's byte-level BPE, id for id, over OpenAI's vocabulary
+  shipped beside this file.
 - ``load``: reads TorchScript archives (OpenAI's ``ViT-B-32.pt`` ...) or plain
   state dicts, infers the architecture from the tensors' shapes, downloads
   known models with a SHA256 check.
@@ -58,6 +59,7 @@ RESNET_MODELS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_URL = f"https://github.com/openai/CLIP/raw/main/clip/{VOCAB_FILE}"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+PACKAGED_VOCAB = Path(__file__).resolve().parent / VOCAB_FILE  # shipped beside this file, as in OpenAI's package
 
 
 class CLIPLoadError(Exception):
@@ -543,7 +545,15 @@ class Tokenizer:
 
 
 def vocab_path(download_root: str | os.PathLike | None = None) -> Path:
-    """The BPE vocabulary in ``download_root``, fetched from OpenAI and verified when absent."""
+    """The BPE vocabulary: the copy shipped beside this file, so tokenising needs no network.
+
+    Where that copy is absent or fails its SHA256, the one in ``download_root`` (default
+    ``default_download_root()``) is used, fetched from OpenAI and verified when absent there too.
+    """
+    if PACKAGED_VOCAB.is_file():
+        if file_sha256(PACKAGED_VOCAB) == VOCAB_SHA256:
+            return PACKAGED_VOCAB
+        warnings.warn(f"{PACKAGED_VOCAB} does not match its SHA256 checksum; using the download root", stacklevel=2)
     root = Path(download_root) if download_root else default_download_root()
     return _download(VOCAB_URL, root / VOCAB_FILE, VOCAB_SHA256)
 
