@@ -58,7 +58,7 @@ import torch
 import torchcodec
 import typer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
@@ -80,8 +80,6 @@ CROP_AREA_RANGE = (0.4, 1.0)
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
-# Slots of the broken-video counter: the main process and up to 127 workers.
-COUNTER_SLOTS = 128
 
 LAYOUTS = {
     "ucf101": """\
@@ -275,7 +273,8 @@ class VideoDataset(Dataset):
     (retrieval). `.paths[i]` is item i's video file.
 
     A broken video is warned about with its path and replaced by the next
-    item; `broken_count()` counts them across DataLoader worker processes.
+    item; `broken_count()` counts the distinct broken videos met, in this
+    process and its DataLoader worker processes, however often each was tried.
     `keep_alignment=True` (the retrieval test set, where item i must stay the
     i-th ground-truth pair) keeps the target and returns a blank clip (CLIP's
     mean colour, zeros after normalisation) instead.
@@ -309,20 +308,25 @@ class VideoDataset(Dataset):
         self.strict = strict
         self.keep_alignment = keep_alignment
         self.transform = build_transform(resolution, train=train, hflip=hflip)
-        # Broken videos met, one slot per process (0 = main, 1+ = DataLoader
-        # workers) in shared memory: each process writes only its own slot, so
-        # no lock is needed, and it works with fork and spawn workers alike.
-        self._broken_per_process = torch.zeros(COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        # Which items' videos were found broken, bool [len(paths)] in shared
+        # memory: every process (main, DataLoader workers, fork or spawn) only
+        # ever sets flags, so no lock is needed, and a video tried again (as a
+        # replacement, in a later epoch) is still one video.
+        self._broken = torch.zeros(len(paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def broken_count(self) -> int:
-        """How many broken videos were met since creation (or the last reset)."""
-        return int(self._broken_per_process.sum())
+        """How many distinct broken videos were met since creation (or the last reset)."""
+        return int(self._broken.sum())
+
+    def broken_items(self) -> list[int]:
+        """The items whose video was found broken, in order (to merge the findings of several ranks)."""
+        return self._broken.nonzero().flatten().tolist()
 
     def reset_broken_count(self) -> None:
-        self._broken_per_process.zero_()
+        self._broken.zero_()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int | str]:
         attempts = min(len(self), MAX_BROKEN_IN_A_ROW)
@@ -331,7 +335,7 @@ class VideoDataset(Dataset):
             try:
                 frames = read_frames(self.paths[item], self.num_frames, train=self.train, views=self.views)
             except BrokenVideoError as error:
-                self._report_broken(error, replacement=(item + 1) % len(self))
+                self._report_broken(error, item=item, replacement=(item + 1) % len(self))
                 if self.keep_alignment:
                     return self._blank_clip(), self.targets[index]
                 continue
@@ -341,11 +345,10 @@ class VideoDataset(Dataset):
             "check the video folder and that this FFmpeg can decode their codec"
         )
 
-    def _report_broken(self, error: BrokenVideoError, *, replacement: int) -> None:
+    def _report_broken(self, error: BrokenVideoError, *, item: int, replacement: int) -> None:
         if self.strict:
             raise error
-        worker = get_worker_info()
-        self._broken_per_process[0 if worker is None else 1 + worker.id % (COUNTER_SLOTS - 1)] += 1
+        self._broken[item] = True
         action = "a blank clip instead" if self.keep_alignment else f"using item {replacement} instead"
         warnings.warn(f"{error}; {action}", BrokenVideoWarning, stacklevel=3)
 

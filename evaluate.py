@@ -391,6 +391,16 @@ def summed_over_ranks(*values: float) -> list[float]:
     return [sum(share[i] for share in shares) for i in range(len(values))]
 
 
+def broken_over_ranks(*datasets: data.VideoDataset) -> int:
+    """The distinct broken videos met by every rank in ``datasets``: a video two ranks both met (a padded evaluation
+    share, a training video drawn by another rank in another epoch) counts once."""
+    if not distributed():
+        return sum(dataset.broken_count() for dataset in datasets)
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, [dataset.broken_items() for dataset in datasets])
+    return sum(len({item for share in shares for item in share[number]}) for number in range(len(datasets)))
+
+
 # --------------------------------------------------------------------------- #
 # Datasets
 # --------------------------------------------------------------------------- #
@@ -616,7 +626,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
             metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
         else:
             metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
-    (broken,) = summed_over_ranks(test_set.broken_count())
+    broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
     out = (
