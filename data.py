@@ -59,6 +59,7 @@ import torchcodec
 import typer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchcodec import transforms as decoder_transforms
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
@@ -78,6 +79,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_AREA_RANGE = (0.4, 1.0)
 # A dataset root holding this file is never flipped left/right in training.
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
+# Frames larger than this are shrunk by the decoder itself (aspect kept), so a huge video cannot blow up memory
+# (one 8000 x 8000 frame is 192 MB of uint8): short side at most 720 px, long side at most 2880 px. That is well
+# above every input CLIP takes (224 or 336 px), even after a training crop of 40% of the area, and leaves the
+# usual sizes (UCF101's 320 x 240, 720p) decoded as they are.
+MAX_DECODED_SHORT_SIDE = 720
+MAX_DECODED_LONG_SIDE = 2880
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
 
@@ -211,6 +218,26 @@ def sample_indices(
     return positions.floor().long().clamp(0, num_video_frames - 1)
 
 
+def bounded_size(height: int, width: int) -> tuple[int, int] | None:
+    """The (height, width) to decode a `height x width` video at, aspect kept, when it exceeds the
+    MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
+    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
+    if scale >= 1:
+        return None
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def open_video(path: Path, seek_mode: str) -> VideoDecoder:
+    """A one-thread decoder for `path` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
+    (TorchCodec's `Resize` decoder transform, antialiased), so no oversized frame is ever held in memory."""
+    decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    height, width = decoder.metadata.height, decoder.metadata.width
+    size = bounded_size(height, width) if height and width else None
+    if size is None:
+        return decoder
+    return VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1, transforms=[decoder_transforms.Resize(size)])
+
+
 def read_frames(
     path: Path,
     num_frames: int,
@@ -219,7 +246,8 @@ def read_frames(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`.
+    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`, H and W within the
+    MAX_DECODED_* bounds (see `open_video`).
 
     The fast path trusts the container's frame count and seeks straight to the
     frames ("approximate" mode, no scan of the file). Headers lie: a truncated
@@ -228,7 +256,7 @@ def read_frames(
     and the indices are drawn again. Anything else raises BrokenVideoError.
     """
     try:
-        decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
+        decoder = open_video(path, "approximate")
         header_frames = decoder.metadata.num_frames
         if header_frames:
             indices = sample_indices(header_frames, num_frames, train=train, views=views, generator=generator)
@@ -236,7 +264,7 @@ def read_frames(
                 return decoder.get_frames_at(indices.flatten()).data
             except (RuntimeError, IndexError):
                 pass  # the header promised frames that are not there: count them
-        decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)
+        decoder = open_video(path, "exact")
         counted_frames = decoder.metadata.num_frames
         if not counted_frames:
             raise BrokenVideoError(path, "no decodable frames")

@@ -215,6 +215,22 @@ def test_a_header_with_a_wrong_frame_count_is_recounted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- transforms
 
 
+@pytest.mark.parametrize(
+    "height, width, decoded",
+    [(1200, 2000, (720, 1200)), (400, 4000, (288, 2880))],
+    ids=["short-side-capped", "long-side-capped"],
+)
+def test_large_frames_are_shrunk_while_decoding(tmp_path: Path, height: int, width: int, decoded: tuple) -> None:
+    frames = torch.zeros(2, 3, height, width, dtype=torch.uint8)
+    frames[..., width // 2 :] = 200  # dark left half, bright right half
+    data.write_video(tmp_path / "large.avi", frames, fps=10)
+    clip = data.read_frames(tmp_path / "large.avi", 2, train=False)
+    assert tuple(clip.shape) == (2, 3, *decoded)  # aspect kept, within MAX_DECODED_SHORT_SIDE/LONG_SIDE
+    assert min(decoded) <= data.MAX_DECODED_SHORT_SIDE and max(decoded) <= data.MAX_DECODED_LONG_SIDE
+    quarter = decoded[1] // 4
+    assert clip[..., :quarter].float().mean() < 5 and (clip[..., -quarter:].float().mean() - 200).abs() < 5
+
+
 def test_evaluation_clip_is_normalised_with_clip_statistics(tmp_path: Path) -> None:
     path = tmp_path / "grey.mp4"
     data.write_video(path, grey_video([128] * 10), fps=10)
