@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 import torch
@@ -419,10 +419,29 @@ def _require(path: Path, dataset: str, root: Path) -> Path:
     return path
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty lines without line ends or trailing blanks (names may contain spaces)."""
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-empty lines, without line ends or trailing blanks (names may contain spaces)."""
     text = path.read_text(encoding="utf-8", errors="surrogateescape")  # odd bytes in names round-trip to the path
-    return [line.rstrip() for line in text.splitlines() if line.strip()]
+    return [(number, line.rstrip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _read_json(path: Path, dataset: str) -> object:
+    """The JSON in `path`, or one DataError naming the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
+
+
+def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
+    """`video_dir / entry`, or a DataError naming `where` (file and line) when `entry`, a video id read from a
+    dataset file, would leave the dataset's video folder (an absolute path, a `..` part)."""
+    relative = PurePosixPath(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
+    return video_dir / entry
 
 
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
@@ -431,18 +450,24 @@ def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     listed video missing on disk is reported as broken when it is loaded."""
     video_dir = _require(root / "UCF-101", "ucf101", root)
     list_dir = root / "ucfTrainTestlist"
-    class_lines = _read_lines(_require(list_dir / "classInd.txt", "ucf101", root))
-    folder_names = [line.split(maxsplit=1)[1] for line in class_lines]
+    class_file = _require(list_dir / "classInd.txt", "ucf101", root)
+    folder_names = []
+    for number, line in _read_lines(class_file):
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2:
+            raise DataError(f"ucf101: {class_file}, line {number}: expected '<index> <ClassName>', found {line!r}")
+        folder_names.append(fields[1])
     label_of_folder = {name.lower(): label for label, name in enumerate(folder_names)}
     split_file = _require(list_dir / f"{split}list{split_id:02d}.txt", "ucf101", root)
     video_of_entry = {path.relative_to(video_dir).as_posix().lower(): path for path in video_dir.glob("*/*")}
     paths, labels = [], []
-    for line in _read_lines(split_file):
+    for number, line in _read_lines(split_file):
         entry = line.split()[0]  # a train line ends with its 1-based label; the folder says it too
+        path = _video_in(video_dir, entry, "ucf101", f"{split_file}, line {number}")
         folder = entry.split("/")[0].lower()
         if folder not in label_of_folder:
             raise DataError(f"ucf101: class {folder!r} of {entry} ({split_file}) is not in classInd.txt")
-        paths.append(video_of_entry.get(entry.lower(), video_dir / entry))
+        paths.append(video_of_entry.get(entry.lower(), path))
         labels.append(label_of_folder[folder])
     return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
 
@@ -462,12 +487,13 @@ def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
     folder_names = [file.name[: -len(suffix)] for file in split_files]
     paths, labels = [], []
     for label, (folder, split_file) in enumerate(zip(folder_names, split_files)):
-        for line in _read_lines(split_file):
+        for number, line in _read_lines(split_file):
             if " " not in line:
-                raise DataError(f"hmdb51: {split_file} has a line without '<video name> <code>': {line!r}")
+                raise DataError(f"hmdb51: {split_file}, line {number}: expected '<video name> <code>', found {line!r}")
             name, code = line.rsplit(" ", 1)
+            path = _video_in(video_dir, f"{folder}/{name}", "hmdb51", f"{split_file}, line {number}")
             if code == HMDB_SPLIT_CODES[split]:
-                paths.append(video_dir / folder / name)
+                paths.append(path)
                 labels.append(label)
     return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
 
@@ -477,27 +503,44 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
     video_dir = _require(root / "20bn-something-something-v2", "ssv2", root)
     label_file = _require(root / "labels" / "labels.json", "ssv2", root)
     split_file = _require(root / "labels" / ("train.json" if split == "train" else "validation.json"), "ssv2", root)
-    label_of_template = {
-        template: int(label) for template, label in json.loads(label_file.read_text(encoding="utf-8")).items()
-    }
+    labels_read = _read_json(label_file, "ssv2")
+    if not isinstance(labels_read, dict) or not all(str(label).isdigit() for label in labels_read.values()):
+        raise DataError(f'ssv2: {label_file} should map each template to its class number: {{"<template>": "0", ...}}')
+    label_of_template = {template: int(label) for template, label in labels_read.items()}
     classes = [template.lower() for template in sorted(label_of_template, key=label_of_template.get)]
+    clips = _read_json(split_file, "ssv2")
+    if not isinstance(clips, list):
+        raise DataError(f'ssv2: {split_file} should be a list of clips: [{{"id": "78687", "template": ...}}, ...]')
     paths, labels = [], []
-    for clip in json.loads(split_file.read_text(encoding="utf-8")):
+    for number, clip in enumerate(clips, 1):
+        if not isinstance(clip, dict) or not isinstance(clip.get("template"), str) or "id" not in clip:
+            raise DataError(
+                f"ssv2: {split_file}, clip {number}: expected an 'id' and a 'template', found {clip!r:.200}"
+            )
         template = clip["template"].replace("[", "").replace("]", "")
         if template not in label_of_template:
             raise DataError(f"ssv2: template {template!r} of clip {clip['id']} ({split_file}) is not in {label_file}")
-        paths.append(video_dir / f"{clip['id']}.webm")
+        paths.append(_video_in(video_dir, f"{clip['id']}.webm", "ssv2", f"{split_file}, clip {number}"))
         labels.append(label_of_template[template])
     return SplitListing(paths, labels, classes)
 
 
-def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[dict[str, str]]:
-    """Rows of an MSR-VTT csv file, which must have a header naming `columns`."""
-    with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        if not set(columns) <= set(reader.fieldnames or ()):
-            raise DataError(f"msrvtt: {path} should start with the header {','.join(columns)}")
-        return list(reader)
+def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of an MSR-VTT csv file, which must have a header naming `columns`."""
+    try:
+        with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if not set(columns) <= set(reader.fieldnames or ()):
+                raise DataError(f"msrvtt: {path} should start with the header {','.join(columns)}")
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as error:
+        raise DataError(f"msrvtt: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except csv.Error as error:
+        raise DataError(f"msrvtt: {path}, line {reader.line_num}: {error}") from None
+    for number, row in rows:
+        if any(row[column] is None for column in columns):
+            raise DataError(f"msrvtt: {path}, line {number}: expected the columns {','.join(columns)}")
+    return rows
 
 
 def list_msrvtt(root: Path, split: str) -> SplitListing:
@@ -507,11 +550,28 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
     video_dir = _require(root / "MSRVTT_Videos", "msrvtt", root)
     data_dir = root / "msrvtt_data"
     if split == "test":
-        rows = _read_csv(data_dir / "MSRVTT_JSFUSION_test.csv", ("video_id", "sentence"), root)
-        return SplitListing([video_dir / f"{row['video_id']}.mp4" for row in rows], [row["sentence"] for row in rows])
-    train_videos = {row["video_id"] for row in _read_csv(data_dir / "MSRVTT_train.9k.csv", ("video_id",), root)}
-    data = json.loads(_require(data_dir / "MSRVTT_data.json", "msrvtt", root).read_text(encoding="utf-8"))
-    pairs = [(s["video_id"], s["caption"]) for s in data["sentences"] if s["video_id"] in train_videos]
+        test_file = data_dir / "MSRVTT_JSFUSION_test.csv"
+        rows = _read_csv(test_file, ("video_id", "sentence"), root)
+        paths = [_video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{test_file}, line {n}") for n, row in rows]
+        return SplitListing(paths, [row["sentence"] for _, row in rows])
+    train_file = data_dir / "MSRVTT_train.9k.csv"
+    train_videos = set()  # the captions' video ids are taken only when listed here, so checking these is enough
+    for number, row in _read_csv(train_file, ("video_id",), root):
+        _video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{train_file}, line {number}")
+        train_videos.add(row["video_id"])
+    data_file = _require(data_dir / "MSRVTT_data.json", "msrvtt", root)
+    sentences = _read_json(data_file, "msrvtt")
+    sentences = sentences.get("sentences") if isinstance(sentences, dict) else None
+    well_formed = isinstance(sentences, list) and all(
+        isinstance(s, dict) and isinstance(s.get("video_id"), str) and isinstance(s.get("caption"), str)
+        for s in sentences
+    )
+    if not well_formed:
+        raise DataError(
+            f'msrvtt: {data_file} should hold {{"sentences": [{{"caption": ..., "video_id": ...}}, ...]}}, '
+            "a 'caption' and a 'video_id' in each"
+        )
+    pairs = [(s["video_id"], s["caption"]) for s in sentences if s["video_id"] in train_videos]
     return SplitListing([video_dir / f"{video}.mp4" for video, _ in pairs], [caption for _, caption in pairs])
 
 

@@ -191,6 +191,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: cannot be read as a STOP checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
         raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")
+    config, clip = checkpoint["config"], checkpoint["clip"]
+    frames = config.get("frames") if isinstance(config, dict) else None
+    if not (isinstance(frames, int) and frames > 0 and isinstance(config.get("prompt"), str)) or not (
+        isinstance(clip, dict) and {"name", "sha256"} <= clip.keys()
+    ):
+        raise RunError(
+            f"{path}: not a checkpoint written by train.py (its 'config' needs a positive 'frames' and a 'prompt', "
+            "its 'clip' a 'name' and a 'sha256')"
+        )
     return checkpoint
 
 

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,58 @@ def test_a_missing_split_file_is_named_with_the_expected_layout(tmp_path: Path, 
     with pytest.raises(data.DataError) as error:
         data.build_dataset(name, tmp_path, "train", num_frames=4, resolution=RESOLUTION)
     assert str(tmp_path / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
+
+
+@pytest.fixture
+def layouts(ucf101_root, hmdb51_root, ssv2_root, msrvtt_root, tmp_path) -> dict[str, Path]:
+    """Copies of the four layouts, to spoil one file of."""
+    roots = {"ucf101": ucf101_root, "hmdb51": hmdb51_root, "ssv2": ssv2_root, "msrvtt": msrvtt_root}
+    return {name: Path(shutil.copytree(root, tmp_path / name)) for name, root in roots.items()}
+
+
+SSV2_CLIP = '"template": "Pushing [something] from left to right"'
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "file", "content", "where"),
+    [
+        ("ucf101", "train", "ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g08_c01.avi 2\n../../escape.avi 2\n", 2),
+        ("ucf101", "test", "ucfTrainTestlist/testlist01.txt", "\n/etc/passwd\n", 2),
+        ("hmdb51", "train", "testTrainMulti_7030_splits/brush_hair_test_split1.txt", "../../../x.avi 1 \n", 1),
+        ("ssv2", "train", "labels/train.json", f'[{{"id": "101", {SSV2_CLIP}}}, {{"id": "../../x", {SSV2_CLIP}}}]', 2),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_train.9k.csv", "video_id\nvideo0\n../../../x\n", 3),
+        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nr,m,/tmp/x,hi\n", 2),
+    ],
+    ids=["ucf101-dotdot", "ucf101-absolute", "hmdb51-dotdot", "ssv2-dotdot", "msrvtt-train-dotdot", "msrvtt-absolute"],
+)
+def test_a_video_id_outside_the_root_is_refused_with_its_file_and_line(
+    layouts: dict[str, Path], name: str, split: str, file: str, content: str, where: int
+) -> None:
+    (layouts[name] / file).write_text(content)
+    line = "clip" if file.endswith(".json") else "line"
+    with pytest.raises(data.DataError, match=rf"{re.escape(str(layouts[name] / file))}, {line} {where}: .* is outside"):
+        data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "file", "content", "message"),
+    [
+        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", b"key,vid_key,video_id,sentence\nr,m,v,caf\xe9\n",
+         "is not UTF-8 text"),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"sentences": [', "is not valid JSON: .* at line 1"),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"videos": []}', "should hold"),
+        ("ssv2", "train", "labels/labels.json", b'{"Approaching": 0,}', "is not valid JSON"),
+        ("ssv2", "train", "labels/train.json", b'[{"label": "no id, no template"}]', "clip 1: expected an 'id' and"),
+        ("ucf101", "train", "ucfTrainTestlist/classInd.txt", b"1 ApplyEyeMakeup\r\n2\r\n", "line 2: expected '<index>"),
+    ],
+    ids=["csv-not-utf8", "json-malformed", "json-no-sentences", "labels-malformed", "clip-no-id", "classind-no-name"],
+)  # fmt: skip
+def test_a_malformed_dataset_file_is_one_error_naming_it(
+    layouts: dict[str, Path], name: str, split: str, file: str, content: bytes, message: str
+) -> None:
+    (layouts[name] / file).write_bytes(content)
+    with pytest.raises(data.DataError, match=rf"{name}: {re.escape(str(layouts[name] / file))}.*{message}"):
+        data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
 
 
 def test_a_missing_root_and_unknown_names_are_data_errors(tmp_path: Path) -> None:
