@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -968,6 +971,23 @@ def _prepare_one(job: tuple[Path, Path, PrepareSettings]) -> str | None:
     return None
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of `prepare`'s worker processes: die with the parent, leaving no orphans behind however it ends.
+
+    On Linux the kernel is asked (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) to kill the worker when the parent dies,
+    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed `prepare` waits
+    forever for jobs (it holds the job pipe's write end too, so it never sees the end of it). A worker whose parent
+    died before the request was made exits at once. Elsewhere only that check is made.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
     """Record `settings` in `out`, or refuse when `out` was prepared with others (its videos would mix)."""
     path = out / PREPARE_SETTINGS_FILE
@@ -1038,7 +1058,7 @@ def prepare_dataset(
 
     failures = []
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             outcomes = tqdm(
                 pool.map(_prepare_one, jobs, chunksize=4), total=len(jobs), desc=f"prepare {name}", disable=not progress
             )
