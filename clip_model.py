@@ -553,7 +553,7 @@ def _read_torchscript_archive(archive: zipfile.ZipFile) -> dict[str, torch.Tenso
             raise pickle.UnpicklingError("a module appears twice in the module tree")
         seen.add(id(module))
         submodules = []
-        for name, value in module.attributes.items():
+        for name, value in getattr(module, "attributes", {}).items():  # a module never BUILT has none
             if isinstance(value, torch.Tensor):
                 state_dict[key_prefix + name] = value
             elif isinstance(value, _ScriptModuleRecord):
