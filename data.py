@@ -39,26 +39,30 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 import torch
 import torchcodec
 import typer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchcodec import transforms as decoder_transforms
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
@@ -78,10 +82,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_AREA_RANGE = (0.4, 1.0)
 # A dataset root holding this file is never flipped left/right in training.
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
+# Frames larger than this are shrunk by the decoder itself (aspect kept), so a huge video cannot blow up memory
+# (one 8000 x 8000 frame is 192 MB of uint8): short side at most 720 px, long side at most 2880 px. That is well
+# above every input CLIP takes (224 or 336 px), even after a training crop of 40% of the area, and leaves the
+# usual sizes (UCF101's 320 x 240, 720p) decoded as they are.
+MAX_DECODED_SHORT_SIDE = 720
+MAX_DECODED_LONG_SIDE = 2880
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
-# Slots of the broken-video counter: the main process and up to 127 workers.
-COUNTER_SLOTS = 128
 
 LAYOUTS = {
     "ucf101": """\
@@ -213,6 +221,26 @@ def sample_indices(
     return positions.floor().long().clamp(0, num_video_frames - 1)
 
 
+def bounded_size(height: int, width: int) -> tuple[int, int] | None:
+    """The (height, width) to decode a `height x width` video at, aspect kept, when it exceeds the
+    MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
+    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
+    if scale >= 1:
+        return None
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def open_video(path: Path, seek_mode: str) -> VideoDecoder:
+    """A one-thread decoder for `path` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
+    (TorchCodec's `Resize` decoder transform, antialiased), so no oversized frame is ever held in memory."""
+    decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    height, width = decoder.metadata.height, decoder.metadata.width
+    size = bounded_size(height, width) if height and width else None
+    if size is None:
+        return decoder
+    return VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1, transforms=[decoder_transforms.Resize(size)])
+
+
 def read_frames(
     path: Path,
     num_frames: int,
@@ -221,7 +249,8 @@ def read_frames(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`.
+    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`, H and W within the
+    MAX_DECODED_* bounds (see `open_video`).
 
     The fast path trusts the container's frame count and seeks straight to the
     frames ("approximate" mode, no scan of the file). Headers lie: a truncated
@@ -230,7 +259,7 @@ def read_frames(
     and the indices are drawn again. Anything else raises BrokenVideoError.
     """
     try:
-        decoder = VideoDecoder(path, seek_mode="approximate", num_ffmpeg_threads=1)
+        decoder = open_video(path, "approximate")
         header_frames = decoder.metadata.num_frames
         if header_frames:
             indices = sample_indices(header_frames, num_frames, train=train, views=views, generator=generator)
@@ -238,7 +267,7 @@ def read_frames(
                 return decoder.get_frames_at(indices.flatten()).data
             except (RuntimeError, IndexError):
                 pass  # the header promised frames that are not there: count them
-        decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1)
+        decoder = open_video(path, "exact")
         counted_frames = decoder.metadata.num_frames
         if not counted_frames:
             raise BrokenVideoError(path, "no decodable frames")
@@ -275,7 +304,8 @@ class VideoDataset(Dataset):
     (retrieval). `.paths[i]` is item i's video file.
 
     A broken video is warned about with its path and replaced by the next
-    item; `broken_count()` counts them across DataLoader worker processes.
+    item; `broken_count()` counts the distinct broken videos met, in this
+    process and its DataLoader worker processes, however often each was tried.
     `keep_alignment=True` (the retrieval test set, where item i must stay the
     i-th ground-truth pair) keeps the target and returns a blank clip (CLIP's
     mean colour, zeros after normalisation) instead.
@@ -309,20 +339,25 @@ class VideoDataset(Dataset):
         self.strict = strict
         self.keep_alignment = keep_alignment
         self.transform = build_transform(resolution, train=train, hflip=hflip)
-        # Broken videos met, one slot per process (0 = main, 1+ = DataLoader
-        # workers) in shared memory: each process writes only its own slot, so
-        # no lock is needed, and it works with fork and spawn workers alike.
-        self._broken_per_process = torch.zeros(COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        # Which items' videos were found broken, bool [len(paths)] in shared
+        # memory: every process (main, DataLoader workers, fork or spawn) only
+        # ever sets flags, so no lock is needed, and a video tried again (as a
+        # replacement, in a later epoch) is still one video.
+        self._broken = torch.zeros(len(paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def broken_count(self) -> int:
-        """How many broken videos were met since creation (or the last reset)."""
-        return int(self._broken_per_process.sum())
+        """How many distinct broken videos were met since creation (or the last reset)."""
+        return int(self._broken.sum())
+
+    def broken_items(self) -> list[int]:
+        """The items whose video was found broken, in order (to merge the findings of several ranks)."""
+        return self._broken.nonzero().flatten().tolist()
 
     def reset_broken_count(self) -> None:
-        self._broken_per_process.zero_()
+        self._broken.zero_()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int | str]:
         attempts = min(len(self), MAX_BROKEN_IN_A_ROW)
@@ -331,7 +366,7 @@ class VideoDataset(Dataset):
             try:
                 frames = read_frames(self.paths[item], self.num_frames, train=self.train, views=self.views)
             except BrokenVideoError as error:
-                self._report_broken(error, replacement=(item + 1) % len(self))
+                self._report_broken(error, item=item, replacement=(item + 1) % len(self))
                 if self.keep_alignment:
                     return self._blank_clip(), self.targets[index]
                 continue
@@ -341,11 +376,10 @@ class VideoDataset(Dataset):
             "check the video folder and that this FFmpeg can decode their codec"
         )
 
-    def _report_broken(self, error: BrokenVideoError, *, replacement: int) -> None:
+    def _report_broken(self, error: BrokenVideoError, *, item: int, replacement: int) -> None:
         if self.strict:
             raise error
-        worker = get_worker_info()
-        self._broken_per_process[0 if worker is None else 1 + worker.id % (COUNTER_SLOTS - 1)] += 1
+        self._broken[item] = True
         action = "a blank clip instead" if self.keep_alignment else f"using item {replacement} instead"
         warnings.warn(f"{error}; {action}", BrokenVideoWarning, stacklevel=3)
 
@@ -388,10 +422,29 @@ def _require(path: Path, dataset: str, root: Path) -> Path:
     return path
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty lines without line ends or trailing blanks (names may contain spaces)."""
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-empty lines, without line ends or trailing blanks (names may contain spaces)."""
     text = path.read_text(encoding="utf-8", errors="surrogateescape")  # odd bytes in names round-trip to the path
-    return [line.rstrip() for line in text.splitlines() if line.strip()]
+    return [(number, line.rstrip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _read_json(path: Path, dataset: str) -> object:
+    """The JSON in `path`, or one DataError naming the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
+
+
+def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
+    """`video_dir / entry`, or a DataError naming `where` (file and line) when `entry`, a video id read from a
+    dataset file, would leave the dataset's video folder (an absolute path, a `..` part)."""
+    relative = PurePosixPath(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
+    return video_dir / entry
 
 
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
@@ -400,18 +453,24 @@ def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     listed video missing on disk is reported as broken when it is loaded."""
     video_dir = _require(root / "UCF-101", "ucf101", root)
     list_dir = root / "ucfTrainTestlist"
-    class_lines = _read_lines(_require(list_dir / "classInd.txt", "ucf101", root))
-    folder_names = [line.split(maxsplit=1)[1] for line in class_lines]
+    class_file = _require(list_dir / "classInd.txt", "ucf101", root)
+    folder_names = []
+    for number, line in _read_lines(class_file):
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2:
+            raise DataError(f"ucf101: {class_file}, line {number}: expected '<index> <ClassName>', found {line!r}")
+        folder_names.append(fields[1])
     label_of_folder = {name.lower(): label for label, name in enumerate(folder_names)}
     split_file = _require(list_dir / f"{split}list{split_id:02d}.txt", "ucf101", root)
     video_of_entry = {path.relative_to(video_dir).as_posix().lower(): path for path in video_dir.glob("*/*")}
     paths, labels = [], []
-    for line in _read_lines(split_file):
+    for number, line in _read_lines(split_file):
         entry = line.split()[0]  # a train line ends with its 1-based label; the folder says it too
+        path = _video_in(video_dir, entry, "ucf101", f"{split_file}, line {number}")
         folder = entry.split("/")[0].lower()
         if folder not in label_of_folder:
             raise DataError(f"ucf101: class {folder!r} of {entry} ({split_file}) is not in classInd.txt")
-        paths.append(video_of_entry.get(entry.lower(), video_dir / entry))
+        paths.append(video_of_entry.get(entry.lower(), path))
         labels.append(label_of_folder[folder])
     return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
 
@@ -431,12 +490,13 @@ def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
     folder_names = [file.name[: -len(suffix)] for file in split_files]
     paths, labels = [], []
     for label, (folder, split_file) in enumerate(zip(folder_names, split_files)):
-        for line in _read_lines(split_file):
+        for number, line in _read_lines(split_file):
             if " " not in line:
-                raise DataError(f"hmdb51: {split_file} has a line without '<video name> <code>': {line!r}")
+                raise DataError(f"hmdb51: {split_file}, line {number}: expected '<video name> <code>', found {line!r}")
             name, code = line.rsplit(" ", 1)
+            path = _video_in(video_dir, f"{folder}/{name}", "hmdb51", f"{split_file}, line {number}")
             if code == HMDB_SPLIT_CODES[split]:
-                paths.append(video_dir / folder / name)
+                paths.append(path)
                 labels.append(label)
     return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
 
@@ -446,27 +506,44 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
     video_dir = _require(root / "20bn-something-something-v2", "ssv2", root)
     label_file = _require(root / "labels" / "labels.json", "ssv2", root)
     split_file = _require(root / "labels" / ("train.json" if split == "train" else "validation.json"), "ssv2", root)
-    label_of_template = {
-        template: int(label) for template, label in json.loads(label_file.read_text(encoding="utf-8")).items()
-    }
+    labels_read = _read_json(label_file, "ssv2")
+    if not isinstance(labels_read, dict) or not all(str(label).isdigit() for label in labels_read.values()):
+        raise DataError(f'ssv2: {label_file} should map each template to its class number: {{"<template>": "0", ...}}')
+    label_of_template = {template: int(label) for template, label in labels_read.items()}
     classes = [template.lower() for template in sorted(label_of_template, key=label_of_template.get)]
+    clips = _read_json(split_file, "ssv2")
+    if not isinstance(clips, list):
+        raise DataError(f'ssv2: {split_file} should be a list of clips: [{{"id": "78687", "template": ...}}, ...]')
     paths, labels = [], []
-    for clip in json.loads(split_file.read_text(encoding="utf-8")):
+    for number, clip in enumerate(clips, 1):
+        if not isinstance(clip, dict) or not isinstance(clip.get("template"), str) or "id" not in clip:
+            raise DataError(
+                f"ssv2: {split_file}, clip {number}: expected an 'id' and a 'template', found {clip!r:.200}"
+            )
         template = clip["template"].replace("[", "").replace("]", "")
         if template not in label_of_template:
             raise DataError(f"ssv2: template {template!r} of clip {clip['id']} ({split_file}) is not in {label_file}")
-        paths.append(video_dir / f"{clip['id']}.webm")
+        paths.append(_video_in(video_dir, f"{clip['id']}.webm", "ssv2", f"{split_file}, clip {number}"))
         labels.append(label_of_template[template])
     return SplitListing(paths, labels, classes)
 
 
-def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[dict[str, str]]:
-    """Rows of an MSR-VTT csv file, which must have a header naming `columns`."""
-    with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        if not set(columns) <= set(reader.fieldnames or ()):
-            raise DataError(f"msrvtt: {path} should start with the header {','.join(columns)}")
-        return list(reader)
+def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of an MSR-VTT csv file, which must have a header naming `columns`."""
+    try:
+        with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if not set(columns) <= set(reader.fieldnames or ()):
+                raise DataError(f"msrvtt: {path} should start with the header {','.join(columns)}")
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as error:
+        raise DataError(f"msrvtt: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except csv.Error as error:
+        raise DataError(f"msrvtt: {path}, line {reader.line_num}: {error}") from None
+    for number, row in rows:
+        if any(row[column] is None for column in columns):
+            raise DataError(f"msrvtt: {path}, line {number}: expected the columns {','.join(columns)}")
+    return rows
 
 
 def list_msrvtt(root: Path, split: str) -> SplitListing:
@@ -476,11 +553,28 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
     video_dir = _require(root / "MSRVTT_Videos", "msrvtt", root)
     data_dir = root / "msrvtt_data"
     if split == "test":
-        rows = _read_csv(data_dir / "MSRVTT_JSFUSION_test.csv", ("video_id", "sentence"), root)
-        return SplitListing([video_dir / f"{row['video_id']}.mp4" for row in rows], [row["sentence"] for row in rows])
-    train_videos = {row["video_id"] for row in _read_csv(data_dir / "MSRVTT_train.9k.csv", ("video_id",), root)}
-    data = json.loads(_require(data_dir / "MSRVTT_data.json", "msrvtt", root).read_text(encoding="utf-8"))
-    pairs = [(s["video_id"], s["caption"]) for s in data["sentences"] if s["video_id"] in train_videos]
+        test_file = data_dir / "MSRVTT_JSFUSION_test.csv"
+        rows = _read_csv(test_file, ("video_id", "sentence"), root)
+        paths = [_video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{test_file}, line {n}") for n, row in rows]
+        return SplitListing(paths, [row["sentence"] for _, row in rows])
+    train_file = data_dir / "MSRVTT_train.9k.csv"
+    train_videos = set()  # the captions' video ids are taken only when listed here, so checking these is enough
+    for number, row in _read_csv(train_file, ("video_id",), root):
+        _video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{train_file}, line {number}")
+        train_videos.add(row["video_id"])
+    data_file = _require(data_dir / "MSRVTT_data.json", "msrvtt", root)
+    sentences = _read_json(data_file, "msrvtt")
+    sentences = sentences.get("sentences") if isinstance(sentences, dict) else None
+    well_formed = isinstance(sentences, list) and all(
+        isinstance(s, dict) and isinstance(s.get("video_id"), str) and isinstance(s.get("caption"), str)
+        for s in sentences
+    )
+    if not well_formed:
+        raise DataError(
+            f'msrvtt: {data_file} should hold {{"sentences": [{{"caption": ..., "video_id": ...}}, ...]}}, '
+            "a 'caption' and a 'video_id' in each"
+        )
+    pairs = [(s["video_id"], s["caption"]) for s in sentences if s["video_id"] in train_videos]
     return SplitListing([video_dir / f"{video}.mp4" for video, _ in pairs], [caption for _, caption in pairs])
 
 
@@ -877,6 +971,23 @@ def _prepare_one(job: tuple[Path, Path, PrepareSettings]) -> str | None:
     return None
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of `prepare`'s worker processes: die with the parent, leaving no orphans behind however it ends.
+
+    On Linux the kernel is asked (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) to kill the worker when the parent dies,
+    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed `prepare` waits
+    forever for jobs (it holds the job pipe's write end too, so it never sees the end of it). A worker whose parent
+    died before the request was made exits at once. Elsewhere only that check is made.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
     """Record `settings` in `out`, or refuse when `out` was prepared with others (its videos would mix)."""
     path = out / PREPARE_SETTINGS_FILE
@@ -947,7 +1058,7 @@ def prepare_dataset(
 
     failures = []
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             outcomes = tqdm(
                 pool.map(_prepare_one, jobs, chunksize=4), total=len(jobs), desc=f"prepare {name}", disable=not progress
             )

@@ -194,6 +194,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: cannot be read as a STOP checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
         raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")
+    config, clip = checkpoint["config"], checkpoint["clip"]
+    frames = config.get("frames") if isinstance(config, dict) else None
+    if not (isinstance(frames, int) and frames > 0 and isinstance(config.get("prompt"), str)) or not (
+        isinstance(clip, dict) and {"name", "sha256"} <= clip.keys()
+    ):
+        raise RunError(
+            f"{path}: not a checkpoint written by train.py (its 'config' needs a positive 'frames' and a 'prompt', "
+            "its 'clip' a 'name' and a 'sha256')"
+        )
     return checkpoint
 
 
@@ -397,6 +406,16 @@ def summed_over_ranks(*values: float) -> list[float]:
     shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, values)
     return [sum(share[i] for share in shares) for i in range(len(values))]
+
+
+def broken_over_ranks(*datasets: data.VideoDataset) -> int:
+    """The distinct broken videos met by every rank in ``datasets``: a video two ranks both met (a padded evaluation
+    share, a training video drawn by another rank in another epoch) counts once."""
+    if not distributed():
+        return sum(dataset.broken_count() for dataset in datasets)
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, [dataset.broken_items() for dataset in datasets])
+    return sum(len({item for share in shares for item in share[number]}) for number in range(len(datasets)))
 
 
 # --------------------------------------------------------------------------- #
@@ -624,7 +643,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
             metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
         else:
             metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
-    (broken,) = summed_over_ranks(test_set.broken_count())
+    broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
     out = (

@@ -48,6 +48,7 @@ from evaluate import (
     WorkersOption,
     atomic_save,
     autocast,
+    broken_over_ranks,
     build_model,
     check_same_backbone,
     class_prompts,
@@ -275,9 +276,8 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
             else:
                 metrics = evaluate_retrieval(model, test_loader, backbone.tokenize, device, precision)
                 score = metrics["text_to_video"]["R@1"]
-            running_loss, clips, broken = summed_over_ranks(
-                running_loss, clips, splits["train"].broken_count() + splits["test"].broken_count()
-            )
+            running_loss, clips = summed_over_ranks(running_loss, clips)
+            broken = broken_over_ranks(splits["train"], splits["test"])
             improved = best is None or score > best
             best = score if improved else best
             if rank() != 0:

@@ -214,6 +214,17 @@ def test_corrupt_checkpoint(tmp_path):
     assert code == 1 and "best.pt: cannot be read as a STOP checkpoint" in output
 
 
+def test_checkpoint_config_without_frames_is_one_error_line(tmp_path):
+    clip = {"name": evaluate.DEMO_CLIP_NAME, "sha256": evaluate.load_backbone(None).sha256}  # passes the CLIP check
+    torch.save({"stop": {}, "config": {"prompt": "none"}, "clip": clip}, tmp_path / "best.pt")
+    code, output = run(evaluate.app, "recognize", "--checkpoint", tmp_path / "best.pt")
+    assert code == 1 and "Traceback" not in output
+    assert output.strip().splitlines() == [
+        f"error: {tmp_path / 'best.pt'}: not a checkpoint written by train.py (its 'config' needs a positive "
+        "'frames' and a 'prompt', its 'clip' a 'name' and a 'sha256')"
+    ]
+
+
 def test_checkpoint_of_another_clip_is_refused(synthetic_root, golden_clip, tmp_path):
     out = tmp_path / "run"
     assert quick("recognize", synthetic_root, golden_clip, out)[0] == 0

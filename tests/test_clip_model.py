@@ -1,8 +1,13 @@
 """clip_model.py against OpenAI's reference outputs, plus loading, inference of shapes and every bad input."""
 
 import hashlib
+import http.server
 import json
+import multiprocessing
 import shutil
+import threading
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,6 +199,61 @@ def test_torchscript_archive_round_trip(tmp_path, golden):
     assert all(torch.equal(from_archive[k], from_plain[k]) for k in from_plain)
 
 
+def test_torchscript_archive_is_read_as_data_exactly_as_torch_jit_load_reads_it(golden):
+    with pytest.warns(FutureWarning):  # torch.jit.load's deprecation notice
+        expected = torch.jit.load(golden / "tiny_clip_jit.pt", map_location="cpu").state_dict()
+    read = clip_model.read_state_dict(golden / "tiny_clip_jit.pt")
+    assert list(read) == list(expected)
+    for key, value in expected.items():
+        assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
+        assert (read[key].double() - value.double()).abs().max() == 0, key
+
+
+class _Trap(torch.nn.Module):
+    """A module whose ``__setstate__``, compiled into the archive, creates the file named in its state on loading."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.path = path
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.path = state[1]
+        self.training = state[2]
+        self.weight = torch.from_file(state[1], shared=True, size=3, dtype=torch.float32)  # creates the file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_archive_whose_setstate_has_a_side_effect_is_refused_without_running_it(tmp_path):
+    evidence = tmp_path / "setstate_ran"
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.script(_Trap(str(evidence))), tmp_path / "trap.pt")
+    with pytest.raises(CLIPLoadError, match=r"trap.pt: refused as a TorchScript archive: .*defines __setstate__"):
+        clip_model.load(tmp_path / "trap.pt")
+    assert not evidence.exists()
+    with pytest.warns(FutureWarning):
+        torch.jit.load(tmp_path / "trap.pt")  # what loading used to do
+    assert evidence.exists()  # so the trap is real
+
+
+def test_archive_that_refers_to_another_global_is_refused_before_calling_it(golden, tmp_path):
+    evidence = tmp_path / "opened"
+    payload = f"cbuiltins\nopen\n(V{evidence}\nVw\ntR.".encode()  # protocol 0: builtins.open(evidence, "w")
+    with zipfile.ZipFile(golden / "tiny_clip_jit.pt") as source, zipfile.ZipFile(tmp_path / "evil.pt", "w") as evil:
+        for entry in source.namelist():
+            evil.writestr(entry, payload if entry.endswith("/data.pkl") else source.read(entry))
+    with pytest.raises(CLIPLoadError, match=r"evil.pt: refused as a TorchScript archive: it refers to builtins.open"):
+        clip_model.load(tmp_path / "evil.pt")
+    assert not evidence.exists()
+
+
 def test_random_clip_is_reproducible_from_its_seed():
     first, second = clip_model.random_clip(TINY, seed=7), clip_model.random_clip(TINY, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
@@ -220,6 +280,57 @@ def test_known_name_is_downloaded_verified_and_reused(golden, tmp_path, monkeypa
 
     monkeypatch.setitem(clip_model.MODEL_URLS, "ViT-B/32", (tmp_path / "gone.pt").as_uri())
     assert clip_model.load("ViT-B/32", download_root=cache).config == model.config  # no second download
+
+
+class _SlowFileServer(http.server.ThreadingHTTPServer):
+    """Serves ``payload`` on 127.0.0.1 in 16 slow pieces and counts the requests."""
+
+    def __init__(self, payload: bytes):
+        self.payload, self.requests = payload, 0
+        super().__init__(("127.0.0.1", 0), _SlowFileHandler)
+
+
+class _SlowFileHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.payload)))
+        self.end_headers()
+        piece = len(self.server.payload) // 16
+        for start in range(0, len(self.server.payload), piece):
+            self.wfile.write(self.server.payload[start : start + piece])
+            self.wfile.flush()
+            time.sleep(0.02)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_concurrent_first_downloads_all_succeed_and_fetch_the_file_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    payload = torch.randint(0, 256, (1 << 18,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    payload = payload.numpy().tobytes()
+    sha256 = hashlib.sha256(payload).hexdigest()
+    server = _SlowFileServer(payload)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = tmp_path / "cache" / "ViT-B-32.pt"
+    url = f"http://127.0.0.1:{server.server_address[1]}/ViT-B-32.pt"
+    try:
+        processes = [
+            multiprocessing.get_context("fork").Process(target=clip_model._download, args=(url, target, sha256))
+            for _ in range(4)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert [path.name for path in target.parent.iterdir()] == [target.name]  # no temporary file left
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == sha256
+    assert server.requests == 1  # one process downloaded, the others waited for it
 
 
 def test_default_download_root_follows_xdg(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,22 @@ def test_a_header_with_a_wrong_frame_count_is_recounted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- transforms
 
 
+@pytest.mark.parametrize(
+    "height, width, decoded",
+    [(1200, 2000, (720, 1200)), (400, 4000, (288, 2880))],
+    ids=["short-side-capped", "long-side-capped"],
+)
+def test_large_frames_are_shrunk_while_decoding(tmp_path: Path, height: int, width: int, decoded: tuple) -> None:
+    frames = torch.zeros(2, 3, height, width, dtype=torch.uint8)
+    frames[..., width // 2 :] = 200  # dark left half, bright right half
+    data.write_video(tmp_path / "large.avi", frames, fps=10)
+    clip = data.read_frames(tmp_path / "large.avi", 2, train=False)
+    assert tuple(clip.shape) == (2, 3, *decoded)  # aspect kept, within MAX_DECODED_SHORT_SIDE/LONG_SIDE
+    assert min(decoded) <= data.MAX_DECODED_SHORT_SIDE and max(decoded) <= data.MAX_DECODED_LONG_SIDE
+    quarter = decoded[1] // 4
+    assert clip[..., :quarter].float().mean() < 5 and (clip[..., -quarter:].float().mean() - 200).abs() < 5
+
+
 def test_evaluation_clip_is_normalised_with_clip_statistics(tmp_path: Path) -> None:
     path = tmp_path / "grey.mp4"
     data.write_video(path, grey_video([128] * 10), fps=10)
@@ -365,6 +382,58 @@ def test_a_missing_split_file_is_named_with_the_expected_layout(tmp_path: Path, 
     assert str(tmp_path / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
 
 
+@pytest.fixture
+def layouts(ucf101_root, hmdb51_root, ssv2_root, msrvtt_root, tmp_path) -> dict[str, Path]:
+    """Copies of the four layouts, to spoil one file of."""
+    roots = {"ucf101": ucf101_root, "hmdb51": hmdb51_root, "ssv2": ssv2_root, "msrvtt": msrvtt_root}
+    return {name: Path(shutil.copytree(root, tmp_path / name)) for name, root in roots.items()}
+
+
+SSV2_CLIP = '"template": "Pushing [something] from left to right"'
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "file", "content", "where"),
+    [
+        ("ucf101", "train", "ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g08_c01.avi 2\n../../escape.avi 2\n", 2),
+        ("ucf101", "test", "ucfTrainTestlist/testlist01.txt", "\n/etc/passwd\n", 2),
+        ("hmdb51", "train", "testTrainMulti_7030_splits/brush_hair_test_split1.txt", "../../../x.avi 1 \n", 1),
+        ("ssv2", "train", "labels/train.json", f'[{{"id": "101", {SSV2_CLIP}}}, {{"id": "../../x", {SSV2_CLIP}}}]', 2),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_train.9k.csv", "video_id\nvideo0\n../../../x\n", 3),
+        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nr,m,/tmp/x,hi\n", 2),
+    ],
+    ids=["ucf101-dotdot", "ucf101-absolute", "hmdb51-dotdot", "ssv2-dotdot", "msrvtt-train-dotdot", "msrvtt-absolute"],
+)
+def test_a_video_id_outside_the_root_is_refused_with_its_file_and_line(
+    layouts: dict[str, Path], name: str, split: str, file: str, content: str, where: int
+) -> None:
+    (layouts[name] / file).write_text(content)
+    line = "clip" if file.endswith(".json") else "line"
+    with pytest.raises(data.DataError, match=rf"{re.escape(str(layouts[name] / file))}, {line} {where}: .* is outside"):
+        data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "file", "content", "message"),
+    [
+        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", b"key,vid_key,video_id,sentence\nr,m,v,caf\xe9\n",
+         "is not UTF-8 text"),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"sentences": [', "is not valid JSON: .* at line 1"),
+        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"videos": []}', "should hold"),
+        ("ssv2", "train", "labels/labels.json", b'{"Approaching": 0,}', "is not valid JSON"),
+        ("ssv2", "train", "labels/train.json", b'[{"label": "no id, no template"}]', "clip 1: expected an 'id' and"),
+        ("ucf101", "train", "ucfTrainTestlist/classInd.txt", b"1 ApplyEyeMakeup\r\n2\r\n", "line 2: expected '<index>"),
+    ],
+    ids=["csv-not-utf8", "json-malformed", "json-no-sentences", "labels-malformed", "clip-no-id", "classind-no-name"],
+)  # fmt: skip
+def test_a_malformed_dataset_file_is_one_error_naming_it(
+    layouts: dict[str, Path], name: str, split: str, file: str, content: bytes, message: str
+) -> None:
+    (layouts[name] / file).write_bytes(content)
+    with pytest.raises(data.DataError, match=rf"{name}: {re.escape(str(layouts[name] / file))}.*{message}"):
+        data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
+
+
 def test_a_missing_root_and_unknown_names_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "nowhere"))) as error:
         data.build_dataset("ucf101", tmp_path / "nowhere", "train", num_frames=4, resolution=RESOLUTION)
@@ -406,7 +475,11 @@ def test_broken_videos_are_warned_about_replaced_and_counted(videos_with_broken_
         assert torch.allclose(clip.mean(dim=(0, 2, 3)), normalised(30 * (label + 1)).flatten(), atol=0.05), index
     warned = " ".join(str(warning.message) for warning in caught)
     assert all(str(paths[index]) in warned for index in broken)
-    assert dataset.broken_count() == 4  # item 1 meets 1 and 2, item 2 meets 2, item 4 meets 4
+    assert dataset.broken_count() == 3  # item 1 meets videos 1 and 2, item 2 meets 2 again, item 4 meets 4
+    assert dataset.broken_items() == sorted(broken)
+    with pytest.warns(data.BrokenVideoWarning):
+        [dataset[index] for index in range(6)]  # a second epoch meets the same three videos
+    assert dataset.broken_count() == 3
     dataset.reset_broken_count()
     assert dataset.broken_count() == 0
 
@@ -427,7 +500,7 @@ def test_broken_count_is_shared_by_loader_workers(videos_with_broken_ones) -> No
     batches = list(loader)  # the warnings are printed by the worker processes
     assert [tuple(batch[0].shape) for batch in batches] == [(2, 2, 3, RESOLUTION, RESOLUTION)] * 3
     assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == [0, 3, 3, 3, 5, 5]
-    assert dataset.broken_count() == 4
+    assert dataset.broken_count() == 3  # distinct videos, whichever worker met them and however often
 
 
 def test_loader_shuffle_order_follows_the_seed(videos_with_broken_ones) -> None:

@@ -4,6 +4,10 @@ Real (tiny) videos in the published layouts, prepared into temporary folders and
 """
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,58 @@ def test_the_command_reports_broken_sources_and_bad_input_in_one_message(ucf101_
     assert result.exit_code == 1
     assert "videos not found" in result.output and "Expected layout" in result.output
     assert "Traceback" not in result.output
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc/PID/stat: state and parent follow the name)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(parent) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with prepare through Linux's prctl")
+def test_killing_prepare_leaves_no_worker_processes_behind(tmp_path: Path) -> None:
+    source = tmp_path / "raw" / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi"
+    data.write_video(source, brightening(), SOURCE_FPS)
+    for group in range(2, 400):  # enough work to kill the run in the middle of it
+        os.link(source, source.with_name(f"v_YoYo_g{group:02d}_c01.avi"))
+    (tmp_path / "raw" / "ucfTrainTestlist").mkdir()
+    (tmp_path / "raw" / "ucfTrainTestlist" / "classInd.txt").write_text("1 YoYo\n")
+    command = ["data.py", "prepare", "--dataset", "ucf101", "--root", tmp_path / "raw", "--out", tmp_path / "out"]
+    run = subprocess.Popen(
+        [sys.executable, *map(str, command), "--workers", "2"],
+        cwd=Path(data.__file__).parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            workers = _children(run.pid)
+        assert len(workers) == 2 and run.poll() is None
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if _alive(pid)] == []
+    finally:
+        run.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)  # this test's own orphans, should the assertion above have failed
