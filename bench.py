@@ -22,7 +22,14 @@ activation checkpointing, and full fine-tuning of CLIP4Clip-meanP. For each row:
   built model, i.e. the activations, gradients and optimiser state that evaluating or training adds to the
   frozen CLIP every row holds (and, in a last column, the total with the model);
 - the frozen baseline's achieved FLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the fp32
-  (or autocast dtype) matrix-multiply rate measured in the same rounds.
+  (or autocast dtype) matrix-multiply rate measured in the same rounds;
+- kernels and host syncs of one eval forward and one training step, counted by the torch profiler (GPU kernels
+  on CUDA; on the CPU the aten operators that reach a kernel): a GPU waits on the host when a step launches many
+  small kernels or reads a value back.
+
+Under bf16/fp16 autocast the frozen CLIP of every row but full fine-tuning stores its matrix weights in that dtype,
+as training does (``clip_model.convert_matmul_weights``); full fine-tuning keeps fp32 master weights. ``model``
+needs neither TorchCodec nor FFmpeg.
 
 Rows take turns within each round (the starting row rotates), so drift in the machine's speed hits them alike;
 every ratio is the median over rounds of the two times measured in the same round.
@@ -51,19 +58,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
-import torchcodec
 import typer
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
-from torchcodec.decoders import VideoDecoder
-from torchcodec.encoders import VideoEncoder
 
 import clip_model
-import data
 from stop import PROMPT_VARIANTS, STOPModel
+
+if TYPE_CHECKING:
+    import data  # imported where the data command needs it: ``model`` runs without TorchCodec and FFmpeg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -140,21 +147,29 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on, the load left by other processes included."""
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine(decoder: bool = False) -> dict[str, Any]:
+    """What the numbers were measured on, the load left by other processes included (``decoder``: and TorchCodec's
+    and FFmpeg's versions)."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
         cpu = names[0] if names else cpu
     info = {
         "cpu": cpu,
-        "cores available": data.available_cores(),
+        "cores available": available_cores(),
         "load average (1 min) at start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchcodec": torchcodec.__version__,
-        "FFmpeg": torchcodec.ffmpeg_major_version,
     }
+    if decoder:
+        import torchcodec
+
+        info.update(torchcodec=torchcodec.__version__, FFmpeg=torchcodec.ffmpeg_major_version)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -202,15 +217,17 @@ class Bench:
     def __init__(self, row: Row, clip: clip_model.CLIP, setup: ModelSetup):
         """Full fine-tuning trains ``clip`` itself: give that row a copy of its own."""
         device = torch.device(setup.device)
+        self.dtype = AUTOCAST_DTYPES[setup.autocast]
         if row.full_finetune:
             self.model = STOPModel(clip, "none").to(device)
-            parameters = list(self.model.clip.visual.requires_grad_(True).parameters())
+            parameters = list(self.model.clip.visual.requires_grad_(True).parameters())  # fp32 master weights
         else:
+            if self.dtype is not None:  # as train.py and evaluate.py keep a frozen CLIP under autocast
+                clip_model.convert_matmul_weights(clip, self.dtype)
             self.model = STOPModel(clip, row.prompt, grad_checkpoint=row.grad_checkpoint).to(device)
             parameters = list(self.model.trainable_parameters())
         self.parameters = parameters
         self.device = device
-        self.dtype = AUTOCAST_DTYPES[setup.autocast]
         generator = torch.Generator().manual_seed(setup.seed)
         resolution = clip.visual.input_resolution
         shape = (setup.batch_size, setup.frames, 3, resolution, resolution)
@@ -258,6 +275,40 @@ def forward_flops(bench: Bench) -> int:
     with counter:
         bench.eval_forward()
     return counter.get_total_flops()
+
+
+def kernels_and_syncs(function: Callable[[], Any], device: torch.device) -> tuple[int, int]:
+    """The kernels one call of ``function`` runs, and how often it reads a value back to the host (profiler counts).
+
+    On CUDA the kernels are the GPU's (copies and fills included). On the CPU they are the operators that reach a
+    kernel: aten operators with no aten operator below them, shape and view operators included, since each is a
+    dispatch the host pays for while a GPU would wait. A read-back is ``aten::_local_scalar_dense``, what
+    ``.item()``, ``int(tensor)`` and ``if tensor:`` run outside the optimiser: on a GPU each one drains the queue.
+    """
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    with profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    events = profiler.events()
+    if device.type == "cuda":
+        kernels = sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        kernels = sum(
+            1
+            for event in events
+            if event.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in event.cpu_children)
+        )
+    return kernels, sum(1 for event in events if event.name == "aten::_local_scalar_dense" and not in_optimizer(event))
+
+
+def in_optimizer(event: Any) -> bool:
+    """Whether a profiler event ran inside ``optimizer.step()``: on the CPU, fused AdamW reads each parameter's step
+    count (a CPU tensor) with ``.item()``, which is no device sync; on CUDA the counts stay on the GPU."""
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def matmul_seconds(size: int, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
@@ -396,7 +447,7 @@ def model_command(
     autocast: Annotated[str, typer.Option(help=f"one of {list(AUTOCAST_DTYPES)}; auto: bf16 on CUDA")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0: the cores available")] = 0,
     compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile each row's encode_video (measured: no gain on CPU)")
+        bool, typer.Option("--compile", help="torch.compile each row's encode_video as one graph (fullgraph=True)")
     ] = False,
     memory: Annotated[bool, typer.Option(help="measure peak memory, one process per row")] = True,
     seed: int = 0,
@@ -420,7 +471,7 @@ def model_command(
         classes=classes,
         device=device,
         autocast=autocast,
-        threads=threads or data.available_cores(),
+        threads=threads or available_cores(),
         seed=seed,
     )
     torch.set_num_threads(setup.threads)
@@ -431,7 +482,7 @@ def model_command(
     benches = {name: Bench(ROWS[name], copy.deepcopy(clip) if name == FULL else clip, setup) for name in names}
     if compile:
         for bench in benches.values():
-            bench.model.encode_video = torch.compile(bench.model.encode_video)
+            bench.model.encode_video = torch.compile(bench.model.encode_video, fullgraph=True)
     flops = forward_flops(benches[BASELINE])
     matmul_dtype = AUTOCAST_DTYPES[autocast] or torch.float32
     matmul_size = 4096 if target.type == "cuda" else 2048
@@ -451,6 +502,14 @@ def model_command(
         if round_index >= warmup:
             matmul_rates.append(2 * matmul_size**3 / matmul_seconds(matmul_size, target, matmul_dtype))
 
+    launches = {
+        name: {
+            kind: kernels_and_syncs(function, target)
+            for kind, function in (("eval", benches[name].eval_forward), ("train", benches[name].train_step))
+            if name in (eval_seconds if kind == "eval" else train_seconds)
+        }
+        for name in names
+    }
     memory_bytes = {name: memory_in_own_process(name, setup) for name in names} if memory else {}
     achieved = [flops / seconds for seconds in eval_seconds[BASELINE]]  # FLOP/s of each counted round
     flops_fraction = median_ratio(achieved, matmul_rates)
@@ -461,6 +520,8 @@ def model_command(
         measured = memory_bytes.get(name, {})
         trainable = sum(parameter.numel() for parameter in bench.parameters)
         result: dict[str, Any] = {"trainable_parameters": trainable}
+        for kind, (kernels, syncs) in launches[name].items():
+            result[f"{kind}_kernels"], result[f"{kind}_host_syncs"] = kernels, syncs
         if name in eval_seconds:
             result["eval_ms_per_clip"] = 1000 * statistics.median(eval_seconds[name]) / setup.batch_size
             result["eval_x_none"] = median_ratio(eval_seconds[name], eval_seconds[BASELINE])
@@ -491,6 +552,8 @@ def model_command(
             "mem_x": fmt(result.get("train_memory_x_full")),
             "total_x": fmt(result.get("train_total_memory_x_full")),
             "prompts": fmt(result.get("prompts_per_gap")),
+            "kernels": " / ".join(str(result.get(f"{kind}_kernels", "—")) for kind in ("eval", "train")),
+            "syncs": " / ".join(str(result.get(f"{kind}_host_syncs", "—")) for kind in ("eval", "train")),
         }
         for name, result in results.items()
     ]
@@ -506,6 +569,8 @@ def model_command(
         "mem_x": "x full FT",
         "total_x": "x full FT, model included",
         "prompts": "prompts/gap",
+        "kernels": "kernels eval / train",
+        "syncs": "host syncs eval / train",
     }
     baseline_flops = statistics.median(achieved)
     targets = targets_met(results, flops_fraction)
@@ -597,6 +662,8 @@ def camera_like_video(num_frames: int, height: int, width: int, seed: int) -> to
 
 def write_standin_dataset(name: str, root: Path, videos: int, max_seconds: float | None) -> None:
     """``videos`` look-alike clips of dataset ``name`` in its published layout, all in the training split."""
+    from torchcodec.encoders import VideoEncoder
+
     spec = STANDINS[name]
     seconds = min(spec.seconds, max_seconds or spec.seconds)
     names = [f"clip{index}" for index in range(videos)]
@@ -642,6 +709,8 @@ def write_standin_dataset(name: str, root: Path, videos: int, max_seconds: float
 
 def clips_per_second(dataset: data.VideoDataset, clips: int, decode_only: bool) -> float:
     """Clips per second through ``read_frames`` (decode + sample) or ``dataset[i]`` (+ transform)."""
+    import data
+
     start = time.perf_counter()
     for index in range(clips):
         item = index % len(dataset)
@@ -658,6 +727,8 @@ def folder_bytes(folder: Path) -> int:
 
 def describe(path: Path) -> str:
     """``"AVI, mpeg4, 320x240, 4 fps"``: a video file's container, codec, size and frame rate."""
+    from torchcodec.decoders import VideoDecoder
+
     metadata = VideoDecoder(path).metadata
     size = f"{metadata.width}x{metadata.height}"
     return f"{path.suffix[1:].upper()}, {metadata.codec}, {size}, {metadata.average_fps:.3g} fps"
@@ -667,6 +738,8 @@ def measure_dataset(
     name: str, folder: Path, videos: int, clips: int, rounds: int, max_seconds: float | None, resolution: int
 ) -> dict[str, Any]:
     """Stand-ins of ``name`` under ``folder/raw``, prepared into ``folder/prepared``, both read side by side."""
+    import data
+
     spec = STANDINS[name]
     roots = {"raw": folder / "raw", "prepared": folder / "prepared"}
     for root in roots.values():
@@ -719,7 +792,9 @@ def data_command(
     names = datasets or list(STANDINS)
     for name in names:
         check_choice("--dataset", name, STANDINS)
-    info = machine()
+    import data
+
+    info = machine(decoder=True)
     with contextlib.ExitStack() as stack:
         folder = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stop-bench-data-")))
         stack.enter_context(data.single_threaded())  # as in a DataLoader worker

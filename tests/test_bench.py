@@ -1,6 +1,8 @@
 """bench.py: small smoke runs of both commands; what they report, never how fast anything was."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -8,6 +10,8 @@ from typer.testing import CliRunner
 
 import bench
 import clip_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_model_reports_every_row_against_the_baseline_and_full_fine_tuning(tmp_path: Path) -> None:
@@ -34,8 +38,21 @@ def test_model_reports_every_row_against_the_baseline_and_full_fine_tuning(tmp_p
     # each row measured in its own process: full fine-tuning holds a gradient and two AdamW moments per weight
     assert rows["full fine-tune"]["train_peak_bytes"] >= 3 * 4 * visual
     assert report["forward_flops"] > 0 and all(rate > 0 for rate in report["matmul_flops_per_s"])
+    # the profiler's counts: STOP adds kernels to the baseline's forward and reads nothing back to the host
+    assert rows["stop"]["eval_kernels"] > rows["none"]["eval_kernels"] > 0 and rows["stop"]["train_kernels"] > 0
+    assert rows["stop"]["eval_host_syncs"] == rows["stop"]["train_host_syncs"] == 0
     assert [target["goal"] for target in report["targets"]] == ["<= 1.25", "<= 0.85", "<= 0.75", "<= 0.4", ">= 0.5"]
     assert report["setup"]["threads"] == 1 and report["setup"]["batch_size"] == 2
+
+
+def test_model_benchmark_needs_no_video_decoder() -> None:
+    """The GPU machine has no TorchCodec: ``bench.py model`` must import and run without it."""
+    blocked = "import sys; sys.modules['torchcodec'] = None; sys.argv = ['bench.py', 'model', '--help']; import bench"
+    finished = subprocess.run(
+        [sys.executable, "-c", f"{blocked}; bench.app()"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "--batch-size" in finished.stdout
 
 
 def test_data_reads_raw_and_prepared_stand_ins(tmp_path: Path) -> None:
