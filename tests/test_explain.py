@@ -77,9 +77,10 @@ def write_checkpoint(path: Path, clip_file: Path, background: torch.Tensor, temp
         spatial.reduce.weight.zero_()
         spatial.reduce.bias.zero_()
         spatial.reduce.weight[0] = feature / feature.norm()
-        spatial.dynamics.weight.zero_()
-        spatial.dynamics.bias.zero_()
-        spatial.dynamics.weight[0, 0, :, 1, 1] = 4 * torch.tensor(temporal_kernel)  # centre tap, frames t-1, t, t+1
+        dynamics_net = spatial.dynamics_and_prompter  # output channel 0 is N^s
+        dynamics_net.weight[0].zero_()
+        dynamics_net.bias[0].zero_()
+        dynamics_net.weight[0, 0, :, 1, 1] = 4 * torch.tensor(temporal_kernel)  # centre tap, frames t-1, t, t+1
     checkpoint = {
         "stop": model.trainable_state_dict(),
         "config": config,
