@@ -67,7 +67,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import clip_model
-from stop import PROMPT_VARIANTS, STOPModel
+from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 
 if TYPE_CHECKING:
     import data  # imported where the data command needs it: ``model`` runs without TorchCodec and FFmpeg
@@ -219,12 +219,12 @@ class Bench:
         device = torch.device(setup.device)
         self.dtype = AUTOCAST_DTYPES[setup.autocast]
         if row.full_finetune:
-            self.model = STOPModel(clip, "none").to(device)
+            self.model = STOPModel(clip, STOPConfig("none")).to(device)
             parameters = list(self.model.clip.visual.requires_grad_(True).parameters())  # fp32 master weights
         else:
             if self.dtype is not None:  # as train.py and evaluate.py keep a frozen CLIP under autocast
                 clip_model.convert_matmul_weights(clip, self.dtype)
-            self.model = STOPModel(clip, row.prompt, grad_checkpoint=row.grad_checkpoint).to(device)
+            self.model = STOPModel(clip, STOPConfig(row.prompt), grad_checkpoint=row.grad_checkpoint).to(device)
             parameters = list(self.model.trainable_parameters())
         self.parameters = parameters
         self.device = device

@@ -38,7 +38,7 @@ import clip_model
 import data
 from clip_model import CLIP, CLIPConfig, CLIPLoadError
 from data import DataError
-from stop import PROMPT_VARIANTS, STOPModel
+from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 
 Dataset = Literal["ucf101", "hmdb51", "ssv2", "msrvtt", "synthetic"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -219,15 +219,11 @@ def check_same_backbone(checkpoint: dict[str, Any], backbone: Backbone, path: Pa
 def build_model(backbone: Backbone, config: dict[str, Any], device: torch.device, precision: str = "fp32") -> STOPModel:
     """The STOP model of ``config`` on ``device``. Under bf16/fp16 autocast the frozen CLIP's matrix weights are
     stored in that dtype once (``clip_model.convert_matmul_weights``); the prompt generators keep fp32 weights."""
-    hyperparameters = {key: config[key] for key in STOP_HYPERPARAMETERS if key in config}
-    model = STOPModel(backbone.clip, prompt=config["prompt"], **hyperparameters)
+    model = STOPModel(backbone.clip, STOPConfig.from_dict(config), grad_checkpoint=config.get("grad_checkpoint", False))
     compute_dtype = PRECISION_DTYPES.get(precision)
     if compute_dtype is not None:
         clip_model.convert_matmul_weights(model.clip, compute_dtype)
     return model.to(device)
-
-
-STOP_HYPERPARAMETERS = ("alpha", "beta", "eta", "rho", "reduced_dim", "prompt_layers", "dropout", "grad_checkpoint")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -283,7 +283,7 @@ def explain_video(
 
     patches = details[0].fused_score.shape[-1]
     regions = int(details[0].regions[0, 0].sum())
-    eta = model.hyperparameters["eta"]
+    eta = model.config.eta
     shown = f"blocks 1-{prompted}" if all_blocks else f"block {blocks[0]} of {prompted} prompted"
     header = [
         f"{video.name}  ·  STOP --prompt {model.prompt}, {frames.shape[0]} frames, {shown}  ·  CLIP {backbone.name}",

@@ -2,20 +2,21 @@
 
 The baseline is CLIP4Clip "meanP" with a frozen CLIP: every frame goes through the image tower on its own
 and the video feature is the mean of the frame features, L2-normalised. STOP keeps every CLIP weight frozen
-and, in each prompted block ``l``, trains two small prompt generators (``../shared/design/STOP_SPEC.md``):
+and, in each prompted block ``l``, trains two small prompt generators (``../shared/design/STOP_SPEC.md``).
+This file follows the spec's steps in order:
 
-- intra-frame spatial prompting (steps 1-4, ``SpatialPrompter``): the frozen CLS attention ``A`` and the
-  learned temporal dynamics ``M`` (3-D conv ``N^s``) are fused into ``W^s``; its top patches are the regions
-  ``r``; the prompter ``P^s`` adds ``r * W^s * p^s`` to those patch tokens;
-- inter-frame temporal prompting (steps 5-8, ``TemporalPrompter`` and ``prompted_block``): the variation
-  ``W^t`` of each gap between frames (3-D conv ``N^t`` over the frame difference) sets how many prompt
-  tokens ``n_t = ceil(eta W^t)`` the prompter ``P^t`` inserts between the two frames; each frame attends to
-  the prompts of the two gaps beside it.
+1. ``cls_attention_map``: the frozen CLS attention ``A`` of each frame;
+2. to 4. ``SpatialPrompter``: the temporal dynamics ``M`` (3-D conv ``N^s``) and ``A`` fused into ``W^s``, whose
+   top patches are the regions ``r``; the prompter ``P^s`` adds ``r * W^s * p^s`` to those patch tokens (``h^s``);
+5. to 7. ``TemporalPrompter``: the variation ``W^t`` of each gap between frames (conv ``N^t`` over the frame
+   difference) sets how many prompt tokens ``n_t = ceil(eta W^t)`` the prompter ``P^t`` puts between them;
+8. ``prompted_block``: each frame attends to the prompts of the two gaps beside it, in the frozen block.
 
-All ``B*T`` frames run as one batch through every block, and videos with different prompt counts share a
-batch through a key mask (never truncated, no Python loop over videos or frames). ``STOPModel`` also runs the
-ablation variants of ``PROMPT_VARIANTS``: ``none`` (the frozen baseline), ``static`` (VPT-deep style shared
-prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 0``).
+``BlockPrompter`` holds one block's generators and runs steps 1-8; ``STOPModel`` runs every block, for STOP and
+for the ablation variants of ``PROMPT_VARIANTS``: ``none`` (the frozen baseline), ``static`` (VPT-deep style
+shared prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 0``). All ``B*T`` frames run as
+one batch through every block, and videos with different prompt counts share a batch through a key mask (never
+truncated, no Python loop over videos or frames).
 
 Readings of the spec made here (each is explained where it is implemented):
 
@@ -35,15 +36,16 @@ Readings of the spec made here (each is explained where it is implemented):
 
 For speed on a GPU the forward pass has shapes that never depend on the data: every gap carries ``eta`` prompt
 slots and a key mask marks the ``n_t`` real ones, so nothing is read back to the host and ``torch.compile`` sees
-one graph; convolutions that read the same input with the same window run as one.
+one graph; two convolutions that read the same input through the same window run as one.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,54 @@ from clip_model import CLIP, ResidualAttentionBlock
 
 PROMPT_VARIANTS = ("none", "static", "spatial", "temporal", "stop")
 PAPER_TRAINABLE_PARAMETERS = 7_530_000  # STOP's count for ViT-B/32 in the paper's MSR-VTT table
+VARIATION_DEAD_ZONE = 1e-3  # tau: a gap whose W^t is at most this gets no prompt (float noise, not motion)
+
+
+@dataclass(frozen=True)
+class STOPConfig:
+    """STOP's hyper-parameters: spec defaults, and where the spec is silent the choice stated.
+
+    ``prompt``: the variant, one of ``PROMPT_VARIANTS``. ``alpha``: ``W^s = alpha A + (1 - alpha) M`` weighs the
+    frozen attention and the learned dynamics equally (spec silent). ``beta``: a region patch counts ``1 + beta``
+    times in ``W^t`` (spec silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``ceil(rho N)`` regions per
+    frame. ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first ``prompt_layers`` blocks, ``None`` for
+    every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (spec silent; VPT's prompt dropout).
+    """
+
+    prompt: str = "stop"
+    alpha: float = 0.5
+    beta: float = 1.0
+    eta: int = 4
+    rho: float = 1 / 8
+    reduced_dim: int = 32
+    prompt_layers: int | None = None
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.prompt in PROMPT_VARIANTS, f"prompt={self.prompt!r}: expected one of {PROMPT_VARIANTS}"),
+            (0 <= self.alpha <= 1, f"alpha={self.alpha}: expected a weight in [0, 1]"),
+            (self.beta >= 0, f"beta={self.beta}: expected beta >= 0"),
+            (isinstance(self.eta, int) and self.eta >= 1, f"eta={self.eta}: expected an integer >= 1"),
+            (0 < self.rho <= 1, f"rho={self.rho}: expected 0 < rho <= 1"),
+            (
+                isinstance(self.reduced_dim, int) and self.reduced_dim >= 1,
+                f"reduced_dim={self.reduced_dim}: expected an integer >= 1",
+            ),
+            (
+                self.prompt_layers is None or (isinstance(self.prompt_layers, int) and self.prompt_layers >= 1),
+                f"prompt_layers={self.prompt_layers}: expected an integer >= 1, or None for every block",
+            ),
+            (0 <= self.dropout < 1, f"dropout={self.dropout}: expected 0 <= dropout < 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> STOPConfig:
+        """The fields of ``values`` that are STOP's (a checkpoint's run configuration holds training's too)."""
+        return cls(**{field.name: values[field.name] for field in fields(cls) if field.name in values})
 
 
 @dataclass
@@ -68,7 +118,7 @@ class PromptDetails:
     fused_score: torch.Tensor  # W^s, step 3: [B, T, N]
     regions: torch.Tensor  # r, step 3: [B, T, N] bool, ceil(rho N) True per frame
     variation: torch.Tensor  # W^t, step 5: [B, T-1] in [0, 1)
-    counts: torch.Tensor  # n, step 6: [B, T-1] int64 in 0..eta
+    counts: torch.Tensor  # n_t, step 6: [B, T-1] int64 in 0..eta
 
 
 # --------------------------------------------------------------------------- #
@@ -98,8 +148,24 @@ def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]
     return nn.Conv3d(in_channels, out_channels, kernel, padding=padding, padding_mode="replicate")
 
 
+def convolve_together(x: torch.Tensor, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
+    """``cat([first(x), second(x)], dim=1)`` as one convolution, for two convolutions with the same window.
+
+    Small convolutions cost a GPU mostly their launch (about 120 of them took 8.9 ms of a 44 ms STOP training step
+    on an H100): one launch over the stacked kernels does the work of two. Padding is ``first``'s.
+    """
+    weight = torch.cat([first.weight, second.weight])
+    bias = None if first.bias is None else torch.cat([first.bias, second.bias])
+    padding = first.padding
+    if first.padding_mode == "replicate":
+        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)], mode="replicate")
+        padding = 0
+    convolution = F.conv3d if isinstance(first, nn.Conv3d) else F.conv2d
+    return convolution(x, weight, bias, padding=padding)
+
+
 # --------------------------------------------------------------------------- #
-# Step 1 and step 8: the frozen block, read and extended
+# Step 1: the frozen attention of each frame
 # --------------------------------------------------------------------------- #
 
 
@@ -124,6 +190,164 @@ def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor) -> to
     return (attention - low) / (high - low).clamp_min(1e-12)
 
 
+# --------------------------------------------------------------------------- #
+# Steps 2-4: intra-frame spatial prompting
+# --------------------------------------------------------------------------- #
+
+
+class SpatialPromptNet(nn.Module):
+    """``P^s`` (Figure 2b): Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D) -> Dropout.
+
+    Its first convolution sees frames t-1, t, t+1 of the reduced tokens ``u``; the second has a temporal kernel of
+    1. The last Linear starts at zero, so at initialisation ``p^s = 0`` and ``h^s = h`` exactly.
+    ``SpatialPrompter`` runs the first convolution together with ``N^s``, which reads the same ``u`` through the
+    same window; ``forward`` takes its output.
+    """
+
+    def __init__(self, width: int, reduced_dim: int, dropout: float):
+        super().__init__()
+        self.conv_in = frame_conv(reduced_dim, reduced_dim, (3, 3, 3))
+        self.conv_out = frame_conv(reduced_dim, reduced_dim, (1, 3, 3))
+        self.mlp = nn.Sequential(
+            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
+        )
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, first_conv: torch.Tensor, regions_index: torch.Tensor) -> torch.Tensor:
+        """``conv_in(u)`` ``[B, d_r, T, G, G]`` and the regions' patch indices ``[B*T, K_s]`` -> ``p^s`` there.
+
+        ``r p^s`` is zero off the regions, so the Linear layers run at the ``K_s`` regions only: ``N/K_s`` (8 for
+        ViT-B/32) times less work and memory than projecting every patch to width ``D``. Returns ``[B*T, K_s, D]``.
+        """
+        features = from_volume(self.conv_out(F.relu(first_conv))).flatten(0, 1)  # [B*T, N, d_r]
+        index = regions_index.unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        return self.mlp(features.gather(1, index))  # [B*T, K_s, D]
+
+
+class SpatialPrompter(nn.Module):
+    """Steps 2-4 of one block: dynamics ``M`` (``N^s``), fusion ``W^s``, regions ``r``, prompts ``p^s`` (``P^s``).
+
+    The reduced tokens ``u = ln_1(h)_patches @ W_u`` (``D -> d_r``) feed both ``N^s`` and ``P^s``.
+    """
+
+    def __init__(self, width: int, grid: int, reduced_dim: int, alpha: float, rho: float, dropout: float):
+        super().__init__()
+        self.grid = grid
+        self.alpha = alpha
+        self.num_regions = math.ceil(rho * grid * grid)  # K_s
+        self.reduce = nn.Linear(width, reduced_dim)  # W_u
+        self.dynamics_net = frame_conv(reduced_dim, 1, (3, 3, 3))  # N^s
+        self.prompt_net = SpatialPromptNet(width, reduced_dim, dropout)  # P^s
+
+    def forward(
+        self, h: torch.Tensor, normed: torch.Tensor, A: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h``, ``normed = ln_1(h)`` ``[B*T, 1+N, D]``, ``A`` ``[B*T, N]`` -> ``(h^s, r, W^s, M)``."""
+        # u: [B, d_r, T, G, G]; reducing CLS too and dropping it after avoids copying the patch slice
+        u = to_volume(self.reduce(normed)[:, 1:], batch, self.grid)
+        convolved = convolve_together(u, self.dynamics_net, self.prompt_net.conv_in)  # [B, 1+d_r, T, G, G]
+
+        M = torch.sigmoid(convolved[:, 0]).reshape(A.shape)  # step 2, M = sigmoid(N^s(u)): [B*T, N]
+        W_s = self.alpha * A + (1 - self.alpha) * M  # step 3, W^s = alpha A + (1 - alpha) M: [B*T, N]
+        top = W_s.detach().topk(self.num_regions, dim=-1).indices  # the regions' patch indices: [B*T, K_s]
+        r = torch.zeros_like(W_s, dtype=torch.bool).scatter_(-1, top, True)  # step 3, r: [B*T, N]
+
+        p_s = self.prompt_net(convolved[:, 1:], top)  # step 4, p^s at the regions: [B*T, K_s, D]
+        # r W^s p^s at the regions, where r = 1; W^s keeps N^s trainable through the hard top-K: [B*T, K_s, D]
+        prompts = W_s.gather(1, top).unsqueeze(-1) * p_s
+        index = (top + 1).unsqueeze(-1).expand(-1, -1, h.shape[-1])  # + 1: CLS comes first
+        h_s = h.scatter_add(1, index, prompts.to(h.dtype))  # h^s = h + r W^s p^s on patches: [B*T, 1+N, D]
+        return h_s, r, W_s, M
+
+
+# --------------------------------------------------------------------------- #
+# Steps 5-7: inter-frame temporal prompting
+# --------------------------------------------------------------------------- #
+
+
+def prompt_counts(W_t: torch.Tensor, eta: int) -> torch.Tensor:
+    """Step 6, ``n_t = ceil(eta W^t)`` where ``W^t > tau``, else 0: ``[B, T-1]`` int64 in ``0..eta``.
+
+    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise. Identical frames give ``W^t = 0`` in exact
+    arithmetic, but a matrix product may round the same row differently at two batch positions (it does on a
+    16-core Xeon in fp32, and more so in bf16), and ``ceil`` would turn a ``W^t`` of 1e-7 into a whole prompt.
+    """
+    return torch.where(W_t > VARIATION_DEAD_ZONE, torch.ceil(eta * W_t), 0).long()
+
+
+class TemporalPromptNet(nn.Module):
+    """``P^t`` (Figure 2c): ``eta`` learned queries pool the difference tokens -> Linear -> ReLU -> Linear(-> D)
+    -> Dropout.
+
+    The tokens are a 3x3 convolution of ``Delta`` (each token sees where its neighbours gained and lost content:
+    the direction of motion) plus a learned position embedding (where: a difference cancels CLIP's own
+    positions). ``TemporalPrompter`` runs that convolution together with ``N^t``, which reads the same ``Delta``
+    through the same window; ``forward`` takes its output. It has no bias: the position embedding is one.
+    """
+
+    def __init__(self, width: int, grid: int, reduced_dim: int, eta: int, dropout: float):
+        super().__init__()
+        self.local_conv = nn.Conv2d(reduced_dim, reduced_dim, 3, padding=1, bias=False)
+        self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))
+        self.queries = nn.Parameter(reduced_dim**-0.5 * torch.randn(eta, reduced_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, local: torch.Tensor, W_t: torch.Tensor) -> torch.Tensor:
+        """``local_conv(Delta)`` ``[B, T-1, N, d_r]`` and ``W^t`` ``[B, T-1]`` -> ``p^t`` ``[B, T-1, eta, D]``."""
+        tokens = local + self.position  # [B, T-1, N, d_r]
+        pooling = (tokens @ self.queries.t() * tokens.shape[-1] ** -0.5).softmax(dim=2)  # [B, T-1, N, eta]
+        pooled = pooling.transpose(2, 3) @ tokens  # [B, T-1, eta, d_r]
+        return self.mlp(pooled) * W_t[..., None, None]  # each candidate scaled by W^t: [B, T-1, eta, D]
+
+
+class TemporalPrompter(nn.Module):
+    """Steps 5-7 of one block: variation ``W^t`` (``N^t``), counts ``n_t``, and prompt candidates ``p^t`` (``P^t``).
+
+    The frame difference ``Delta_t = ln_1(h^s)_{t+1} - ln_1(h^s)_t`` is taken after the bias-free reduction to
+    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free convolution with a temporal kernel of 1 (so a
+    ``Conv2d`` over each gap's ``G x G`` grid): identical frames give ``v = 0``, hence ``W^t = 0``, and gap t's
+    variation depends on gap t alone.
+    """
+
+    def __init__(self, width: int, grid: int, reduced_dim: int, beta: float, eta: int, dropout: float):
+        super().__init__()
+        self.grid = grid
+        self.beta = beta
+        self.eta = eta
+        self.reduce = nn.Linear(width, reduced_dim, bias=False)
+        self.variation_net = nn.Conv2d(reduced_dim, 1, 3, padding=1, bias=False)  # N^t
+        self.prompt_net = TemporalPromptNet(width, grid, reduced_dim, eta, dropout)  # P^t
+
+    def forward(
+        self, normed: torch.Tensor, r: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ln_1(h^s)`` ``[B*T, 1+N, D]``, ``r`` ``[B*T, N]`` -> ``(p^t, n_t, W^t)``.
+
+        Shapes: ``p^t`` ``[B, T-1, eta, D]``, ``n_t`` and ``W^t`` ``[B, T-1]``.
+        """
+        reduced = self.reduce(normed)[:, 1:].unflatten(0, (batch, -1))  # [B, T, N, d_r] (CLS reduced, then dropped)
+        delta = reduced[:, 1:] - reduced[:, :-1]  # Delta: [B, T-1, N, d_r]
+        grids = delta.flatten(0, 1).transpose(1, 2).unflatten(-1, (self.grid, self.grid))  # [B*(T-1), d_r, G, G]
+        convolved = convolve_together(grids, self.variation_net, self.prompt_net.local_conv)  # [B*(T-1), 1+d_r, G, G]
+        convolved = convolved.flatten(2).transpose(1, 2).unflatten(0, (batch, -1))  # [B, T-1, N, 1+d_r]
+
+        v = convolved[..., 0].abs().float()  # step 5, v = |N^t(Delta)|: [B, T-1, N]
+        r = r.view(batch, -1, r.shape[-1])
+        weight = 1 + self.beta * (r[:, 1:] | r[:, :-1]).float()  # 1 + beta r, r of frame t or t+1: [B, T-1, N]
+        W_t = torch.tanh((weight * v).sum(-1) / weight.sum(-1))  # step 5, W^t: [B, T-1]
+        n_t = prompt_counts(W_t.detach(), self.eta)  # step 6, no gradient
+        p_t = self.prompt_net(convolved[..., 1:], W_t)  # step 7: [B, T-1, eta, D]
+        return p_t, n_t, W_t
+
+
+# --------------------------------------------------------------------------- #
+# Step 8: the prompts inserted between frames, in the frozen block
+# --------------------------------------------------------------------------- #
+
+
 def plain_block(block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
     """``block(h)`` given ``normed = block.ln_1(h)``: the same operations, so bit-identical to it."""
     h = h + block.attn(normed)
@@ -131,12 +355,12 @@ def plain_block(block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Te
 
 
 def prompted_block(
-    block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, prompts: torch.Tensor, counts: torch.Tensor
+    block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, p_t: torch.Tensor, n_t: torch.Tensor
 ) -> torch.Tensor:
     """Step 8 in one block: each frame attends to its own tokens and to the real prompts of the gaps beside it.
 
-    ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``prompts`` ``[B, T-1, eta, D]``
-    the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``counts``
+    ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``p_t`` ``[B, T-1, eta, D]``
+    the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``n_t``
     ``[B, T-1]`` are real. Frame t's keys/values are ``[CLS_t, patches_t, p^t_{t-1}, p^t_t]``; absent gaps (left
     of the first frame, right of the last) and the slots at or past ``n_t`` are masked out. Prompts are keys and
     values only: they are not queries, skip the MLP and are dropped after the block.
@@ -144,10 +368,10 @@ def prompted_block(
     Every gap gets all ``eta`` slots whatever ``n_t`` is, and the key mask marks the real ones (``slot < n_t``): a
     masked key adds nothing to the softmax, so this is the same attention as keeping only the real prompts, with
     shapes that do not depend on the data. No value is read back to the host, and the whole forward and backward
-    pass is one graph for ``torch.compile``. ``prompts`` with no slot (``spatial``, or single frames) run
+    pass is one graph for ``torch.compile``. Prompts with no slot (``spatial``, or single frames) run
     ``plain_block``, bit for bit.
     """
-    batch, gaps, slots, width = prompts.shape
+    batch, gaps, slots, width = p_t.shape
     if slots == 0:
         return plain_block(block, h, normed)
     frames = gaps + 1
@@ -155,14 +379,14 @@ def prompted_block(
     heads, head_dim = attn.heads, width // attn.heads
     query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
 
-    prompt_kv = F.linear(prompts, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # [B, T-1, eta, 2D]
+    prompt_kv = F.linear(p_t, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # [B, T-1, eta, 2D]
     prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, eta, 2D]: an empty gap before and after the video
     beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2 eta, 2D]: gaps t-1 and t of frame t
     beside = beside.reshape(batch * frames, 2 * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
     key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2 eta, Dh]
     value = torch.cat([value, beside[1]], dim=2)
 
-    real = torch.arange(slots, device=counts.device) < F.pad(counts, (1, 1))[..., None]  # [B, T+1, eta]: slot < n
+    real = torch.arange(slots, device=n_t.device) < F.pad(n_t, (1, 1))[..., None]  # [B, T+1, eta]: slot < n_t
     real = torch.cat([real[:, :-1], real[:, 1:]], dim=-1).flatten(0, 1)  # [B*T, 2 eta]: gaps t-1 and t of frame t
     key_mask = F.pad(real, (h.shape[1], 0), value=True)[:, None, None, :]  # [B*T, 1, 1, 1+N+2 eta]
 
@@ -172,135 +396,7 @@ def prompted_block(
 
 
 # --------------------------------------------------------------------------- #
-# Steps 2-4: intra-frame spatial prompting
-# --------------------------------------------------------------------------- #
-
-
-class SpatialPrompter(nn.Module):
-    """Steps 2-4 of one block: dynamics ``M`` (``N^s``), fusion ``W^s``, regions ``r`` and prompts ``p^s`` (``P^s``).
-
-    The reduced tokens ``u = ln_1(h)_patches @ W_u`` (``D -> d_r``) feed both ``N^s`` and ``P^s``, through one
-    shared 3x3x3 convolution. ``P^s`` follows Figure 2b: Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D)
-    -> Dropout; its second convolution has a temporal kernel of 1, so ``p^s_t`` sees frames t-1, t, t+1 as the spec
-    says. The last Linear starts at
-    zero, so at initialisation ``h^s = h`` exactly.
-
-    ``r_{t,j} W^s_{t,j} p^s_{t,j}`` is zero off the ``K_s`` regions, so the Linear layers run at the regions only
-    and their output is added there (``scatter_add``): ``N/K_s`` (8 for ViT-B/32) times less work and memory
-    than projecting every patch to width ``D`` (70 MiB less at the training peak for ViT-B/32, 12 frames, batch
-    2), and off the regions ``h^s = h`` bit for bit.
-    """
-
-    def __init__(self, width: int, grid: int, reduced_dim: int, alpha: float, rho: float, dropout: float):
-        super().__init__()
-        self.grid = grid
-        self.alpha = alpha
-        self.num_regions = math.ceil(rho * grid * grid)  # K_s
-        self.reduce = nn.Linear(width, reduced_dim)  # W_u
-        # N^s and the first convolution of P^s read the same u with the same 3x3x3 window: one Conv3d computes both,
-        # output channel 0 is N^s, channels 1..d_r are P^s's (one kernel launch, one padding, instead of two).
-        self.dynamics_and_prompter = frame_conv(reduced_dim, 1 + reduced_dim, (3, 3, 3))
-        self.prompter = nn.Sequential(nn.ReLU(), frame_conv(reduced_dim, reduced_dim, (1, 3, 3)))  # rest of P^s's convs
-        self.project = nn.Sequential(
-            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
-        )
-        nn.init.zeros_(self.project[2].weight)
-        nn.init.zeros_(self.project[2].bias)
-
-    def forward(
-        self, h: torch.Tensor, normed: torch.Tensor, attention: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h``, ``normed = ln_1(h)`` ``[B*T, 1+N, D]``, ``A`` ``[B*T, N]`` -> ``(h^s, r, W^s, M)``."""
-        # u: [B, d_r, T, G, G]; reducing CLS too and dropping it after avoids copying the patch slice
-        reduced = to_volume(self.reduce(normed)[:, 1:], batch, self.grid)
-        convolved = self.dynamics_and_prompter(reduced)  # [N^s(u), P^s's first convolution of u]: [B, 1+d_r, T, G, G]
-        dynamics = torch.sigmoid(convolved[:, 0]).reshape(attention.shape)  # M: [B*T, N]
-        fused = self.alpha * attention + (1 - self.alpha) * dynamics  # W^s = alpha A + (1 - alpha) M: [B*T, N]
-        top = fused.detach().topk(self.num_regions, dim=-1).indices  # the regions' patch indices: [B*T, K_s]
-        regions = torch.zeros_like(fused, dtype=torch.bool).scatter_(-1, top, True)  # r: [B*T, N]
-
-        features = from_volume(self.prompter(convolved[:, 1:])).flatten(0, 1)  # [B*T, N, d_r]
-        picked = features.gather(1, top.unsqueeze(-1).expand(-1, -1, features.shape[-1]))  # [B*T, K_s, d_r]
-        # r W^s p^s at the regions, where r = 1; W^s keeps N^s trainable through the hard top-K: [B*T, K_s, D]
-        prompts = fused.gather(1, top).unsqueeze(-1) * self.project(picked)
-        index = (top + 1).unsqueeze(-1).expand(-1, -1, h.shape[-1])  # + 1: CLS comes first
-        prompted = h.scatter_add(1, index, prompts.to(h.dtype))  # h^s = h + r W^s p^s on patches: [B*T, 1+N, D]
-        return prompted, regions, fused, dynamics
-
-
-# --------------------------------------------------------------------------- #
-# Steps 5-7: inter-frame temporal prompting
-# --------------------------------------------------------------------------- #
-
-VARIATION_DEAD_ZONE = 1e-3  # tau: a gap whose W^t is at most this gets no prompt (float noise, not motion)
-
-
-def prompt_counts(variation: torch.Tensor, eta: int) -> torch.Tensor:
-    """Step 6, ``n_t = ceil(eta W^t)`` where ``W^t > tau``, else 0: ``[B, T-1]`` int64 in ``0..eta``.
-
-    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise. Identical frames give ``W^t = 0`` in exact
-    arithmetic, but a matrix product may round the same row differently at two batch positions (it does on a
-    16-core Xeon in fp32, and more so in bf16), and ``ceil`` would turn a ``W^t`` of 1e-7 into a whole prompt.
-    """
-    return torch.where(variation > VARIATION_DEAD_ZONE, torch.ceil(eta * variation), 0).long()
-
-
-class TemporalPrompter(nn.Module):
-    """Steps 5-7 of one block: variation ``W^t`` (``N^t``), counts ``n``, and prompt candidates ``p^t`` (``P^t``).
-
-    The frame difference ``Delta_t = ln_1(h^s)_{t+1} - ln_1(h^s)_t`` is taken after the bias-free reduction to
-    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free convolution with a temporal kernel of 1 (so a
-    ``Conv2d`` over each gap's ``G x G`` grid): identical frames give ``v = 0``, hence ``W^t = 0``, and gap t's
-    variation depends on gap t alone.
-
-    ``P^t`` (Figure 2c): a 3x3 convolution of the ``Delta`` tokens (each token sees where its neighbours gained
-    and lost content: the direction of motion) plus a learned position embedding (where: a difference cancels
-    CLIP's own positions), pooled by ``eta`` learned queries, then Linear -> ReLU -> Linear(-> D) -> Dropout.
-    ``N^t`` and this convolution read the same ``Delta`` with the same window, so one bias-free ``Conv2d`` computes
-    both (output channel 0 is ``N^t``); a bias of ``P^t``'s convolution would only repeat the position embedding.
-    """
-
-    def __init__(self, width: int, grid: int, reduced_dim: int, beta: float, eta: int, dropout: float):
-        super().__init__()
-        self.grid = grid
-        self.beta = beta
-        self.eta = eta
-        self.reduce = nn.Linear(width, reduced_dim, bias=False)
-        self.variation_and_local = nn.Conv2d(reduced_dim, 1 + reduced_dim, 3, padding=1, bias=False)  # [N^t, P^t's]
-        self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))
-        self.queries = nn.Parameter(reduced_dim**-0.5 * torch.randn(eta, reduced_dim))
-        self.project = nn.Sequential(
-            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
-        )
-
-    def forward(
-        self, normed: torch.Tensor, regions: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``ln_1(h^s)`` ``[B*T, 1+N, D]``, ``r`` ``[B*T, N]`` -> ``(p^t, n, W^t)``.
-
-        Shapes: ``p^t`` ``[B, T-1, eta, D]``, ``n`` and ``W^t`` ``[B, T-1]``.
-        """
-        reduced = self.reduce(normed)[:, 1:].unflatten(0, (batch, -1))  # [B, T, N, d_r] (CLS reduced, then dropped)
-        delta = reduced[:, 1:] - reduced[:, :-1]  # Delta: [B, T-1, N, d_r]
-        grids = delta.flatten(0, 1).transpose(1, 2).unflatten(-1, (self.grid, self.grid))  # [B*(T-1), d_r, G, G]
-        convolved = self.variation_and_local(grids).flatten(2).transpose(1, 2)  # [B*(T-1), N, 1+d_r]
-        convolved = convolved.unflatten(0, (batch, -1))  # [B, T-1, N, 1+d_r]
-
-        change = convolved[..., 0].abs().float()  # v = |N^t(Delta)|: [B, T-1, N]
-        regions = regions.view(batch, -1, regions.shape[-1])
-        weight = 1 + self.beta * (regions[:, 1:] | regions[:, :-1]).float()  # 1 + beta r, r of frame t or t+1
-        variation = torch.tanh((weight * change).sum(-1) / weight.sum(-1))  # W^t: [B, T-1]
-        counts = prompt_counts(variation.detach(), self.eta)  # n_t, no gradient
-
-        tokens = convolved[..., 1:] + self.position  # [B, T-1, N, d_r]
-        pooling = (tokens @ self.queries.t() * tokens.shape[-1] ** -0.5).softmax(dim=2)  # [B, T-1, N, eta]
-        pooled = pooling.transpose(2, 3) @ tokens  # [B, T-1, eta, d_r]
-        prompts = self.project(pooled) * variation[..., None, None]  # each candidate scaled by W^t: [B, T-1, eta, D]
-        return prompts, counts, variation
-
-
-# --------------------------------------------------------------------------- #
-# One prompted block, every variant
+# One prompted block, every variant: steps 1-8
 # --------------------------------------------------------------------------- #
 
 
@@ -308,30 +404,23 @@ class BlockPrompter(nn.Module):
     """The trainable modules of one prompted block, and the block's forward pass with them (steps 1-8).
 
     ``static``: ``eta`` learned tokens, shared by every gap of every video, inserted as in step 8 with
-    ``n = eta``; a frame's output then depends only on the frame and on how many gaps it has, so the video
+    ``n_t = eta``; a frame's output then depends only on the frame and on how many gaps it has, so the video
     feature cannot see frame order. Like ``P^t``'s prompts they live in ``ln_1``'s output space.
     """
 
-    def __init__(
-        self,
-        prompt: str,
-        width: int,
-        grid: int,
-        *,
-        alpha: float,
-        beta: float,
-        eta: int,
-        rho: float,
-        reduced_dim: int,
-        dropout: float,
-    ):
+    def __init__(self, config: STOPConfig, width: int, grid: int):
         super().__init__()
+        prompt, eta, reduced_dim, dropout = config.prompt, config.eta, config.reduced_dim, config.dropout
         self.eta = eta
         self.spatial = (
-            SpatialPrompter(width, grid, reduced_dim, alpha, rho, dropout) if prompt in ("spatial", "stop") else None
+            SpatialPrompter(width, grid, reduced_dim, config.alpha, config.rho, dropout)
+            if prompt in ("spatial", "stop")
+            else None
         )
         self.temporal = (
-            TemporalPrompter(width, grid, reduced_dim, beta, eta, dropout) if prompt in ("temporal", "stop") else None
+            TemporalPrompter(width, grid, reduced_dim, config.beta, eta, dropout)
+            if prompt in ("temporal", "stop")
+            else None
         )
         self.static = nn.Parameter(width**-0.5 * torch.randn(eta, width)) if prompt == "static" else None
 
@@ -340,28 +429,26 @@ class BlockPrompter(nn.Module):
         frames_total, length, width = h.shape
         frames, patches = frames_total // batch, length - 1
         normed = block.ln_1(h)
-        zeros = h.new_zeros(batch, frames, patches, dtype=torch.float32)
-        attention, dynamics, fused, regions = zeros, zeros, zeros, torch.zeros_like(zeros, dtype=torch.bool)
+        zeros = h.new_zeros(batch * frames, patches, dtype=torch.float32)
+        A, M, W_s, r = zeros, zeros, zeros, torch.zeros_like(zeros, dtype=torch.bool)
         if self.spatial is not None:
-            attention = cls_attention_map(block, normed)  # A: [B*T, N]
-            h, regions, fused, dynamics = self.spatial(h, normed, attention, batch)
+            A = cls_attention_map(block, normed)  # step 1: [B*T, N]
+            h, r, W_s, M = self.spatial(h, normed, A, batch)  # steps 2-4: h becomes h^s
             normed = block.ln_1(h)
 
-        variation = h.new_zeros(batch, frames - 1, dtype=torch.float32)
-        counts = torch.zeros_like(variation, dtype=torch.long)
-        prompts = h.new_zeros(batch, frames - 1, 0, width)
+        W_t = h.new_zeros(batch, frames - 1, dtype=torch.float32)
+        n_t = torch.zeros_like(W_t, dtype=torch.long)
+        p_t = h.new_zeros(batch, frames - 1, 0, width)
         if self.temporal is not None and frames > 1:
-            prompts, counts, variation = self.temporal(normed, regions.view(batch * frames, patches), batch)
+            p_t, n_t, W_t = self.temporal(normed, r, batch)  # steps 5-7
         elif self.static is not None:
-            prompts = self.static.expand(batch, frames - 1, -1, -1)
-            counts.fill_(self.eta)
-            variation.fill_(1.0)
+            p_t = self.static.expand(batch, frames - 1, -1, -1)
+            n_t.fill_(self.eta)
+            W_t.fill_(1.0)
 
-        h = prompted_block(block, h, normed, prompts, counts)
+        h = prompted_block(block, h, normed, p_t, n_t)  # step 8
         details = PromptDetails(
-            *(x.detach().view(batch, frames, patches) for x in (attention, dynamics, fused, regions)),
-            variation=variation.detach(),
-            counts=counts,
+            *(x.detach().view(batch, frames, patches) for x in (A, M, W_s, r)), variation=W_t.detach(), counts=n_t
         )
         return h, details
 
@@ -372,62 +459,29 @@ class BlockPrompter(nn.Module):
 
 
 class STOPModel(nn.Module):
-    """A frozen CLIP4Clip-meanP video encoder, prompted by STOP or one of its ablations (``PROMPT_VARIANTS``).
+    """A frozen CLIP4Clip-meanP video encoder, prompted by STOP or one of its ablations (``STOPConfig.prompt``).
 
-    Hyper-parameters (spec defaults; where the spec is silent, the choice is stated):
-
-    - ``alpha = 0.5``: ``W^s = alpha A + (1 - alpha) M`` weighs the frozen attention and the learned dynamics
-      equally (spec silent);
-    - ``beta = 1.0``: a region patch counts twice in ``W^t`` (spec silent);
-    - ``eta = 4``: at most 4 prompts per gap; ``rho = 1/8``: ``ceil(rho N)`` regions per frame;
-    - ``reduced_dim = 32`` (``d_r``); ``prompt_layers = None``: every block, else the first ``prompt_layers``;
-    - ``dropout = 0.1`` on the output of ``P^s`` and ``P^t`` (spec silent; VPT's prompt dropout);
-    - ``grad_checkpoint``: recompute each block in the backward pass while training, to cut activation memory.
+    ``grad_checkpoint``: recompute each block in the backward pass while training, to cut activation memory (how
+    the model runs, not what it computes: not part of ``STOPConfig``).
     """
 
-    def __init__(
-        self,
-        clip: CLIP,
-        prompt: str = "stop",
-        *,
-        alpha: float = 0.5,
-        beta: float = 1.0,
-        eta: int = 4,
-        rho: float = 1 / 8,
-        reduced_dim: int = 32,
-        prompt_layers: int | None = None,
-        dropout: float = 0.1,
-        grad_checkpoint: bool = False,
-    ):
+    def __init__(self, clip: CLIP, config: STOPConfig | None = None, *, grad_checkpoint: bool = False):
         super().__init__()
+        config = config or STOPConfig()
         num_layers = len(clip.visual.transformer.resblocks)
-        prompt_layers = num_layers if prompt_layers is None else prompt_layers
-        checks = [
-            (prompt in PROMPT_VARIANTS, f"prompt={prompt!r}: expected one of {PROMPT_VARIANTS}"),
-            (0 <= alpha <= 1, f"alpha={alpha}: expected a weight in [0, 1]"),
-            (beta >= 0, f"beta={beta}: expected beta >= 0"),
-            (isinstance(eta, int) and eta >= 1, f"eta={eta}: expected an integer >= 1"),
-            (0 < rho <= 1, f"rho={rho}: expected 0 < rho <= 1"),
-            (isinstance(reduced_dim, int) and reduced_dim >= 1, f"reduced_dim={reduced_dim}: expected an integer >= 1"),
-            (
-                isinstance(prompt_layers, int) and 1 <= prompt_layers <= num_layers,
-                f"prompt_layers={prompt_layers}: expected an integer in 1..{num_layers} (this CLIP's vision blocks)",
-            ),
-            (0 <= dropout < 1, f"dropout={dropout}: expected 0 <= dropout < 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
+        if config.prompt_layers is not None and config.prompt_layers > num_layers:
+            raise ValueError(
+                f"prompt_layers={config.prompt_layers}: expected an integer in 1..{num_layers} (this CLIP's vision "
+                "blocks)"
+            )
         self.clip = clip.requires_grad_(False).eval()
-        self.prompt = prompt
+        self.config = config
+        self.prompt = config.prompt
         self.grad_checkpoint = grad_checkpoint
-        prompter_settings = dict(alpha=alpha, beta=beta, eta=eta, rho=rho, reduced_dim=reduced_dim, dropout=dropout)
-        self.hyperparameters = dict(prompt=prompt, **prompter_settings, prompt_layers=prompt_layers)
         visual = clip.visual
+        prompted = 0 if config.prompt == "none" else config.prompt_layers or num_layers
         self.prompters = nn.ModuleList(
-            BlockPrompter(prompt, visual.conv1.out_channels, visual.grid_size, **prompter_settings)
-            for _ in range(prompt_layers if prompt != "none" else 0)
+            BlockPrompter(config, visual.conv1.out_channels, visual.grid_size) for _ in range(prompted)
         )
 
     def train(self, mode: bool = True) -> STOPModel:
@@ -498,7 +552,9 @@ class STOPModel(nn.Module):
         return self.prompters.state_dict(prefix="prompters.")
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ValueError``."""
+        """Load ``trainable_state_dict()`` output, or that of the first release (``upgrade_trainable_state``); a
+        state of another variant or shape raises ``ValueError``."""
+        state = upgrade_trainable_state(state)
         expected = self.trainable_state_dict()
         problems = [
             *(f"missing {key}" for key in sorted(expected.keys() - state.keys())),
@@ -515,7 +571,7 @@ class STOPModel(nn.Module):
         self.prompters.load_state_dict({key.removeprefix("prompters."): value for key, value in state.items()})
 
     def extra_repr(self) -> str:
-        settings = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters.items())
+        settings = ", ".join(f"{name}={value!r}" for name, value in asdict(self.config).items())
         return f"{settings}, trainable parameters={self.num_trainable_parameters():,}"
 
     def __repr__(self) -> str:
@@ -528,3 +584,39 @@ class STOPModel(nn.Module):
         )
         prompters = textwrap.indent(repr(self.prompters), "  ").lstrip()
         return f"STOPModel(\n  {self.extra_repr()}\n  (clip): {clip_summary}\n  (prompters): {prompters}\n)"
+
+
+# The first release's names of the generators' tensors, and this file's.
+RENAMED_IN_SECOND_RELEASE = {
+    "spatial.dynamics.": "spatial.dynamics_net.",
+    "spatial.prompter.0.": "spatial.prompt_net.conv_in.",
+    "spatial.prompter.2.": "spatial.prompt_net.conv_out.",
+    "spatial.project.": "spatial.prompt_net.mlp.",
+    "temporal.variation.": "temporal.variation_net.",
+    "temporal.local.": "temporal.prompt_net.local_conv.",
+    "temporal.position": "temporal.prompt_net.position",
+    "temporal.queries": "temporal.prompt_net.queries",
+    "temporal.project.": "temporal.prompt_net.mlp.",
+}
+
+
+def upgrade_trainable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trainable state of the first release in this release's form (others are returned as they are).
+
+    The first release named the generators' tensors after their role (``RENAMED_IN_SECOND_RELEASE``), gave ``N^t``
+    and ``P^t``'s convolution a temporal kernel of 1 (``Conv3d`` weights ``[C, d_r, 1, 3, 3]``, now ``Conv2d``) and
+    ``P^t``'s convolution a bias, which adds to every token as the position embedding does: it is folded in.
+    """
+    if not any(".temporal.local." in key or ".spatial.dynamics." in key for key in state):
+        return state
+    upgraded = {}
+    for key, value in state.items():
+        for old, new in RENAMED_IN_SECOND_RELEASE.items():
+            key = key.replace(f".{old}", f".{new}")
+        if key.endswith(("temporal.variation_net.weight", "temporal.prompt_net.local_conv.weight")):
+            value = value.squeeze(2)  # [C, d_r, 1, 3, 3] -> [C, d_r, 3, 3]
+        upgraded[key] = value
+    for key in [key for key in upgraded if key.endswith("temporal.prompt_net.local_conv.bias")]:
+        position = key.removesuffix("local_conv.bias") + "position"
+        upgraded[position] = upgraded[position] + upgraded.pop(key)  # [N, d_r] + [d_r]
+    return upgraded

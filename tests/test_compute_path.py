@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import clip_model
 import evaluate
-from stop import PROMPT_VARIANTS, STOPModel
+from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 
 TINY = clip_model.CLIPConfig(32, 32, 3, 128, 8, 16, 100, 32, 1, 1)  # N = 16 patches, width 128, 3 blocks
 FRAMES = 6
@@ -52,7 +52,7 @@ def test_patch_embedding_as_matmul_equals_the_convolution():
 def test_encode_video_runs_on_the_meta_device(prompt):
     """Tensors on ``meta`` have shapes but no values: any read-back to the host, or a shape that depends on the
     data (such as the largest prompt count of the batch), fails here."""
-    model = STOPModel(clip_model.random_clip(TINY), prompt).to("meta")
+    model = STOPModel(clip_model.random_clip(TINY), STOPConfig(prompt)).to("meta")
     video_features, details = model.encode_video(torch.empty(2, FRAMES, 3, 32, 32, device="meta"), return_details=True)
     assert video_features.device.type == "meta" and video_features.shape == (2, TINY.embed_dim)
     assert all(block.counts.shape == (2, FRAMES - 1) for block in details)
@@ -66,7 +66,9 @@ def test_encode_video_compiles_to_one_graph_forward_and_backward(clip, prompt, g
     equal the eager ones (dropout off, so both draw nothing at random). Activation checkpointing wraps every
     variant's blocks alike, so it is checked on ``stop``, which runs every step."""
     torch._dynamo.reset()
-    model = trained(STOPModel(copy.deepcopy(clip), prompt, dropout=0.0, grad_checkpoint=grad_checkpoint)).train()
+    model = trained(
+        STOPModel(copy.deepcopy(clip), STOPConfig(prompt, dropout=0.0), grad_checkpoint=grad_checkpoint)
+    ).train()
     compiled = torch.compile(model.encode_video, fullgraph=True, backend="aot_eager")
     video = random_videos(2)
     outputs, gradients = [], []

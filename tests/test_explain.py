@@ -21,7 +21,7 @@ import clip_model
 import data
 import evaluate
 import explain
-from stop import STOPModel
+from stop import STOPConfig, STOPModel
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def write_checkpoint(path: Path, clip_file: Path, background: torch.Tensor, temp
     torch.manual_seed(0)
     clip = clip_model.load(clip_file)
     config = dict(task="recognize", dataset="ucf101", root=None, prompt="stop", alpha=0.0, prompt_layers=1, frames=8)
-    model = STOPModel(clip, "stop", alpha=0.0, prompt_layers=1)
+    model = STOPModel(clip, STOPConfig("stop", alpha=0.0, prompt_layers=1))
     clean = torch.stack([draw_frame(background, p) for p in ("top", "bottom", None)])
     pixels = data.build_transform(32, train=False)(tv_tensors.Video(clean)).as_subclass(torch.Tensor)
     block = clip.visual.transformer.resblocks[0]
@@ -77,10 +77,9 @@ def write_checkpoint(path: Path, clip_file: Path, background: torch.Tensor, temp
         spatial.reduce.weight.zero_()
         spatial.reduce.bias.zero_()
         spatial.reduce.weight[0] = feature / feature.norm()
-        dynamics_net = spatial.dynamics_and_prompter  # output channel 0 is N^s
-        dynamics_net.weight[0].zero_()
-        dynamics_net.bias[0].zero_()
-        dynamics_net.weight[0, 0, :, 1, 1] = 4 * torch.tensor(temporal_kernel)  # centre tap, frames t-1, t, t+1
+        spatial.dynamics_net.weight.zero_()  # N^s
+        spatial.dynamics_net.bias.zero_()
+        spatial.dynamics_net.weight[0, 0, :, 1, 1] = 4 * torch.tensor(temporal_kernel)  # centre tap, t-1, t, t+1
     checkpoint = {
         "stop": model.trainable_state_dict(),
         "config": config,
@@ -179,7 +178,7 @@ def test_every_prompted_block_gets_a_row(golden_clip, tmp_path, background, corn
     saved = torch.load(checkpoint, weights_only=True)
     saved["config"]["prompt_layers"] = 2  # block 2's prompters: their initialisation
     torch.manual_seed(0)
-    two_blocks = STOPModel(clip_model.load(golden_clip), "stop", alpha=0.0, prompt_layers=2)
+    two_blocks = STOPModel(clip_model.load(golden_clip), STOPConfig("stop", alpha=0.0, prompt_layers=2))
     saved["stop"] = {**two_blocks.trainable_state_dict(), **saved["stop"]}
     torch.save(saved, checkpoint)
     out = tmp_path / "all.png"

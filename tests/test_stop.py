@@ -13,7 +13,14 @@ from torch.utils.checkpoint import checkpoint
 
 import clip_model
 import stop
-from stop import PAPER_TRAINABLE_PARAMETERS, PROMPT_VARIANTS, STOPModel, cls_attention_map, prompted_block
+from stop import (
+    PAPER_TRAINABLE_PARAMETERS,
+    PROMPT_VARIANTS,
+    STOPConfig,
+    STOPModel,
+    cls_attention_map,
+    prompted_block,
+)
 
 TINY = clip_model.CLIPConfig(
     embed_dim=32,
@@ -90,16 +97,18 @@ def features(model: STOPModel, video: torch.Tensor, **kwargs):
 )
 def test_bad_hyperparameters_raise_naming_the_value(clip, kwargs, named):
     with pytest.raises(ValueError, match="expected") as error:
-        STOPModel(clip, **kwargs)
+        STOPModel(clip, STOPConfig(**kwargs))
     assert named in str(error.value)
 
 
 def test_trainable_parameters_per_variant(clip):
-    counts = {prompt: STOPModel(clip, prompt).num_trainable_parameters() for prompt in PROMPT_VARIANTS}
+    counts = {prompt: STOPModel(clip, STOPConfig(prompt)).num_trainable_parameters() for prompt in PROMPT_VARIANTS}
     assert counts["none"] == 0
     assert counts["static"] == TINY.vision_layers * 4 * TINY.vision_width  # eta tokens per block
     assert counts["stop"] == counts["spatial"] + counts["temporal"]
-    assert STOPModel(clip, prompt_layers=1).num_trainable_parameters() * TINY.vision_layers == counts["stop"]
+    assert (
+        STOPModel(clip, STOPConfig(prompt_layers=1)).num_trainable_parameters() * TINY.vision_layers == counts["stop"]
+    )
     model = STOPModel(clip)
     assert f"trainable parameters={counts['stop']:,}" in repr(model)
 
@@ -122,7 +131,7 @@ def test_clip_is_frozen_and_stays_in_eval_mode(clip):
 
 
 def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(clip):
-    model = STOPModel(clip, "none")
+    model = STOPModel(clip, STOPConfig("none"))
     video = random_videos(2)
     assert model.num_trainable_parameters() == 0 and model.trainable_state_dict() == {}
     expected = F.normalize(clip.encode_image(video.flatten(0, 1)).view(2, FRAMES, -1).mean(dim=1), dim=-1)
@@ -191,11 +200,11 @@ def test_prompted_block_without_prompts_is_the_plain_block(clip):
 
 def test_spatial_at_initialisation_equals_the_baseline_exactly(any_clip):
     video = random_videos(2)
-    baseline = features(STOPModel(any_clip, "none"), video)
-    spatial, details = features(STOPModel(any_clip, "spatial").eval(), video, return_details=True)
+    baseline = features(STOPModel(any_clip, STOPConfig("none")), video)
+    spatial, details = features(STOPModel(any_clip, STOPConfig("spatial")).eval(), video, return_details=True)
     assert torch.equal(spatial, baseline)  # bit-identical: p^s is exactly zero at initialisation
     assert all(d.regions.any() for d in details)  # regions were chosen, and prompted with zeros
-    assert torch.equal(features(STOPModel(any_clip, "spatial").train(), video), baseline)
+    assert torch.equal(features(STOPModel(any_clip, STOPConfig("spatial")).train(), video), baseline)
 
 
 def test_identical_frames_get_no_temporal_prompts(clip):
@@ -203,33 +212,36 @@ def test_identical_frames_get_no_temporal_prompts(clip):
     two batch positions on other hardware, so the test allows ``W^t`` up to the dead zone ``tau``, where the count
     is 0 by definition. With every prompt slot masked the features equal the baseline's within 1e-6."""
     video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
-    baseline = features(STOPModel(clip, "none"), video)
-    initial, details = features(STOPModel(clip, "stop").eval(), video, return_details=True)
+    baseline = features(STOPModel(clip, STOPConfig("none")), video)
+    initial, details = features(STOPModel(clip, STOPConfig("stop")).eval(), video, return_details=True)
     assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
     torch.testing.assert_close(initial, baseline, rtol=0, atol=1e-6)
     # Replicate padding over time: with any weights, identical frames stay identical and get no prompts.
     for prompt in ("stop", "temporal"):
-        _, details = features(as_if_trained(STOPModel(clip, prompt)), video, return_details=True)
+        _, details = features(as_if_trained(STOPModel(clip, STOPConfig(prompt))), video, return_details=True)
         assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, details = features(as_if_trained(STOPModel(clip, "stop")), video, return_details=True)
+        _, details = features(as_if_trained(STOPModel(clip, STOPConfig("stop"))), video, return_details=True)
     assert all(d.counts.eq(0).all() for d in details)
 
 
 def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip):
     """In the first prompted block; deeper blocks see frames 3-4 changed by those prompts, as they should."""
     expected = torch.tensor([[False, False, True, False, False, False, False]])
-    for model in (STOPModel(any_clip, "stop").eval(), as_if_trained(STOPModel(any_clip, "temporal"))):
+    for model in (
+        STOPModel(any_clip, STOPConfig("stop")).eval(),
+        as_if_trained(STOPModel(any_clip, STOPConfig("temporal"))),
+    ):
         _, details = features(model, one_change_video(), return_details=True)
         assert torch.equal(details[0].counts > 0, expected)
         assert torch.equal(details[0].variation > stop.VARIATION_DEAD_ZONE, expected)
-    model = STOPModel(any_clip, "stop", prompt_layers=1).eval()
+    model = STOPModel(any_clip, STOPConfig("stop", prompt_layers=1)).eval()
     _, details = features(model, one_change_video(), return_details=True)
     assert len(details) == 1 and torch.equal(details[0].counts > 0, expected)
 
 
 def test_prompt_count_grows_with_the_change(clip):
-    model = STOPModel(clip, "stop").eval()
+    model = STOPModel(clip, STOPConfig("stop")).eval()
     variations, counts = [], []
     for scale in (0.0, 0.01, 0.1, 0.3, 1.0, 3.0):
         _, details = features(model, one_change_video(scale=scale), return_details=True)
@@ -245,7 +257,7 @@ def test_prompt_count_grows_with_the_change(clip):
 def test_a_change_within_the_dead_zone_gets_no_prompt(clip):
     """Step 6's dead zone: float noise between frames (here a change of 1e-6 of the image) gives ``0 < W^t <= tau``
     and no prompt, where ``ceil(eta W^t)`` alone would insert one."""
-    _, details = features(STOPModel(clip, "stop").eval(), one_change_video(scale=1e-6), return_details=True)
+    _, details = features(STOPModel(clip, STOPConfig("stop")).eval(), one_change_video(scale=1e-6), return_details=True)
     variation = details[0].variation[0, 2].item()
     assert 0 < variation <= stop.VARIATION_DEAD_ZONE and math.ceil(4 * variation) == 1
     assert details[0].counts.eq(0).all()
@@ -254,10 +266,13 @@ def test_a_change_within_the_dead_zone_gets_no_prompt(clip):
 def test_reversal_changes_stop_but_not_the_baseline_or_static(clip):
     video = random_videos(3)
     reversed_video = video.flip(1)
-    for model in (STOPModel(clip, "none"), as_if_trained(STOPModel(clip, "static"))):
+    for model in (STOPModel(clip, STOPConfig("none")), as_if_trained(STOPModel(clip, STOPConfig("static")))):
         torch.testing.assert_close(features(model, reversed_video), features(model, video), rtol=0, atol=1e-6)
     # At initialisation only P^t's small prompts see the order (still far above the 1e-7 of rounding).
-    for model, least in ((STOPModel(clip, "stop").eval(), 1e-5), (as_if_trained(STOPModel(clip, "stop")), 0.1)):
+    for model, least in (
+        (STOPModel(clip, STOPConfig("stop")).eval(), 1e-5),
+        (as_if_trained(STOPModel(clip, STOPConfig("stop"))), 0.1),
+    ):
         change = (features(model, reversed_video) - features(model, video)).norm(dim=-1)
         assert (change > least).all(), change
 
@@ -266,7 +281,7 @@ def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
     """Videos with different prompt counts share a batch through the key mask: nothing truncated or leaked."""
     still = random_videos(1, frames=1, seed=1).expand(-1, FRAMES, -1, -1, -1)
     batch = torch.cat([still, random_videos(1, seed=2), one_change_video(seed=3)])
-    model = as_if_trained(STOPModel(clip, "stop"))
+    model = as_if_trained(STOPModel(clip, STOPConfig("stop")))
     together, details = features(model, batch, return_details=True)
     totals = details[0].counts.sum(dim=1)
     assert totals[0] == 0 and totals[1] > totals[2] > 0, totals
@@ -284,7 +299,7 @@ def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
 
 
 def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip):
-    model = as_if_trained(STOPModel(clip, "stop")).train()
+    model = as_if_trained(STOPModel(clip, STOPConfig("stop"))).train()
     before = {name: tensor.clone() for name, tensor in model.clip.state_dict().items()}
     trainable_before = [p.detach().clone() for p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.2)
@@ -306,7 +321,7 @@ def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
     video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
     gradients = []
     for grad_checkpoint in (False, True):
-        model = as_if_trained(STOPModel(clip, "stop", grad_checkpoint=grad_checkpoint)).train()
+        model = as_if_trained(STOPModel(clip, STOPConfig("stop"), grad_checkpoint=grad_checkpoint)).train()
         torch.manual_seed(0)  # the same dropout masks; checkpointing replays them in the recomputation
         F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1])).backward()
         gradients.append([p.grad for p in model.trainable_parameters()])
@@ -316,7 +331,7 @@ def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
 
 
 def test_bfloat16_autocast_forward_and_backward(clip):
-    model = as_if_trained(STOPModel(clip, "stop")).train()
+    model = as_if_trained(STOPModel(clip, STOPConfig("stop"))).train()
     video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1]))
@@ -344,7 +359,7 @@ def train_direction(clip: clip_model.CLIP, prompt: str, steps: int = 40) -> tupl
     """A few dozen AdamW steps on "moves right" (0) versus "moves left" (1); the class texts are random unit vectors."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = STOPModel(clip, prompt).train()
+    model = STOPModel(clip, STOPConfig(prompt)).train()
     class_features = F.normalize(torch.randn(2, clip.config.embed_dim, generator=generator), dim=-1)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -372,7 +387,7 @@ def test_stop_learns_motion_direction_while_static_stays_at_chance(clip):
             accuracy[prompt] = (model.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
         if prompt == "static":
             torch.testing.assert_close(features(model, right.flip(1)), features(model, right), rtol=0, atol=1e-6)
-    baseline = STOPModel(clip, "none")
+    baseline = STOPModel(clip, STOPConfig("none"))
     with torch.no_grad():
         accuracy["none"] = (baseline.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
     assert accuracy["stop"] >= 0.9, accuracy
@@ -386,7 +401,7 @@ def test_stop_learns_motion_direction_while_static_stays_at_chance(clip):
 
 @pytest.mark.parametrize("prompt", PROMPT_VARIANTS)
 def test_details_per_prompted_block(clip, prompt):
-    model = STOPModel(clip, prompt, prompt_layers=2).eval()
+    model = STOPModel(clip, STOPConfig(prompt, prompt_layers=2)).eval()
     video_features, details = features(model, random_videos(2), return_details=True)
     assert video_features.shape == (2, TINY.embed_dim)
     torch.testing.assert_close(video_features.norm(dim=-1), torch.ones(2))
@@ -409,10 +424,23 @@ def test_details_per_prompted_block(clip, prompt):
             assert torch.equal(block.counts, torch.ceil(4 * block.variation).long().masked_fill(noise, 0))
 
 
+def test_a_first_release_checkpoint_loads_and_computes_what_it_did(golden):
+    """The first release named the generators' tensors otherwise and kept a bias ``P^t``'s position embedding now
+    holds; its checkpoints load into this release and give the features its own code computed (fixture)."""
+    saved = torch.load(golden / "stop_checkpoint_v1.pt", weights_only=True)
+    reference = torch.load(golden / "stop_checkpoint_v1_outputs.pt", weights_only=True)
+    model = STOPModel(clip_model.load(golden / "tiny_clip_state_dict.pt"), STOPConfig.from_dict(saved["config"]))
+    model.load_trainable_state_dict(saved["stop"])
+    video_features, details = features(model.eval(), reference["video"], return_details=True)
+    torch.testing.assert_close(video_features, reference["features"], rtol=0, atol=1e-6)
+    assert torch.equal(torch.stack([block.counts for block in details]), reference["counts"])
+    torch.testing.assert_close(torch.stack([block.variation for block in details]), reference["variation"])
+
+
 @pytest.mark.parametrize(("width", "patch"), [(192, 4), (64, 16)])  # 3 heads on an 8x8 grid; 1 head on 2x2
 def test_any_vit_shape(width, patch):
     config = clip_model.CLIPConfig(32, 32, 2, width, patch, 16, 100, 32, 1, 1)
-    model = as_if_trained(STOPModel(clip_model.random_clip(config), "stop"))
+    model = as_if_trained(STOPModel(clip_model.random_clip(config), STOPConfig("stop")))
     video_features, details = features(model, random_videos(2, frames=4), return_details=True)
     patches = (32 // patch) ** 2
     assert video_features.shape == (2, 32) and details[0].regions.shape == (2, 4, patches)
@@ -444,21 +472,21 @@ def test_text_similarity_and_class_logits(clip):
 
 
 def test_trainable_state_round_trips_and_refuses_another_variant_or_shape(clip):
-    source = as_if_trained(STOPModel(clip, "stop"))
-    target = STOPModel(clip, "stop").eval()
+    source = as_if_trained(STOPModel(clip, STOPConfig("stop")))
+    target = STOPModel(clip, STOPConfig("stop")).eval()
     target.load_trainable_state_dict(source.trainable_state_dict())
     video = random_videos(2)
     assert torch.equal(features(target, video), features(source, video))
     assert all(key.startswith("prompters.") for key in source.trainable_state_dict())
 
     with pytest.raises(ValueError, match="missing prompters.0.temporal"):
-        target.load_trainable_state_dict(STOPModel(clip, "spatial").trainable_state_dict())
+        target.load_trainable_state_dict(STOPModel(clip, STOPConfig("spatial")).trainable_state_dict())
     with pytest.raises(ValueError, match="unexpected prompters.1.static"):
-        one_block = STOPModel(clip, "static", prompt_layers=1)
-        one_block.load_trainable_state_dict(STOPModel(clip, "static").trainable_state_dict())
+        one_block = STOPModel(clip, STOPConfig("static", prompt_layers=1))
+        one_block.load_trainable_state_dict(STOPModel(clip, STOPConfig("static")).trainable_state_dict())
     with pytest.raises(ValueError, match=r"queries has shape \(2, 32\), expected \(4, 32\)"):
-        target.load_trainable_state_dict(STOPModel(clip, "stop", eta=2).trainable_state_dict())
+        target.load_trainable_state_dict(STOPModel(clip, STOPConfig("stop", eta=2)).trainable_state_dict())
     other_width = clip_model.random_clip(clip_model.CLIPConfig(32, 32, 3, 64, 8, 16, 100, 32, 1, 1))
     with pytest.raises(ValueError, match="expected"):
-        target.load_trainable_state_dict(STOPModel(other_width, "stop").trainable_state_dict())
-    STOPModel(clip, "none").load_trainable_state_dict({})
+        target.load_trainable_state_dict(STOPModel(other_width, STOPConfig("stop")).trainable_state_dict())
+    STOPModel(clip, STOPConfig("none")).load_trainable_state_dict({})
