@@ -104,11 +104,6 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
-# What a run folder holds that train.py and evaluate.py wrote: all that --overwrite deletes.
-RUN_FILES = ("metrics.jsonl", "last.pt", "best.pt")
-RUN_FILE_PATTERNS = ("eval-*.json", "*.tmp")
-
-
 def holds_run(out: Path) -> bool:
     return (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file()
 
@@ -135,9 +130,11 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
-def delete_run_files(out: Path) -> None:
-    """``--overwrite``: delete the earlier run's files (``RUN_FILES``, evaluations, temporaries), nothing else."""
-    for path in [*(out / name for name in RUN_FILES), *(p for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern))]:
+def delete_replaced_run(out: Path) -> None:
+    """``--overwrite``, just before the new run's first ``save_epoch``, which replaces the earlier run's
+    ``last.pt``, ``best.pt`` and ``metrics.jsonl``: delete its evaluations and temporary files, nothing else. Until
+    then the earlier run stays whole, so a new run that fails in its first epoch loses nothing."""
+    for path in [*out.glob("eval-*.json"), *out.glob("*.tmp")]:
         path.unlink(missing_ok=True)
 
 
@@ -160,18 +157,23 @@ def save_epoch(out: Path, state: dict[str, Any]) -> None:
     atomic_save(metrics_lines(state["records"]), out / "metrics.jsonl")
 
 
-def saved_epoch(path: Path) -> int | None:
-    """The epoch a checkpoint was saved after (0-based), or None when there is none to read."""
+def holds_state(path: Path, state: dict[str, Any]) -> bool:
+    """Whether the checkpoint at ``path`` is ``state``: the same epoch and STOP tensors (not merely the same epoch
+    number: ``best.pt`` may still be the replaced run's, after ``--overwrite``)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        same_tensors = saved["stop"].keys() == state["stop"].keys() and all(
+            torch.equal(saved["stop"][name], tensor) for name, tensor in state["stop"].items()
+        )
+        return saved["epoch"] == state["epoch"] and same_tensors
     except Exception:  # missing, truncated, not a checkpoint: rewritten from last.pt all the same
-        return None
+        return False
 
 
 def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
     """Finish what ``save_epoch`` had not when the run was killed: ``best.pt`` and ``metrics.jsonl`` as ``last.pt``
     says they are."""
-    if checkpoint["best_epoch"] == checkpoint["epoch"] and saved_epoch(out / "best.pt") != checkpoint["epoch"]:
+    if checkpoint["best_epoch"] == checkpoint["epoch"] and not holds_state(out / "best.pt", checkpoint):
         atomic_save(checkpoint, out / "best.pt")
     lines = metrics_lines(checkpoint["records"])
     metrics = out / "metrics.jsonl"
@@ -329,8 +331,6 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_epoch, best, best_epoch, records = 0, None, None, []
-    if rank() == 0 and overwrite:
-        delete_run_files(out)  # only now: bad input found above leaves the earlier run as it was
     if checkpoint:
         model.load_trainable_state_dict(checkpoint["stop"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -425,6 +425,8 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
                 "config": config,
                 "clip": {"name": backbone.name, "sha256": backbone.sha256},
             }
+            if overwrite and epoch == 0:
+                delete_replaced_run(out)
             save_epoch(out, state)
             last_good = f"{out / 'last.pt'} (epoch {epoch + 1})"
     echo(f"done: {out / 'best.pt'} ({best_name(task)} {best:.2f})")

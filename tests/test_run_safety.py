@@ -89,23 +89,59 @@ def test_synthetic_root_holding_other_files_is_refused_and_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch folder left
 
 
-def test_overwrite_replaces_a_run_and_nothing_else(tiny_root, golden_clip, tmp_path):
+def test_overwrite_replaces_a_run_and_nothing_else(tiny_root, golden_clip, tmp_path, monkeypatch):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "thesis.txt").write_text("x\n")
     code, output = train_tiny(tiny_root, golden_clip, notes, "--overwrite")
-    assert code == 1 and error_lines(output) and "holds no run" in output, output
+    assert code == 1 and len(error_lines(output)) == 1 and "holds no run" in output, output
     assert sorted(p.name for p in notes.iterdir()) == ["thesis.txt"]
 
     run_folder = tmp_path / "run"
     run_folder.mkdir()
-    (run_folder / "metrics.jsonl").write_text('{"epoch": 1, "top1": 99.0}\n{"epoch": 2, "top1": 99.0}\n')
-    (run_folder / "eval-recognize-ucf101.json").write_text("{}")  # an evaluation of the run it replaces
+    old_run = {
+        "metrics.jsonl": b'{"epoch": 1, "top1": 99.0}\n{"epoch": 2, "top1": 99.0}\n',
+        "last.pt": b"old last",
+        "best.pt": b"old best",
+        "eval-recognize-ucf101.json": b"{}",  # an evaluation of the run being replaced
+    }
+    for name, content in old_run.items():
+        (run_folder / name).write_bytes(content)
     (run_folder / "plot.png").write_bytes(b"mine")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # the new run dies in its first epoch: the old one is still whole
+        patch.setattr(train, "evaluate_recognition", interrupted)
+        code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1)
+    assert code == 130, output
+    assert all((run_folder / name).read_bytes() == content for name, content in old_run.items())
+
     code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1)
     assert code == 0, output
     assert [r["epoch"] for r in records(run_folder)] == [1] and records(run_folder)[0]["top1"] != 99.0
     assert sorted(p.name for p in run_folder.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "plot.png"]
+    assert torch.load(run_folder / "best.pt", weights_only=True)["epoch"] == 0
+
+    # Replaced again (another seed), killed between the new last.pt and best.pt: the old best.pt is also from
+    # epoch 1, and --resume must still see that it belongs to the replaced run.
+    saves = []
+
+    def dying_at_best_pt(obj, path):
+        saves.append(path.name)
+        if path.name == "best.pt":
+            raise KeyboardInterrupt
+        evaluate.atomic_save(obj, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "atomic_save", dying_at_best_pt)
+        code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1, "--seed", 1)
+    assert code == 130 and saves == ["last.pt", "best.pt"], output
+    assert not same_tensors(stop_tensors(run_folder / "best.pt"), stop_tensors(run_folder / "last.pt"))
+    code, output = train_tiny(tiny_root, golden_clip, run_folder, "--resume", "--epochs", 1, "--seed", 1)
+    assert code == 0 and "nothing left to do" in output, output
+    assert same_tensors(stop_tensors(run_folder / "best.pt"), stop_tensors(run_folder / "last.pt"))
 
 
 # --------------------------------------------------------------------------- #
