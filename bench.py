@@ -34,9 +34,9 @@ needs neither TorchCodec nor FFmpeg.
 Rows take turns within each round (the starting row rotates), so drift in the machine's speed hits them alike;
 every ratio is the median over rounds of the two times measured in the same round.
 
-``data``: writes stand-ins for the published clips of each dataset of ``../shared/design/DATASETS.md``
-(container, codec, size, frame rate, length and keyframe interval as published; the picture is a smooth
-texture panning like a camera), in the dataset's own layout, runs ``data.prepare_dataset`` on it, and reads both
+``data``: writes stand-ins for the published clips of each dataset (``STANDINS``: container, codec, size, frame
+rate, length and keyframe interval as published; the picture is a smooth texture panning like a camera), in the
+dataset's own layout (README.md, "Dataset layouts"), runs ``data.prepare_dataset`` on it, and reads both
 through ``data.build_dataset``: decode + sample clips/s and decode + sample + transform clips/s in one thread
 (one DataLoader worker), raw against prepared, side by side.
 """

@@ -41,6 +41,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -61,7 +62,7 @@ import torch
 import torchcodec
 import typer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchcodec import transforms as decoder_transforms
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
@@ -121,7 +122,10 @@ video. Install FFmpeg (major version 4 to 8) and run again:
 
 
 class DataError(Exception):
-    """Bad input: a missing file or folder, an unknown name, a broken video in strict mode."""
+    """Bad input: a missing file or folder, an unknown name, a broken video in strict mode.
+
+    Picklable (its one argument is the message), so a DataLoader worker can send it to the main process as it is.
+    """
 
 
 class BrokenVideoError(DataError):
@@ -131,6 +135,17 @@ class BrokenVideoError(DataError):
         super().__init__(f"cannot decode video {path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        return BrokenVideoError, (self.path, self.reason)  # rebuilt from both arguments, not the message
+
+
+def os_error_message(error: OSError) -> str:
+    """A file-system error as ``<path>: <reason>`` ("/data/run: Permission denied"); its text if it names no path."""
+    if error.filename is None:
+        return str(error)
+    target = f" -> {error.filename2}" if error.filename2 is not None else ""
+    return f"{error.filename}{target}: {error.strerror or error}"
 
 
 class BrokenVideoWarning(UserWarning):
@@ -630,6 +645,75 @@ def build_dataset(
     )
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The 64-bit seed of item ``index``'s random draws in ``epoch``: unrelated streams for distinct triples."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass
+class WorkerFailure:
+    """A DataError met in a DataLoader worker, carried to the main process in place of a batch.
+
+    PyTorch would send only the error's type and traceback text and rebuild it from that text, so the user would
+    read "Caught DataError in DataLoader worker process 0. Original Traceback ..." (or a RuntimeError, for a
+    BrokenVideoError, whose constructor takes two arguments). The error itself pickles, so it travels as it is.
+    """
+
+    error: DataError
+
+
+class LoaderItems(Dataset):
+    """``dataset`` as ``VideoLoader`` reads it: item ``i`` of epoch ``e`` draws from its own random stream.
+
+    Each item seeds torch's random number generator with ``item_seed(seed, e, i)`` (frame sampling and the
+    crop and flip use it), inside ``torch.random.fork_rng`` so the calling process's own stream is untouched. The
+    draws are then the same whichever worker process (or the main one, with no workers) loads the item, whatever
+    that worker loaded before it in earlier epochs, and however many workers there are: ``--resume``, which starts
+    fresh workers, continues exactly. ``epoch`` lives in shared memory: persistent workers see ``set_epoch``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int | str] | WorkerFailure:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, int(self.epoch), index))
+                return self.dataset[index]
+        except DataError as error:
+            if get_worker_info() is None:
+                raise  # no workers: it reaches the caller as it is anyway
+            return WorkerFailure(error)
+
+
+def collate_or_failure(items: list) -> object:
+    """``default_collate``, or the batch's first ``WorkerFailure`` (to be raised by ``VideoLoader``)."""
+    failures = [item for item in items if isinstance(item, WorkerFailure)]
+    return failures[0] if failures else default_collate(items)
+
+
+class VideoLoader(DataLoader):
+    """A DataLoader over ``LoaderItems``: raises a worker's DataError in the main process as the same error (one
+    ``error:`` line, as with no workers), and ``set_epoch`` gives the sampler and the items' random draws the epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch.fill_(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator:
+        for batch in super().__iter__():
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -639,16 +723,17 @@ def build_loader(
     drop_last: bool = False,
     sampler: Sampler | None = None,
     seed: int = 0,
-) -> DataLoader:
-    """A DataLoader with `workers` processes kept alive across epochs, pinned
-    memory when a GPU is there, and worker RNGs seeded from `seed` (the
-    shuffle order too). With `workers=0` the process's global RNG is used."""
-    return DataLoader(
-        dataset,
+) -> VideoLoader:
+    """A ``VideoLoader`` with `workers` processes kept alive across epochs, pinned memory when a GPU is there,
+    each item's random draws a function of (`seed`, epoch, item) (see ``LoaderItems``), and the shuffle order
+    (without a `sampler`) drawn from `seed`. `loader.dataset` is the ``LoaderItems`` around `dataset`."""
+    return VideoLoader(
+        LoaderItems(dataset, seed),
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_or_failure,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
@@ -814,23 +899,47 @@ def _write_synthetic_msrvtt(root: Path, generator: torch.Generator) -> None:
             csv.writer(file).writerows([header, *rows])
 
 
+SYNTHETIC_ENTRIES = {"COMPLETE", "ucf101", "msrvtt"}  # all that ensure_synthetic puts in its root
+
+
+def _holds_synthetic(root: Path) -> bool:
+    """Whether `root` holds what ensure_synthetic writes (of any version or seed) and nothing else."""
+    marker = root / "COMPLETE"
+    names = {path.name for path in root.iterdir()}
+    return names <= SYNTHETIC_ENTRIES and marker.is_file() and marker.read_text().startswith("version ")
+
+
 def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path:
     """Create the synthetic dataset under `root` once and return `root`.
 
     `root/ucf101` (UCF101 layout, 8 classes x (48 train + 16 test) clips) and
     `root/msrvtt` (MSR-VTT layout, 256 train videos x 3 captions, 64 test
     pairs): 64x64 px, 16 frames at 8 fps, real MPEG-4 AVI and H.264 MP4 files.
-    It is built in a scratch folder and renamed into place with a marker file
-    written last, so an interrupted run is never mistaken for a finished one.
+    It is built in a scratch folder beside `root` and renamed into place with a
+    marker file written last, so an interrupted run is never mistaken for a
+    finished one. Only what this function wrote is ever replaced (a synthetic
+    dataset of another version or seed, or an empty folder): any other `root`
+    is refused with a DataError, and so is one where nothing can be written.
     """
     root = Path(root)
     marker = root / "COMPLETE"
     stamp = f"version {SYNTHETIC_VERSION} seed {seed}\n"
-    if marker.exists() and marker.read_text() == stamp:
-        return root
-    require_ffmpeg()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        if marker.is_file() and marker.read_text() == stamp:
+            return root
+        if root.exists() and not root.is_dir():
+            raise DataError(f"synthetic: {root} is a file; --root must be a folder for the generated dataset")
+        if root.is_dir() and any(root.iterdir()) and not _holds_synthetic(root):
+            raise DataError(
+                f"synthetic: {root} is not empty and holds no synthetic dataset (no COMPLETE marker); its files are "
+                "left alone: choose a new or empty folder for the generated data"
+            )
+        require_ffmpeg()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    except OSError as error:
+        raise DataError(f"synthetic: cannot create the dataset at {root}: {os_error_message(error)}") from None
+    retired = scratch.with_name(scratch.name + "-old")
     try:
         with single_threaded():
             generator = torch.Generator().manual_seed(seed)
@@ -840,10 +949,13 @@ def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path
             (scratch / layout / NO_FLIP_MARKER).write_text("Left and right are part of the labels: never flip.\n")
         (scratch / "COMPLETE").write_text(stamp)
         if root.exists():
-            shutil.rmtree(root)  # stale or interrupted
+            os.replace(root, retired)  # an empty folder, or this function's data of another version or seed
         os.replace(scratch, root)
+    except OSError as error:
+        raise DataError(f"synthetic: cannot write the dataset at {root}: {os_error_message(error)}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
     return root
 
 
@@ -1083,18 +1195,21 @@ app = typer.Typer(add_completion=False, help="Video data utilities.")
 
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """A DataError ends a command with its message and exit code 1, not a traceback."""
+    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
     try:
         yield
     except DataError as error:
         typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"error: {os_error_message(error)}", err=True)
         raise typer.Exit(1) from None
 
 
 @app.command()
 def prepare(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
-    root: Annotated[Path, typer.Option(help="the dataset as published (see DATASETS.md)")],
+    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
     out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
     fps: Annotated[float, typer.Option(help="frames per second kept")] = PrepareSettings.fps,
     min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
@@ -1121,8 +1236,10 @@ def prepare(
 @app.command()
 def synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> None:
     """Generate the synthetic dataset (once) and print where it is."""
-    start = time.perf_counter()
-    print(f"{ensure_synthetic(root, seed)} ready in {time.perf_counter() - start:.1f} s")
+    with reported_errors():
+        start = time.perf_counter()
+        ready = ensure_synthetic(root, seed)
+    typer.echo(f"{ready} ready in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,7 +73,12 @@ class RankError(RunError):
     """A failure this process met alone (its share of the data, joining the others): reported by it, not rank 0."""
 
 
-EXPECTED_ERRORS = (RunError, CLIPLoadError, DataError, ValueError)
+EXPECTED_ERRORS = (RunError, CLIPLoadError, DataError, ValueError, OSError)
+
+
+def error_message(error: Exception) -> str:
+    """What the user reads after ``error:``; a file-system error names its path (``data.os_error_message``)."""
+    return data.os_error_message(error) if isinstance(error, OSError) else str(error)
 
 
 @contextlib.contextmanager
@@ -87,7 +93,7 @@ def reported_errors() -> Iterator[None]:
         yield
     except EXPECTED_ERRORS as error:
         if rank() == 0 or isinstance(error, RankError):
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {error_message(error)}", err=True)
         raise typer.Exit(1) from None
     except RuntimeError as error:
         if not lost_contact(error):
@@ -227,13 +233,29 @@ def build_model(backbone: Backbone, config: dict[str, Any], device: torch.device
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write through a temporary file and rename: an interrupted save never leaves a half-written file."""
+    """Write through a temporary file and rename: an interrupted save never leaves a half-written file, and a
+    failed one (a full disk, ``path`` a folder) leaves no temporary file either."""
     temporary = path.with_name(path.name + ".tmp")
-    if isinstance(obj, str):
-        temporary.write_text(obj)
-    else:
-        torch.save(obj, temporary)
-    os.replace(temporary, path)
+    try:
+        if isinstance(obj, str):
+            temporary.write_text(obj)
+        else:
+            torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a scratch file in it, before any work: a read-only or missing location, or a file
+    in the way, fails now with one line instead of after an epoch or a whole evaluation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise RunError(f"{option}: cannot write in {folder}: {error.strerror or error}") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -336,7 +358,7 @@ def on_rank_zero(function: Callable[..., T], *args: Any) -> T:
         try:
             outcome = [(True, function(*args))]
         except EXPECTED_ERRORS as error:
-            outcome = [(False, str(error))]
+            outcome = [(False, error_message(error))]
     dist.broadcast_object_list(outcome, src=0)
     succeeded, value = outcome[0]
     if not succeeded:
@@ -357,15 +379,21 @@ def rank_local_errors() -> Iterator[None]:
 
 
 def shard(dataset: data.VideoDataset, *, train: bool, seed: int = 0) -> DistributedSampler | None:
-    """This rank's share of ``dataset`` under torchrun; ``None`` in one process (the loader's own order).
+    """This rank's share of ``dataset``: the order in which it reads it, one process being a world of one.
 
-    Training: reshuffled each epoch (``set_epoch``) with the same permutation on every rank, the remainder dropped so
-    every rank runs the same number of steps. Evaluation: in order and complete, a few items repeated so the shares
-    are equal; ``gather_in_dataset_order`` drops the repeats.
+    Training: a permutation drawn from ``seed`` and the epoch (``set_epoch``) alone, the same on every rank, each
+    taking its share, the remainder dropped so every rank runs the same number of steps; so the order of any epoch
+    is known without replaying the ones before it (``--resume``). Evaluation: ``None`` in one process (in order);
+    under torchrun in order and complete, a few items repeated so the shares are equal, which
+    ``gather_in_dataset_order`` drops.
     """
+    if train:
+        return DistributedSampler(
+            dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=True
+        )
     if not distributed():
         return None
-    return DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    return DistributedSampler(dataset, shuffle=False)
 
 
 def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -> tuple[torch.Tensor | list, ...]:
@@ -427,7 +455,9 @@ def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, P
     if (dataset == "msrvtt") != (task == "retrieve"):
         raise RunError(f"--dataset {dataset} is not a {task} dataset")
     if root is None:
-        raise RunError(f"--root is required for --dataset {dataset}: the folder holding it (see DATASETS in README)")
+        raise RunError(
+            f"--root is required for --dataset {dataset}: the folder holding it (see 'Dataset layouts' in README.md)"
+        )
     return dataset, root
 
 
@@ -560,8 +590,10 @@ CheckpointOption = Annotated[Path | None, typer.Option(help="best.pt or last.pt 
 ClipOption = Annotated[
     str | None, typer.Option(help="CLIP name (ViT-B/32, ...) or path; default: the checkpoint's, else the demo CLIP.")
 ]
-PromptOption = Annotated[Prompt, typer.Option(help="Ablation row; evaluating without --checkpoint takes 'none'.")]
-FramesOption = Annotated[int | None, typer.Option(help="Frames per video; default: the checkpoint's, else 8/12.")]
+PromptOption = Annotated[Prompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
+FramesOption = Annotated[
+    int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else 8/12.")
+]
 ViewsOption = Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")]
 SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
 BatchOption = Annotated[int, typer.Option(min=1)]
@@ -577,7 +609,12 @@ def options(
     root: RootOption = None,
     checkpoint: CheckpointOption = None,
     clip: ClipOption = None,
-    prompt: PromptOption = "none",
+    prompt: Annotated[
+        Prompt | None,
+        typer.Option(
+            help="Without --checkpoint only: 'none' (zero-shot CLIP4Clip, the default); a checkpoint has its own."
+        ),
+    ] = None,
     frames: FramesOption = None,
     views: ViewsOption = 1,
     split_id: SplitOption = 1,
@@ -592,26 +629,42 @@ def options(
     return dict(locals())
 
 
+def check_output_file(out: Path) -> None:
+    """``--out``: a file name whose folder can be written, checked before the evaluation runs."""
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
+    check_writable(out.parent, "--out")
+
+
 def run_evaluation(task: str, options: dict[str, Any]) -> None:
     device = resolve_device(options["device"])
     precision = resolve_precision(options["precision"], device)
     checkpoint_file, dataset, frames = options["checkpoint"], options["dataset"], options["frames"]
+    out = (
+        options["out"] or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
+    )
+    if checkpoint_file is not None and options["prompt"] is not None:
+        raise RunError(
+            f"--prompt {options['prompt']} and --checkpoint: a checkpoint is evaluated with the prompt modules "
+            "it trained (its own --prompt); leave --prompt out"
+        )
+    on_rank_zero(check_output_file, out)
     if checkpoint_file is not None:
         checkpoint = read_checkpoint(checkpoint_file)
         backbone = load_backbone(options["clip"] or checkpoint["clip"]["name"])
         check_same_backbone(checkpoint, backbone, checkpoint_file)
         model = build_model(backbone, checkpoint["config"], device, precision)
         model.load_trainable_state_dict(checkpoint["stop"])
-        frames = frames or checkpoint["config"]["frames"]
+        frames = frames if frames is not None else checkpoint["config"]["frames"]
     else:
-        if options["prompt"] != "none":
+        if options["prompt"] not in (None, "none"):
             raise RunError(
                 f"--prompt {options['prompt']} without --checkpoint would evaluate untrained prompts; "
                 "pass --checkpoint RUN/best.pt, or --prompt none for zero-shot CLIP4Clip"
             )
         backbone = load_backbone(options["clip"])
         model = build_model(backbone, {"prompt": "none"}, device, precision)
-        frames = frames or (8 if task == "recognize" else 12)
+        frames = frames if frames is not None else (8 if task == "recognize" else 12)
     name, location = on_rank_zero(dataset_location, dataset, options["root"], task)
     resolution = model.clip.visual.input_resolution
     test_set = data.build_dataset(
@@ -642,10 +695,6 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
     broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
-    out = (
-        options["out"] or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "task": task,
         "dataset": dataset,

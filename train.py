@@ -6,9 +6,10 @@
 
 Only STOP's parameters train (AdamW, cosine schedule with linear warm-up); CLIP stays frozen. Recognition
 minimises cross-entropy over ``logit_scale * cos(video, class text)``; retrieval the symmetric InfoNCE loss over
-the batch's video-caption pairs. After each epoch the test split is evaluated, a line is appended to
-``metrics.jsonl``, and ``last.pt`` (and ``best.pt`` when the metric improved) are written to the run folder:
-STOP's parameters, the optimiser and scheduler, RNG states and the configuration, never the frozen backbone.
+the batch's video-caption pairs. After each epoch the test split is evaluated and the run folder written:
+``last.pt``, ``best.pt`` when the metric improved (STOP's parameters, the optimiser and scheduler, RNG states, the
+configuration and every epoch's metrics, never the frozen backbone), then ``metrics.jsonl``, in that order so that
+``--resume`` can repair what a kill left unwritten (``save_epoch``). A loss that is no longer finite stops the run.
 
 ``torchrun --nproc_per_node N train.py recognize ...`` trains on N processes (GPUs, or CPU processes with gloo):
 each takes its share of every epoch (``DistributedSampler``, reshuffled per epoch), DistributedDataParallel averages
@@ -20,7 +21,6 @@ import inspect
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +41,7 @@ from evaluate import (
     DeviceOption,
     PrecisionOption,
     PromptOption,
+    RankError,
     RootOption,
     RunError,
     SplitOption,
@@ -51,6 +52,7 @@ from evaluate import (
     broken_over_ranks,
     build_model,
     check_same_backbone,
+    check_writable,
     class_prompts,
     dataset_location,
     distributed,
@@ -103,18 +105,120 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def holds_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file()
+
+
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run unless ``--resume`` (continue it) or ``--overwrite`` (start it afresh)."""
-    if resume and not (out / "last.pt").is_file():
-        raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
-    if not resume and not overwrite and out.exists() and any(out.iterdir()):
+    """Refuse to touch an existing run unless ``--resume`` (continue it) or ``--overwrite`` (start it afresh), and
+    any other non-empty folder in every case: only a run's own files are ever replaced."""
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; the run folder must be a folder")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
+        return
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not holds_run(out):
+        raise RunError(
+            f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
+            "choose a new or empty folder for --out"
+        )
+    if not overwrite:
         raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
+def delete_replaced_run(out: Path) -> None:
+    """``--overwrite``, just before the new run's first ``save_epoch``, which replaces the earlier run's
+    ``last.pt``, ``best.pt`` and ``metrics.jsonl``: delete its evaluations and temporary files, nothing else. Until
+    then the earlier run stays whole, so a new run that fails in its first epoch loses nothing."""
+    for path in [*out.glob("eval-*.json"), *out.glob("*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+def metrics_lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def save_epoch(out: Path, state: dict[str, Any]) -> None:
+    """Write the run folder after an epoch, so that a kill at any point leaves it consistent or repairable.
+
+    ``last.pt`` goes first and is the commit point: it holds everything, every epoch's metric record included.
+    Then ``best.pt`` when this epoch is the best so far (the same state) and ``metrics.jsonl`` (all records), each
+    written whole through a temporary file. A kill before ``last.pt`` is renamed loses the epoch, which
+    ``--resume`` runs again exactly; a kill after it leaves ``best.pt`` or ``metrics.jsonl`` one epoch behind, and
+    ``repair_run_folder`` brings them up to date from ``last.pt`` when the run is resumed.
+    """
+    atomic_save(state, out / "last.pt")
+    if state["best_epoch"] == state["epoch"]:
+        atomic_save(state, out / "best.pt")
+    atomic_save(metrics_lines(state["records"]), out / "metrics.jsonl")
+
+
+def holds_state(path: Path, state: dict[str, Any]) -> bool:
+    """Whether the checkpoint at ``path`` is ``state``: the same epoch and STOP tensors (not merely the same epoch
+    number: ``best.pt`` may still be the replaced run's, after ``--overwrite``)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        same_tensors = saved["stop"].keys() == state["stop"].keys() and all(
+            torch.equal(saved["stop"][name], tensor) for name, tensor in state["stop"].items()
+        )
+        return saved["epoch"] == state["epoch"] and same_tensors
+    except Exception:  # missing, truncated, not a checkpoint: rewritten from last.pt all the same
+        return False
+
+
+def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
+    """Finish what ``save_epoch`` had not when the run was killed: ``best.pt`` and ``metrics.jsonl`` as ``last.pt``
+    says they are."""
+    if checkpoint["best_epoch"] == checkpoint["epoch"] and not holds_state(out / "best.pt", checkpoint):
+        atomic_save(checkpoint, out / "best.pt")
+    lines = metrics_lines(checkpoint["records"])
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file() or metrics.read_text() != lines:
+        atomic_save(lines, metrics)
+
+
 def open_run(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the run folder and, with ``--resume``, read its ``last.pt``."""
+    """Check the run folder and that it can be written; with ``--resume``, read its ``last.pt`` and repair the
+    folder from it."""
     check_run_folder(out, resume, overwrite)
-    return read_checkpoint(out / "last.pt") if resume else None
+    check_writable(out, "--out")
+    if not resume:
+        return None
+    checkpoint = read_checkpoint(out / "last.pt")
+    if not {"records", "best_epoch"} <= checkpoint.keys():
+        raise RunError(f"{out / 'last.pt'} was written by an older train.py: it can be evaluated, not resumed")
+    repair_run_folder(out, checkpoint)
+    return checkpoint
+
+
+# What --resume may change; anything else given must match the saved run. --clip may name the same weights
+# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run.
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "root", "clip")
+
+
+def resumed_config(saved: dict[str, Any], requested: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """The saved run's configuration with the options ``--resume`` may change, and the folder it was resumed from
+    (a moved run folder carries its old path in ``config["out"]``); options given that conflict are refused."""
+    if requested["task"] != saved["task"]:
+        raise RunError(f"--resume: {requested['out']} holds a {saved['task']} run, not {requested['task']}")
+    conflicts = [
+        f"--{name.replace('_', '-')} {requested[name]} (the run has {saved[name]})"
+        for name in sorted(given - {"out", *RESUME_MAY_CHANGE})
+        if requested[name] != saved[name]
+    ]
+    if conflicts:
+        raise RunError(
+            f"--resume: {', '.join(conflicts)}: a run continues with the options it started with; leave them out, "
+            f"or start a new run in another --out (--resume may change {', '.join(RESUME_MAY_CHANGE)})"
+        )
+    config = {**saved, "out": requested["out"]}
+    config.update({name: requested[name] for name in RESUME_MAY_CHANGE if name in given})
+    return config
 
 
 class VideoTower(nn.Module):
@@ -149,11 +253,19 @@ def batch_loss(model: STOPModel, encode, task: str, videos, targets, class_featu
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
+def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]) -> None:
+    """``given``: the options given on the command line (not defaults), which ``--resume`` checks against the run."""
     out = Path(config["out"])
     checkpoint = on_rank_zero(open_run, out, resume, overwrite)
-    if checkpoint:  # the saved configuration, with --epochs able to extend the run
-        config = {**checkpoint["config"], "epochs": config["epochs"] or checkpoint["config"]["epochs"]}
+    if checkpoint:
+        config = resumed_config(checkpoint["config"], config, given)
+        if checkpoint["epoch"] + 1 >= config["epochs"]:
+            echo(
+                f"{out} has trained {checkpoint['epoch'] + 1} of --epochs {config['epochs']}: nothing left to do "
+                "(pass a larger --epochs to train on)"
+            )
+            echo(f"done: {out / 'best.pt'} ({best_name(config['task'])} {checkpoint['best']:.2f})")
+            return
     task, dataset = config["task"], config["dataset"]
     epochs, lr = DEFAULT_SCHEDULE[task, "synthetic" if dataset == "synthetic" else "real"]
     config = {**config, "epochs": config["epochs"] or epochs, "lr": config["lr"] or lr}
@@ -219,18 +331,16 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
     schedule = cosine_with_warmup(total_steps, max(1, round(config["warmup"] * total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_epoch, best = 0, None
-    if rank() == 0:
-        if overwrite and not resume:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, best_epoch, records = 0, None, None, []
     if checkpoint:
         model.load_trainable_state_dict(checkpoint["stop"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
+        start_epoch, best, best_epoch = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["best_epoch"]
+        records = checkpoint["records"]
         echo(f"resuming {out} at epoch {start_epoch + 1} of {config['epochs']}")
+    last_good = f"{out / 'last.pt'} (epoch {start_epoch})" if checkpoint else "none (no epoch finished)"
     encode = model.encode_video
     if distributed():
         # A batch whose temporal prompters insert no prompt (n_t = 0 everywhere) leaves their parameters without
@@ -242,18 +352,17 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
 
     with rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
         for epoch in range(start_epoch, config["epochs"]):
-            # The shuffle order, augmentation and dropout depend on the seed and epoch only, so --resume continues
-            # exactly. Under torchrun every rank shuffles alike (the sampler's seed) but augments with its own seed.
+            # The shuffle order, each clip's frames and augmentation (data.LoaderItems), and dropout depend on the
+            # seed and epoch only, never on the epochs before or the worker processes, so --resume continues
+            # exactly. Under torchrun every rank shuffles alike (the sampler's seed) and drops out with its own seed.
             epoch_seed = config["seed"] + epoch + rank() * 2**32
             torch.manual_seed(epoch_seed)
             random.seed(epoch_seed)
-            train_loader.generator.manual_seed(epoch_seed)
-            if distributed():
-                train_loader.sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
             model.train()
             running_loss, clips, started = 0.0, 0, time.perf_counter()
             progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=rank() != 0)
-            for videos, targets in progress:
+            for step, (videos, targets) in enumerate(progress):
                 videos = videos.to(device, non_blocking=True)
                 with autocast(device, precision):
                     loss = batch_loss(model, encode, task, videos, targets, class_features, backbone.tokenize, device)
@@ -262,10 +371,17 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                running_loss += loss.item() * len(videos)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):  # diverged: stop before anything is saved from it
+                    where = f"rank {rank()}: " if distributed() else ""
+                    raise RankError(
+                        f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
+                        f"{last_good}. Try a lower --lr"
+                    )
+                running_loss += loss_value * len(videos)
                 clips += len(videos)
                 progress.set_postfix(
-                    loss=f"{loss.item():.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}"
+                    loss=f"{loss_value:.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}"
                 )
 
             if task == "recognize":
@@ -278,8 +394,8 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
                 score = metrics["text_to_video"]["R@1"]
             running_loss, clips = summed_over_ranks(running_loss, clips)
             broken = broken_over_ranks(splits["train"], splits["test"])
-            improved = best is None or score > best
-            best = score if improved else best
+            if best is None or score > best:
+                best, best_epoch = score, epoch
             if rank() != 0:
                 continue  # rank 0 writes the run folder
             record = {
@@ -290,8 +406,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
                 "broken_videos": int(broken),
                 **metrics,
             }
-            with open(out / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
+            records = [*records, record]
             typer.echo(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}\n{format_metrics(metrics)}")
             if record["broken_videos"]:
                 typer.echo(f"warning: {record['broken_videos']} broken videos were replaced by others (see warnings)")
@@ -303,15 +418,22 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool) -> None:
                 "scaler": scaler.state_dict(),
                 "epoch": epoch,
                 "best": best,
+                "best_epoch": best_epoch,
                 "metrics": metrics,
+                "records": records,
                 "rng": rng_states(),
                 "config": config,
                 "clip": {"name": backbone.name, "sha256": backbone.sha256},
             }
-            atomic_save(state, out / "last.pt")
-            if improved:
-                atomic_save(state, out / "best.pt")
-    echo(f"done: {out / 'best.pt'} (best {'top-1' if task == 'recognize' else 'text-to-video R@1'} {best:.2f})")
+            if overwrite and epoch == 0:
+                delete_replaced_run(out)
+            save_epoch(out, state)
+            last_good = f"{out / 'last.pt'} (epoch {epoch + 1})"
+    echo(f"done: {out / 'best.pt'} ({best_name(task)} {best:.2f})")
+
+
+def best_name(task: str) -> str:
+    return "best top-1" if task == "recognize" else "best text-to-video R@1"
 
 
 # --------------------------------------------------------------------------- #
@@ -371,12 +493,15 @@ def run_config(task: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(task: str, help: str) -> None:
-    def command(**given: Any) -> None:
-        with reported_errors(), process_group(given["device"]):
-            resume, overwrite = given.pop("resume"), given.pop("overwrite")
-            train(run_config(task, given), resume=resume, overwrite=overwrite)
+    def command(context: typer.Context, **values: Any) -> None:
+        with reported_errors(), process_group(values["device"]):
+            resume, overwrite = values.pop("resume"), values.pop("overwrite")
+            given = {name for name in values if context.get_parameter_source(name).name != "DEFAULT"}
+            train(run_config(task, values), resume=resume, overwrite=overwrite, given=given)
 
-    command.__signature__ = inspect.signature(options)  # Typer reads the options from here
+    # Typer reads the options from here, and passes the click context (which options were given) as `context`.
+    context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context, *inspect.signature(options).parameters.values()])
     app.command(task, help=help)(command)
 
 

@@ -575,10 +575,11 @@ def test_synthetic_turning_is_clockwise_on_screen() -> None:
 
 def test_ensure_synthetic_builds_both_layouts_once(tmp_path: Path) -> None:
     root = tmp_path / "synthetic"
-    (root / "ucf101" / "UCF-101").mkdir(parents=True)  # an interrupted earlier run: no COMPLETE marker
-    (root / "ucf101" / "UCF-101" / "half_written.avi").write_bytes(b"")
+    (root / "ucf101" / "UCF-101").mkdir(parents=True)  # an older generator's data: replaced
+    (root / "ucf101" / "UCF-101" / "old.avi").write_bytes(b"")
+    (root / "COMPLETE").write_text(f"version {data.SYNTHETIC_VERSION - 1} seed 0\n")
     assert data.ensure_synthetic(root, seed=0) == root
-    assert not (root / "ucf101" / "UCF-101" / "half_written.avi").exists()
+    assert not (root / "ucf101" / "UCF-101" / "old.avi").exists()
     marker_time = (root / "COMPLETE").stat().st_mtime_ns
     assert data.ensure_synthetic(root, seed=0) == root and (root / "COMPLETE").stat().st_mtime_ns == marker_time
     assert [path.name for path in tmp_path.iterdir()] == ["synthetic"]  # no scratch folder left behind

@@ -1,0 +1,365 @@
+"""Nothing lost, nothing half-written, no traceback: run folders, --resume, --overwrite, errors from the loaders.
+
+The runs here train on a UCF101 layout of 16 synthetic clips (one per class for training, one for testing) with
+the 32-px golden CLIP: a step or two an epoch, so a test can afford several runs, kills and resumes.
+"""
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import data
+import evaluate
+import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """UCF101 layout, 8 classes x (1 training + 1 test) synthetic clips of 16 frames."""
+    root = tmp_path_factory.mktemp("tiny")
+    generator = torch.Generator().manual_seed(0)
+    lines = {"train": [], "test": []}
+    for label, name in enumerate(data.SYNTHETIC_CLASSES):
+        for split in ("train", "test"):
+            entry = f"{name}/v_{name}_g{1 if split == 'test' else 5:02d}_c01.avi"
+            frames, _, _ = data.render_synthetic_clip(label, generator)
+            data.write_video(root / "UCF-101" / entry, frames, data.SYNTHETIC_FPS)
+            lines[split].append(entry if split == "test" else f"{entry} {label + 1}")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(data.SYNTHETIC_CLASSES)))
+    (lists / "trainlist01.txt").write_text("\n".join(lines["train"]) + "\n")
+    (lists / "testlist01.txt").write_text("\n".join(lines["test"]) + "\n")
+    (root / data.NO_FLIP_MARKER).write_text("never flip\n")
+    return root
+
+
+def run(app, *args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout + result.stderr
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def train_tiny(root: Path, clip: Path, out: Path, *extra) -> tuple[int, str]:
+    """Two epochs of one step each (batch 8), on one process without workers unless ``extra`` says otherwise."""
+    options = ["--dataset", "ucf101", "--root", root, "--clip", clip, "--out", out, "--frames", 4]
+    return run(train.app, "recognize", *options, "--batch-size", 8, "--workers", 0, "--epochs", 2, *extra)
+
+
+def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["stop"]
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def records(out: Path) -> list[dict]:
+    """metrics.jsonl without the timing, which differs from run to run."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "train_clips_per_second"} for line in lines]
+
+
+# --------------------------------------------------------------------------- #
+# 1. Nothing deleted that the program did not create
+# --------------------------------------------------------------------------- #
+
+
+def test_synthetic_root_holding_other_files_is_refused_and_kept(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "thesis.txt").write_text("x\n")
+    code, output = run(data.app, "synthetic", "--root", root)
+    assert code == 1 and len(error_lines(output)) == 1 and str(root) in output, output
+    code, output = run(train.app, "recognize", "--dataset", "synthetic", "--root", root, "--out", tmp_path / "run")
+    assert code == 1 and "holds no synthetic dataset" in output, output
+    assert (root / "thesis.txt").read_text() == "x\n"
+    assert sorted(p.name for p in root.iterdir()) == ["thesis.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch folder left
+
+
+def test_overwrite_replaces_a_run_and_nothing_else(tiny_root, golden_clip, tmp_path, monkeypatch):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("x\n")
+    code, output = train_tiny(tiny_root, golden_clip, notes, "--overwrite")
+    assert code == 1 and len(error_lines(output)) == 1 and "holds no run" in output, output
+    assert sorted(p.name for p in notes.iterdir()) == ["thesis.txt"]
+
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    old_run = {
+        "metrics.jsonl": b'{"epoch": 1, "top1": 99.0}\n{"epoch": 2, "top1": 99.0}\n',
+        "last.pt": b"old last",
+        "best.pt": b"old best",
+        "eval-recognize-ucf101.json": b"{}",  # an evaluation of the run being replaced
+    }
+    for name, content in old_run.items():
+        (run_folder / name).write_bytes(content)
+    (run_folder / "plot.png").write_bytes(b"mine")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # the new run dies in its first epoch: the old one is still whole
+        patch.setattr(train, "evaluate_recognition", interrupted)
+        code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1)
+    assert code == 130, output
+    assert all((run_folder / name).read_bytes() == content for name, content in old_run.items())
+
+    code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1)
+    assert code == 0, output
+    assert [r["epoch"] for r in records(run_folder)] == [1] and records(run_folder)[0]["top1"] != 99.0
+    assert sorted(p.name for p in run_folder.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "plot.png"]
+    assert torch.load(run_folder / "best.pt", weights_only=True)["epoch"] == 0
+
+    # Replaced again (another seed), killed between the new last.pt and best.pt: the old best.pt is also from
+    # epoch 1, and --resume must still see that it belongs to the replaced run.
+    saves = []
+
+    def dying_at_best_pt(obj, path):
+        saves.append(path.name)
+        if path.name == "best.pt":
+            raise KeyboardInterrupt
+        evaluate.atomic_save(obj, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "atomic_save", dying_at_best_pt)
+        code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1, "--seed", 1)
+    assert code == 130 and saves == ["last.pt", "best.pt"], output
+    assert not same_tensors(stop_tensors(run_folder / "best.pt"), stop_tensors(run_folder / "last.pt"))
+    code, output = train_tiny(tiny_root, golden_clip, run_folder, "--resume", "--epochs", 1, "--seed", 1)
+    assert code == 0 and "nothing left to do" in output, output
+    assert same_tensors(stop_tensors(run_folder / "best.pt"), stop_tensors(run_folder / "last.pt"))
+
+
+# --------------------------------------------------------------------------- #
+# 2 and 9. --resume: exact with worker processes, in the folder it was resumed from, conflicting options refused
+# --------------------------------------------------------------------------- #
+
+
+def test_resume_with_workers_is_exact_and_refuses_conflicting_options(tiny_root, golden_clip, tmp_path, monkeypatch):
+    """A run killed in epoch 2 and resumed, both with two worker processes, ends as one run without any: a clip's
+    random draws depend on (seed, epoch, clip) only, not on the worker or what it drew in earlier epochs."""
+    two_workers = ("--workers", 2, "--batch-size", 4)  # two steps an epoch, one batch per worker
+    straight = tmp_path / "straight"
+    code, output = train_tiny(tiny_root, golden_clip, straight, "--batch-size", 4)
+    assert code == 0, output
+
+    killed, moved = tmp_path / "killed", tmp_path / "moved"
+    evaluations = []
+
+    def interrupt_at_second_evaluation(*args):
+        evaluations.append(args)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in epoch 2's evaluation: the workers' epoch-2 draws are lost
+        return evaluate.evaluate_recognition(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate_recognition", interrupt_at_second_evaluation)
+        code, output = train_tiny(tiny_root, golden_clip, killed, *two_workers)
+    assert code == 130, output
+    shutil.move(killed, moved)  # the saved configuration still names `killed`
+    code, output = train_tiny(tiny_root, golden_clip, moved, *two_workers, "--resume")
+    assert code == 0 and "resuming" in output, output
+    assert not killed.exists()
+    assert same_tensors(stop_tensors(moved / "last.pt"), stop_tensors(straight / "last.pt"))
+    assert records(moved) == records(straight)
+
+    # The run is finished: resuming it trains nothing and says so, never "resuming at epoch 3 of 2".
+    before = (moved / "last.pt").read_bytes()
+    code, output = train_tiny(tiny_root, golden_clip, moved, *two_workers, "--resume", "--workers", 1)
+    assert code == 0 and "nothing left to do" in output and "resuming" not in output, output
+    code, output = train_tiny(tiny_root, golden_clip, moved, *two_workers, "--resume", "--batch-size", 2, "--lr", 0.5)
+    assert code == 1 and len(error_lines(output)) == 1, output
+    assert "--batch-size 2 (the run has 4)" in output and "--lr 0.5 (the run has 0.001)" in output
+    code, output = run(train.app, "retrieve", "--out", moved, "--resume")
+    assert code == 1 and "holds a recognize run" in output, output
+    code, output = train_tiny(tiny_root, golden_clip, moved, "--resume", "--overwrite")
+    assert code == 1 and "pass one of them" in output, output
+    assert (moved / "last.pt").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- #
+# 3. Every kill point while saving an epoch leaves last.pt, best.pt and metrics.jsonl consistent after --resume
+# --------------------------------------------------------------------------- #
+
+
+class Killed(KeyboardInterrupt):
+    """Raised in place of the n-th save: the process dies there (the save itself never starts)."""
+
+
+def test_a_kill_at_any_save_is_repaired_by_resume(tiny_root, golden_clip, tmp_path, monkeypatch):
+    epochs_started = []
+    set_epoch = data.VideoLoader.set_epoch
+
+    def record_epoch(loader, epoch):
+        epochs_started.append(epoch)
+        set_epoch(loader, epoch)
+
+    def improving_scores(*args):
+        """Every epoch beats the one before, so every epoch writes best.pt (the real scores may tie)."""
+        return {"top1": 10.0 * (epochs_started[-1] + 1), "top5": 100.0}
+
+    monkeypatch.setattr(data.VideoLoader, "set_epoch", record_epoch)
+    monkeypatch.setattr(train, "evaluate_recognition", improving_scores)
+    straight = tmp_path / "straight"
+    assert train_tiny(tiny_root, golden_clip, straight)[0] == 0
+    saves = []
+    real_save = train.atomic_save
+
+    # Epoch 2's saves are the 4th (last.pt), 5th (best.pt) and 6th (metrics.jsonl): die at each in turn.
+    for kill_at in (4, 5, 6):
+        out = tmp_path / f"killed-at-{kill_at}"
+
+        def dying_save(obj, path, kill_at=kill_at):
+            saves.append(path.name)
+            if len(saves) == kill_at:
+                raise Killed
+            real_save(obj, path)
+
+        saves.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "atomic_save", dying_save)
+            code, output = train_tiny(tiny_root, golden_clip, out)
+        assert code == 130 and saves[3:] == ["last.pt", "best.pt", "metrics.jsonl"][: kill_at - 3], (kill_at, saves)
+        code, output = train_tiny(tiny_root, golden_clip, out, "--resume")
+        assert code == 0, (kill_at, output)
+        assert records(out) == records(straight), kill_at
+        assert [r["top1"] for r in records(out)] == [10.0, 20.0]
+        best = torch.load(out / "best.pt", weights_only=True)
+        assert best["epoch"] == 1 and best["best"] == 20.0, kill_at
+        assert same_tensors(best["stop"], stop_tensors(straight / "best.pt")), kill_at
+        assert same_tensors(stop_tensors(out / "last.pt"), stop_tensors(straight / "last.pt")), kill_at
+        assert not any(p.suffix == ".tmp" for p in out.iterdir())
+
+
+# --------------------------------------------------------------------------- #
+# 8. A diverging run stops with one line and keeps its last good checkpoint
+# --------------------------------------------------------------------------- #
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 1e12, "--prompt", "static", "--epochs", 3)
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    finished = len(records(out)) if (out / "metrics.jsonl").exists() else 0
+    assert f"loss is not finite at epoch {finished + 1}, step " in line
+    if finished:
+        assert f"last good checkpoint: {out / 'last.pt'} (epoch {finished})" in line
+        saved = torch.load(out / "last.pt", weights_only=True)
+        assert saved["epoch"] + 1 == finished and all(t.isfinite().all() for t in saved["stop"].values())
+    else:
+        assert "last good checkpoint: none" in line and not (out / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------- #
+# 4. An error in a DataLoader worker is the same one line as without workers
+# --------------------------------------------------------------------------- #
+
+
+def test_data_errors_survive_pickling(tmp_path):
+    broken = data.BrokenVideoError(tmp_path / "a.avi", "no decodable frames")
+    copy = pickle.loads(pickle.dumps(broken))
+    assert type(copy) is data.BrokenVideoError and str(copy) == str(broken)
+    assert (copy.path, copy.reason) == (broken.path, broken.reason)
+    assert str(pickle.loads(pickle.dumps(data.DataError("bad\nlayout")))) == "bad\nlayout"
+
+
+def test_strict_error_in_a_worker_is_one_line(tiny_root, golden_clip, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    victim = root / "UCF-101" / "MovingUp" / "v_MovingUp_g01_c01.avi"  # the third test video
+    victim.write_bytes(b"not a video")
+    lines = {}
+    for workers in (0, 2):
+        code, output = run(
+            evaluate.app, "recognize", "--dataset", "ucf101", "--root", root, "--clip", golden_clip,
+            "--frames", 2, "--batch-size", 2, "--workers", workers, "--strict", "--out", tmp_path / "e.json",
+        )  # fmt: skip
+        assert code == 1 and "Traceback" not in output and "Caught" not in output, output
+        (lines[workers],) = error_lines(output)
+    assert lines[0] == lines[2] and lines[0].startswith(f"error: cannot decode video {victim}")
+
+
+# --------------------------------------------------------------------------- #
+# 5. File-system errors: one line naming the path, found before any work, nothing half-written
+# --------------------------------------------------------------------------- #
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tiny_root, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x\n")
+    for out, expected in ((a_file, "is a file"), (a_file / "run", f"cannot write in {a_file / 'run'}")):
+        code, output = train_tiny(tiny_root, "no-such-clip", out)  # would fail later, loading the CLIP
+        assert code == 1 and len(error_lines(output)) == 1 and expected in output, output
+    evaluate_options = ("recognize", "--dataset", "ucf101", "--root", tiny_root, "--clip", "no-such-clip")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, expected in ((folder, "is a folder"), (a_file / "e.json", f"cannot write in {a_file}")):
+        code, output = run(evaluate.app, *evaluate_options, "--out", out)
+        assert code == 1 and len(error_lines(output)) == 1 and expected in output, output
+    assert list(folder.iterdir()) == [] and not (tmp_path / "folder.tmp").exists()
+    for command in (
+        ("synthetic", "--root", a_file / "synthetic"),
+        ("prepare", "--dataset", "ucf101", "--root", tiny_root, "--out", a_file / "prepared"),
+    ):
+        code, output = run(data.app, *command)
+        assert code == 1 and len(error_lines(output)) == 1 and str(a_file) in output, output
+        assert "Traceback" not in output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_outputs_are_refused(tiny_root, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        code, output = train_tiny(tiny_root, "no-such-clip", read_only / "run")
+        assert code == 1 and "--out: cannot write in" in output, output
+        code, output = run(data.app, "synthetic", "--root", read_only / "synthetic")
+        assert code == 1 and str(read_only) in output and "Traceback" not in output, output
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "result.json"
+    target.mkdir()
+    (target / "inside").write_text("x")  # os.replace cannot put a file over a non-empty folder
+    with pytest.raises(OSError):
+        evaluate.atomic_save("{}\n", target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+# --------------------------------------------------------------------------- #
+# 13 and 16. evaluate's options; no pointer to a file the project does not have
+# --------------------------------------------------------------------------- #
+
+
+def test_evaluate_refuses_bad_frames_and_prompt_with_checkpoint(tmp_path):
+    for frames in (0, -2):
+        code, output = run(evaluate.app, "recognize", "--frames", frames)
+        assert code == 2 and "Invalid value for '--frames'" in output, output
+    code, output = run(evaluate.app, "recognize", "--checkpoint", tmp_path / "best.pt", "--prompt", "stop")
+    assert code == 1 and error_lines(output) and "leave --prompt out" in output, output
+
+
+def test_help_and_docstrings_point_at_files_the_project_has():
+    code, output = run(data.app, "prepare", "--help")
+    assert code == 0 and "DATASETS.md" not in output and "README.md" in output
+    project = Path(__file__).resolve().parent.parent
+    for path in project.glob("*.py"):
+        assert "DATASETS.md" not in path.read_text(), path
