@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,7 +75,7 @@ from evaluate import (
     text_features,
     world_size,
 )
-from stop import STOPModel
+from stop import STOPConfig, STOPModel
 
 # (epochs, learning rate) when not given. Real datasets: the spec's training defaults. The synthetic demo is a
 # few hundred steps on a CPU, so it takes a larger rate to learn in minutes.
@@ -441,7 +442,7 @@ def best_name(task: str) -> str:
 # --------------------------------------------------------------------------- #
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-STOP_DEFAULTS = {name: p.default for name, p in inspect.signature(STOPModel).parameters.items()}
+STOP_DEFAULTS = asdict(STOPConfig())
 
 
 def options(
