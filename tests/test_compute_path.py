@@ -104,27 +104,27 @@ def copies_of_frozen_weights(model: STOPModel, video: torch.Tensor) -> int:
     """How many times a bf16 autocast forward casts a tensor shaped like a block's attention in-projection."""
     shape = list(model.clip.visual.transformer.resblocks[0].attn.in_proj_weight.shape)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(video.device.type, dtype=torch.bfloat16):
             model.encode_video(video)
     return sum(1 for event in profiler.events() if event.name == "aten::_to_copy" and event.input_shapes[:1] == [shape])
 
 
-def test_bf16_runs_cast_the_frozen_weights_once_and_match_fp32(clip):
+def test_bf16_runs_cast_the_frozen_weights_once_and_match_fp32(clip, device):
     """``evaluate.build_model(..., precision="bf16")``: autocast no longer casts the frozen CLIP at every forward, and
     the prompt generators keep fp32 weights. Tolerances: bf16 keeps 8 bits of mantissa, and through 3 random blocks
     with random prompt generators the features stay within cosine 0.97 of fp32 (autocast over fp32 weights gives
     the same 0.976 on the worst of these videos) and within cosine 0.99 of autocast over fp32 weights."""
     backbone = evaluate.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
-    reference = trained(evaluate.build_model(backbone, {"prompt": "stop"}, torch.device("cpu"))).eval()
-    video = random_videos(2)
+    reference = trained(evaluate.build_model(backbone, {"prompt": "stop"}, device)).eval()
+    video = random_videos(2).to(device)
     assert copies_of_frozen_weights(reference, video) == TINY.vision_layers  # fp32 weights: cast again in every block
 
     backbone = evaluate.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
-    model = evaluate.build_model(backbone, {"prompt": "stop"}, torch.device("cpu"), precision="bf16").eval()
+    model = evaluate.build_model(backbone, {"prompt": "stop"}, device, precision="bf16").eval()
     model.load_trainable_state_dict(reference.trainable_state_dict())
     assert copies_of_frozen_weights(model, video) == 0
     assert all(parameter.dtype == torch.float32 for parameter in model.trainable_parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         converted = model.encode_video(video).float()
         autocast_only = reference.encode_video(video).float()
     with torch.no_grad():

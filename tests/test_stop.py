@@ -4,7 +4,9 @@ Most tests use a tiny random CLIP (32 px, patch 8, so N = 16 patches; width 128 
 here so they always run; the golden 32-px checkpoint is used where a loaded checkpoint matters.
 """
 
+import copy
 import math
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import stop
 from stop import (
     PAPER_TRAINABLE_PARAMETERS,
     PROMPT_VARIANTS,
+    PromptDetails,
     STOPConfig,
     STOPModel,
     cls_attention_map,
@@ -73,8 +76,18 @@ def one_change_video(seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 
 
 def features(model: STOPModel, video: torch.Tensor, **kwargs):
+    """``model.encode_video(video)`` on the model's device, brought back to the CPU (details too)."""
     with torch.no_grad():
-        return model.encode_video(video, **kwargs)
+        result = model.encode_video(video.to(model.clip.logit_scale.device), **kwargs)
+    if not kwargs.get("return_details"):
+        return result.cpu()
+    video_features, details = result
+    return video_features.cpu(), [PromptDetails(*(value.cpu() for value in astuple(block))) for block in details]
+
+
+def on(device: torch.device, clip: clip_model.CLIP) -> clip_model.CLIP:
+    """``clip`` itself on the CPU, a copy of it on another device (the module-wide fixture stays on the CPU)."""
+    return clip if device.type == "cpu" else copy.deepcopy(clip).to(device)
 
 
 # --------------------------------------------------------------------------- #
@@ -198,19 +211,23 @@ def test_prompted_block_without_prompts_is_the_plain_block(clip):
 # --------------------------------------------------------------------------- #
 
 
-def test_spatial_at_initialisation_equals_the_baseline_exactly(any_clip):
-    video = random_videos(2)
-    baseline = features(STOPModel(any_clip, STOPConfig("none")), video)
-    spatial, details = features(STOPModel(any_clip, STOPConfig("spatial")).eval(), video, return_details=True)
-    assert torch.equal(spatial, baseline)  # bit-identical: p^s is exactly zero at initialisation
+def test_spatial_at_initialisation_equals_the_baseline_exactly(any_clip, device):
+    """Bit-identical on the CPU: ``p^s`` is exactly zero at initialisation and the same kernels run. On CUDA within
+    1e-6: the baseline and the prompted model may be given other kernels for the same shapes."""
+    clip, video = on(device, any_clip), random_videos(2)
+    same = torch.equal if device.type == "cpu" else lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6)
+    baseline = features(STOPModel(clip, STOPConfig("none")), video)
+    spatial, details = features(STOPModel(clip, STOPConfig("spatial")).eval(), video, return_details=True)
+    assert same(spatial, baseline)
     assert all(d.regions.any() for d in details)  # regions were chosen, and prompted with zeros
-    assert torch.equal(features(STOPModel(any_clip, STOPConfig("spatial")).train(), video), baseline)
+    assert same(features(STOPModel(clip, STOPConfig("spatial")).train(), video), baseline)
 
 
-def test_identical_frames_get_no_temporal_prompts(clip):
+def test_identical_frames_get_no_temporal_prompts(clip, device):
     """``W^t`` is exactly 0 in exact arithmetic and on the CI CPU; a matrix product may round one row differently at
     two batch positions on other hardware, so the test allows ``W^t`` up to the dead zone ``tau``, where the count
     is 0 by definition. With every prompt slot masked the features equal the baseline's within 1e-6."""
+    clip = on(device, clip)
     video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
     baseline = features(STOPModel(clip, STOPConfig("none")), video)
     initial, details = features(STOPModel(clip, STOPConfig("stop")).eval(), video, return_details=True)
@@ -220,13 +237,14 @@ def test_identical_frames_get_no_temporal_prompts(clip):
     for prompt in ("stop", "temporal"):
         _, details = features(as_if_trained(STOPModel(clip, STOPConfig(prompt))), video, return_details=True)
         assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         _, details = features(as_if_trained(STOPModel(clip, STOPConfig("stop"))), video, return_details=True)
     assert all(d.counts.eq(0).all() for d in details)
 
 
-def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip):
+def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip, device):
     """In the first prompted block; deeper blocks see frames 3-4 changed by those prompts, as they should."""
+    any_clip = on(device, any_clip)
     expected = torch.tensor([[False, False, True, False, False, False, False]])
     for model in (
         STOPModel(any_clip, STOPConfig("stop")).eval(),
@@ -298,13 +316,13 @@ def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
 # --------------------------------------------------------------------------- #
 
 
-def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip):
-    model = as_if_trained(STOPModel(clip, STOPConfig("stop"))).train()
+def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip, device):
+    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop"))).train()
     before = {name: tensor.clone() for name, tensor in model.clip.state_dict().items()}
     trainable_before = [p.detach().clone() for p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.2)
-    text = F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
-    loss = F.cross_entropy(model.class_logits(random_videos(2), text), torch.tensor([0, 1]))
+    text = F.normalize(torch.randn(2, TINY.embed_dim), dim=-1).to(device)
+    loss = F.cross_entropy(model.class_logits(random_videos(2).to(device), text), torch.tensor([0, 1], device=device))
     loss.backward()
     optimizer.step()
     assert all(p.grad is None for p in model.clip.parameters())
@@ -330,14 +348,14 @@ def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
         torch.testing.assert_close(checkpointed, plain)
 
 
-def test_bfloat16_autocast_forward_and_backward(clip):
-    model = as_if_trained(STOPModel(clip, STOPConfig("stop"))).train()
-    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1]))
+def test_bfloat16_autocast_forward_and_backward(clip, device):
+    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop"))).train()
+    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model.class_logits(video.to(device), text), torch.tensor([0, 1], device=device))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         low_precision = features(model.eval(), video).float()
     cosine = (low_precision * features(model, video)).sum(dim=-1)
     assert (cosine > 0.98).all(), cosine
