@@ -59,8 +59,8 @@ SPLITS = ("train", "test")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Training crops keep at least this share of the frame area, so the moving
-# object usually stays in view (the classic 0.08 is tuned for ImageNet).
+# Training crops keep at least this share of the frame area, so the moving object usually stays in view (the classic
+# 0.08 is tuned for ImageNet).
 CROP_AREA_RANGE = (0.4, 1.0)
 # A dataset root holding this file is never flipped left/right in training.
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
@@ -148,8 +148,8 @@ class BrokenVideoWarning(UserWarning):
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run small tensor work on one thread, as DataLoader workers do: with a
-    busy CPU, waiting for a second thread costs more than the work itself."""
+    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
+    more than the work itself."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -159,7 +159,7 @@ def single_threaded() -> Iterator[None]:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity, where `os.cpu_count` would report the host's)."""
+    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -182,9 +182,9 @@ CODECS = {
 
 
 def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
-    """Encode `frames` (uint8 `[T, 3, H, W]`, RGB, even H and W) to a real video file.
+    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
 
-    The codec follows the suffix: `.avi` MPEG-4 Part 2, `.mp4` H.264, `.webm` VP9.
+    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
     """
     require_ffmpeg()
     path = Path(path)
@@ -205,14 +205,12 @@ def sample_indices(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Frame indices to decode, long `[views, num_frames]`.
+    """Frame indices to decode, long ``[views, num_frames]``.
 
-    The video's frames are cut into `num_frames` segments of (near) equal
-    length. Training takes one uniformly random frame per segment, a fresh
-    draw each time; evaluation takes a fixed point per segment: its centre
-    when `views == 1`, else the points `(k + 0.5) / views` of the way through
-    each segment for view `k`, so the `views` clips are evenly offset in time.
-    A video shorter than `num_frames` frames repeats frames.
+    The video's frames are cut into ``num_frames`` segments of (near) equal length. Training takes one uniformly random
+    frame per segment, a fresh draw each time; evaluation takes a fixed point per segment: its centre when
+    ``views == 1``, else the points ``(k + 0.5) / views`` of the way through each segment for view ``k``, so the
+    ``views`` clips are evenly offset in time. A video shorter than ``num_frames`` frames repeats frames.
     """
     if num_video_frames < 1:
         raise ValueError("a video needs at least one frame")
@@ -231,7 +229,7 @@ def sample_indices(
 
 
 def bounded_size(height: int, width: int) -> tuple[int, int] | None:
-    """The (height, width) to decode a `height x width` video at, aspect kept, when it exceeds the
+    """The (height, width) to decode a ``height x width`` video at, aspect kept, when it exceeds the
     MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
     scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
     if scale >= 1:
@@ -240,8 +238,8 @@ def bounded_size(height: int, width: int) -> tuple[int, int] | None:
 
 
 def open_video(path: Path, seek_mode: str) -> VideoDecoder:
-    """A one-thread decoder for `path` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
-    (TorchCodec's `Resize` decoder transform, antialiased), so no oversized frame is ever held in memory."""
+    """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
+    (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
     decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
     height, width = decoder.metadata.height, decoder.metadata.width
     size = bounded_size(height, width) if height and width else None
@@ -258,14 +256,13 @@ def read_frames(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`, H and W within the
-    MAX_DECODED_* bounds (see `open_video`).
+    """Decode the sampled frames of one video: uint8 ``[views * num_frames, 3, H, W]``, H and W within the
+    MAX_DECODED_* bounds (see ``open_video``).
 
-    The fast path trusts the container's frame count and seeks straight to the
-    frames ("approximate" mode, no scan of the file). Headers lie: a truncated
-    AVI still announces all its frames, and WebM has no count at all. If that
-    fails, the file is scanned ("exact" mode) to count the frames really there
-    and the indices are drawn again. Anything else raises BrokenVideoError.
+    The fast path trusts the container's frame count and seeks straight to the frames ("approximate" mode, no scan of
+    the file). Headers lie: a truncated AVI still announces all its frames, and WebM has no count at all. If that fails,
+    the file is scanned ("exact" mode) to count the frames really there and the indices are drawn again. Anything else
+    raises BrokenVideoError.
     """
     try:
         decoder = open_video(path, "approximate")
@@ -287,10 +284,9 @@ def read_frames(
 
 
 def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.Compose:
-    """uint8 video `[N, 3, H, W]` -> float32 `[N, 3, R, R]`, CLIP-normalised.
+    """uint8 video ``[N, 3, H, W]`` -> float32 ``[N, 3, R, R]``, CLIP-normalised.
 
-    One set of random parameters per call, so every frame of a clip gets the
-    same crop and the same flip.
+    One set of random parameters per call, so every frame of a clip gets the same crop and the same flip.
     """
     if train:
         geometry = [v2.RandomResizedCrop(resolution, scale=CROP_AREA_RANGE, antialias=True)]
@@ -307,17 +303,15 @@ def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.C
 
 
 class VideoDataset(Dataset):
-    """Items `(video, target)`: video float32 `[T, 3, R, R]`, or `[K, T, 3, R, R]` with K views.
+    """Items ``(video, target)``: video float32 ``[T, 3, R, R]``, or ``[K, T, 3, R, R]`` with K views.
 
-    `target` is a class index (recognition, names in `.classes`) or a caption
-    (retrieval). `.paths[i]` is item i's video file.
+    ``target`` is a class index (recognition, names in ``.classes``) or a caption (retrieval). ``.paths[i]`` is item i's
+    video file.
 
-    A broken video is warned about with its path and replaced by the next
-    item; `broken_count()` counts the distinct broken videos met, in this
-    process and its DataLoader worker processes, however often each was tried.
-    `keep_alignment=True` (the retrieval test set, where item i must stay the
-    i-th ground-truth pair) keeps the target and returns a blank clip (CLIP's
-    mean colour, zeros after normalisation) instead.
+    A broken video is warned about with its path and replaced by the next item; ``broken_count()`` counts the distinct
+    broken videos met, in this process and its DataLoader worker processes, however often each was tried.
+    ``keep_alignment=True`` (the retrieval test set, where item i must stay the i-th ground-truth pair) keeps the target
+    and returns a blank clip (CLIP's mean colour, zeros after normalisation) instead.
     """
 
     def __init__(
@@ -348,10 +342,9 @@ class VideoDataset(Dataset):
         self.strict = strict
         self.keep_alignment = keep_alignment
         self.transform = build_transform(resolution, train=train, hflip=hflip)
-        # Which items' videos were found broken, bool [len(paths)] in shared
-        # memory: every process (main, DataLoader workers, fork or spawn) only
-        # ever sets flags, so no lock is needed, and a video tried again (as a
-        # replacement, in a later epoch) is still one video.
+        # Which items' videos were found broken, bool [len(paths)] in shared memory: every process (main, DataLoader
+        # workers, fork or spawn) only ever sets flags, so no lock is needed, and a video tried again (as a replacement,
+        # in a later epoch) is still one video.
         self._broken = torch.zeros(len(paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -409,8 +402,8 @@ class VideoDataset(Dataset):
 
 
 def readable_class_name(folder_name: str) -> str:
-    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup',
-    'YoYo' -> 'yo yo', 'brush_hair' -> 'brush hair'."""
+    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup', 'YoYo' -> 'yo yo',
+    'brush_hair' -> 'brush hair'."""
     words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", folder_name.replace("_", " "))
     return " ".join(words.lower().split())
 
@@ -425,7 +418,7 @@ class SplitListing:
 
 
 def _require(path: Path, dataset: str, root: Path) -> Path:
-    """`path` itself, or a DataError naming it and showing the expected layout."""
+    """``path`` itself, or a DataError naming it and showing the expected layout."""
     if not path.exists():
         raise DataError(f"{dataset}: {path} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[dataset]}")
     return path
@@ -438,7 +431,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _read_json(path: Path, dataset: str) -> object:
-    """The JSON in `path`, or one DataError naming the file and what is wrong with it."""
+    """The JSON in ``path``, or one DataError naming the file and what is wrong with it."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -448,8 +441,8 @@ def _read_json(path: Path, dataset: str) -> object:
 
 
 def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
-    """`video_dir / entry`, or a DataError naming `where` (file and line) when `entry`, a video id read from a
-    dataset file, would leave the dataset's video folder (an absolute path, a `..` part)."""
+    """``video_dir / entry``, or a DataError naming ``where`` (file and line) when ``entry``, a video id read from a
+    dataset file, would leave the dataset's video folder (an absolute path, a ``..`` part)."""
     relative = PurePosixPath(entry)
     if relative.is_absolute() or ".." in relative.parts:
         raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
@@ -457,9 +450,9 @@ def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
 
 
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
-    """UCF101: `classInd.txt` gives the classes (1-based); paths in the lists are
-    matched case-insensitively (`HandStandPushups` vs `HandstandPushups`). A
-    listed video missing on disk is reported as broken when it is loaded."""
+    """UCF101: ``classInd.txt`` gives the classes (1-based); paths in the lists are matched case-insensitively
+    (``HandStandPushups`` vs ``HandstandPushups``). A listed video missing on disk is reported as broken when it is
+    loaded."""
     video_dir = _require(root / "UCF-101", "ucf101", root)
     list_dir = root / "ucfTrainTestlist"
     class_file = _require(list_dir / "classInd.txt", "ucf101", root)
@@ -488,8 +481,8 @@ HMDB_SPLIT_CODES = {"train": "1", "test": "2"}
 
 
 def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
-    """HMDB51: one split file per class, `<video name> <code>`, 1 = train, 2 = test, 0 = unused.
-    Video names contain spaces, brackets and `&`: only the last space separates."""
+    """HMDB51: one split file per class, ``<video name> <code>``, 1 = train, 2 = test, 0 = unused.
+    Video names contain spaces, brackets and ``&``: only the last space separates."""
     video_dir = _require(root / "videos", "hmdb51", root)
     split_dir = _require(root / "testTrainMulti_7030_splits", "hmdb51", root)
     suffix = f"_test_split{split_id}.txt"
@@ -538,7 +531,7 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of an MSR-VTT csv file, which must have a header naming `columns`."""
+    """(line number, row) of an MSR-VTT csv file, which must have a header naming ``columns``."""
     try:
         with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
@@ -556,9 +549,8 @@ def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[in
 
 
 def list_msrvtt(root: Path, split: str) -> SplitListing:
-    """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k
-    videos, in MSRVTT_data.json order. Test: the 1,000 JSFusion (video,
-    sentence) rows in file order, so item i is the i-th ground-truth pair."""
+    """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k videos, in MSRVTT_data.json order. Test: the
+    1,000 JSFusion (video, sentence) rows in file order, so item i is the i-th ground-truth pair."""
     video_dir = _require(root / "MSRVTT_Videos", "msrvtt", root)
     data_dir = root / "msrvtt_data"
     if split == "test":
@@ -598,12 +590,11 @@ def build_dataset(
     views: int = 1,
     strict: bool = False,
 ) -> VideoDataset:
-    """One of DATASETS read from its published layout under `root`.
+    """One of DATASETS read from its published layout under ``root``.
 
-    `split` is "train" or "test" (the published test/validation split);
-    `split_id` picks UCF101's and HMDB51's split 1-3; `resolution` is the
-    model's input size (`model.visual.input_resolution`). Training flips
-    clips left/right except for SSv2 and roots holding NO_FLIP_MARKER.
+    ``split`` is "train" or "test" (the published test/validation split); ``split_id`` picks UCF101's and HMDB51's split
+    1-3; ``resolution`` is the model's input size (``model.visual.input_resolution``). Training flips clips left/right
+    except for SSv2 and roots holding NO_FLIP_MARKER.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -718,9 +709,9 @@ def build_loader(
     sampler: Sampler | None = None,
     seed: int = 0,
 ) -> VideoLoader:
-    """A ``VideoLoader`` with `workers` processes kept alive across epochs, pinned memory when a GPU is there,
-    each item's random draws a function of (`seed`, epoch, item) (see ``LoaderItems``), and the shuffle order
-    (without a `sampler`) drawn from `seed`. `loader.dataset` is the ``LoaderItems`` around `dataset`."""
+    """A ``VideoLoader`` with ``workers`` processes kept alive across epochs, pinned memory when a GPU is there,
+    each item's random draws a function of (``seed``, epoch, item) (see ``LoaderItems``), and the shuffle order
+    (without a ``sampler``) drawn from ``seed``. ``loader.dataset`` is the ``LoaderItems`` around ``dataset``."""
     return VideoLoader(
         LoaderItems(dataset, seed),
         batch_size=batch_size,

@@ -61,9 +61,9 @@ METADATA_FOLDERS = {
     "msrvtt": "msrvtt_data",
 }
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
-# speed in one thread (`python bench.py data`) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
+# speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
 # AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
-# held at 3 (like FFmpeg's `-q:v 3`), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
+# held at 3 (like FFmpeg's ``-q:v 3``), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
 # fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s at 4 fps,
 # once per SSv2 clip) decodes fastest.
 PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
@@ -78,11 +78,11 @@ PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """How a prepared copy is encoded; stored in `prepare.json` so that a rerun cannot mix two settings.
+    """How a prepared copy is encoded; stored in ``prepare.json`` so that a rerun cannot mix two settings.
 
-    `fps` frames per second (the authors' code uses 3), raised for a short video to give it `min_frames`
-    frames, never above the source's rate; `short_side` pixels at most (never upscaled); a keyframe every
-    `keyframe_interval` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
+    ``fps`` frames per second (the authors' code uses 3), raised for a short video to give it ``min_frames``
+    frames, never above the source's rate; ``short_side`` pixels at most (never upscaled); a keyframe every
+    ``keyframe_interval`` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
     that many frames.
     """
 
@@ -95,7 +95,7 @@ class PrepareSettings:
 
 @dataclass
 class PrepareReport:
-    """What a `prepare_dataset` run did: videos written now, found done, and broken sources with the reason."""
+    """What a ``prepare_dataset`` run did: videos written now, found done, and broken sources with the reason."""
 
     written: int
     skipped: int
@@ -103,18 +103,18 @@ class PrepareReport:
 
 
 def _prepared_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Even (height, width) with the short side at most `short_side`, aspect kept (yuv420p needs even sides)."""
+    """Even (height, width) with the short side at most ``short_side``, aspect kept (yuv420p needs even sides)."""
     scale = min(1.0, short_side / min(height, width))
     return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
 
 
 def prepare_video(source: Path, target: Path, settings: PrepareSettings) -> None:
-    """Re-encode `source` into `target` (same container): fewer frames per second, smaller, frequent keyframes.
+    """Re-encode ``source`` into ``target`` (same container): fewer frames per second, smaller, frequent keyframes.
 
-    Frames are taken at a regular time grid (the frame shown at each instant, `get_frames_played_at`), in
-    chunks, resized with antialiasing, and encoded with the codec of PREPARED_CODECS for `target`'s suffix.
-    The file is written under a temporary name and renamed when complete, so `target` is never half written.
-    Raises BrokenVideoError when `source` cannot be decoded.
+    Frames are taken at a regular time grid (the frame shown at each instant, ``get_frames_played_at``), in
+    chunks, resized with antialiasing, and encoded with the codec of PREPARED_CODECS for ``target``'s suffix.
+    The file is written under a temporary name and renamed when complete, so ``target`` is never half written.
+    Raises BrokenVideoError when ``source`` cannot be decoded.
     """
     suffix = target.suffix.lower()
     if suffix not in PREPARED_CODECS:
@@ -171,10 +171,10 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _die_with_parent(parent: int) -> None:
-    """Initializer of `prepare`'s worker processes: die with the parent, leaving no orphans behind however it ends.
+    """Initializer of ``prepare``'s worker processes: die with the parent, leaving no orphans behind however it ends.
 
-    On Linux the kernel is asked (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) to kill the worker when the parent dies,
-    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed `prepare` waits
+    On Linux the kernel is asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill the worker when the parent dies,
+    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed ``prepare`` waits
     forever for jobs (it holds the job pipe's write end too, so it never sees the end of it). A worker whose parent
     died before the request was made exits at once. Elsewhere only that check is made.
     """
@@ -185,7 +185,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
-    """Record `settings` in `out`, or refuse when `out` was prepared with others (its videos would mix)."""
+    """Record ``settings`` in ``out``, or refuse when ``out`` was prepared with others (its videos would mix)."""
     path = out / PREPARE_SETTINGS_FILE
     wanted = dataclasses.asdict(settings)
     if path.exists():
@@ -212,13 +212,13 @@ def prepare_dataset(
     workers: int = 1,
     progress: bool = True,
 ) -> PrepareReport:
-    """Write a prepared copy of dataset `name` from `root` to `out`, in the same layout, for training to read.
+    """Write a prepared copy of dataset ``name`` from ``root`` to ``out``, in the same layout, for training to read.
 
     Every video under the layout's video folder (suffixes of PREPARED_CODECS) is re-encoded by
-    `prepare_video` to the same relative path, name and container, so the split files, which are copied
+    ``prepare_video`` to the same relative path, name and container, so the split files, which are copied
     unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
-    in `out` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
-    listed in `out/prepare_failures.txt` (rewritten by each run) and in the report, and stays absent from the
+    in ``out`` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
+    listed in ``out/prepare_failures.txt`` (rewritten by each run) and in the report, and stays absent from the
     copy, where the loaders report it as they would in the original.
     """
     if name not in DATASETS:

@@ -72,11 +72,10 @@ def _uniform(generator: torch.Generator, low: float, high: float, size: tuple[in
 
 
 def _shape_alpha(shape: str, centre_x: Tensor, centre_y: Tensor, size: Tensor, angle: Tensor) -> Tensor:
-    """Coverage in [0, 1] of a shape per frame, `[T, 1, S, S]`; inputs are `[T]`.
+    """Coverage in [0, 1] of a shape per frame, ``[T, 1, S, S]``; inputs are ``[T]``.
 
-    Pixels are mapped into the shape's own frame (rotated by `angle`, which
-    turns clockwise on screen as it grows, y pointing down); a signed
-    distance to the outline gives one pixel of anti-aliased edge.
+    Pixels are mapped into the shape's own frame (rotated by ``angle``, which turns clockwise on screen as it grows, y
+    pointing down); a signed distance to the outline gives one pixel of anti-aliased edge.
     """
     grid = torch.arange(SYNTHETIC_SIZE, dtype=torch.float32) + 0.5
     dx = grid[None, None, :] - centre_x[:, None, None]  # [T, 1, S]
@@ -96,13 +95,11 @@ def _shape_alpha(shape: str, centre_x: Tensor, centre_y: Tensor, size: Tensor, a
 
 
 def render_synthetic_clip(class_index: int, generator: torch.Generator) -> tuple[Tensor, str, str]:
-    """One synthetic video: (uint8 `[16, 3, 64, 64]`, colour name, shape name).
+    """One synthetic video: (uint8 ``[16, 3, 64, 64]``, colour name, shape name).
 
-    Only the forward class of each pair (MovingLeft, MovingUp, Growing,
-    TurningClockwise) is drawn; its partner is the same draw played
-    backwards, so the two classes are exact time reversals of each other in
-    distribution, and shape, colour, position and the set of frames are
-    alike: only the order of the frames tells them apart.
+    Only the forward class of each pair (MovingLeft, MovingUp, Growing, TurningClockwise) is drawn; its partner is the
+    same draw played backwards, so the two classes are exact time reversals of each other in distribution, and shape,
+    colour, position and the set of frames are alike: only the order of the frames tells them apart.
     """
     t = torch.linspace(0, 1, SYNTHETIC_FRAMES)  # [T], time in the clip
     colour = list(COLOURS)[int(torch.randint(len(COLOURS), (), generator=generator))]
@@ -194,23 +191,21 @@ SYNTHETIC_ENTRIES = {"COMPLETE", "ucf101", "msrvtt"}  # all that ensure_syntheti
 
 
 def _holds_synthetic(root: Path) -> bool:
-    """Whether `root` holds what ensure_synthetic writes (of any version or seed) and nothing else."""
+    """Whether ``root`` holds what ensure_synthetic writes (of any version or seed) and nothing else."""
     marker = root / "COMPLETE"
     names = {path.name for path in root.iterdir()}
     return names <= SYNTHETIC_ENTRIES and marker.is_file() and marker.read_text().startswith("version ")
 
 
 def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path:
-    """Create the synthetic dataset under `root` once and return `root`.
+    """Create the synthetic dataset under ``root`` once and return ``root``.
 
-    `root/ucf101` (UCF101 layout, 8 classes x (48 train + 16 test) clips) and
-    `root/msrvtt` (MSR-VTT layout, 256 train videos x 3 captions, 64 test
-    pairs): 64x64 px, 16 frames at 8 fps, real MPEG-4 AVI and H.264 MP4 files.
-    It is built in a scratch folder beside `root` and renamed into place with a
-    marker file written last, so an interrupted run is never mistaken for a
-    finished one. Only what this function wrote is ever replaced (a synthetic
-    dataset of another version or seed, or an empty folder): any other `root`
-    is refused with a DataError, and so is one where nothing can be written.
+    ``root/ucf101`` (UCF101 layout, 8 classes x (48 train + 16 test) clips) and ``root/msrvtt`` (MSR-VTT layout, 256
+    train videos x 3 captions, 64 test pairs): 64x64 px, 16 frames at 8 fps, real MPEG-4 AVI and H.264 MP4 files. It is
+    built in a scratch folder beside ``root`` and renamed into place with a marker file written last, so an interrupted
+    run is never mistaken for a finished one. Only what this function wrote is ever replaced (a synthetic dataset of
+    another version or seed, or an empty folder): any other ``root`` is refused with a DataError, and so is one where
+    nothing can be written.
     """
     root = Path(root)
     marker = root / "COMPLETE"

@@ -1,5 +1,5 @@
-"""Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in
-each published layout, built in temporary folders, read through the loaders."""
+"""Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in each published layout, built in temporary
+folders, read through the loaders."""
 
 import csv
 import json
@@ -38,7 +38,7 @@ def left_darker_than_right(clip: torch.Tensor) -> bool:
 
 
 def normalised(level: float) -> torch.Tensor:
-    """A flat grey `level` after CLIP normalisation, per channel [3, 1, 1]."""
+    """A flat grey ``level`` after CLIP normalisation, per channel [3, 1, 1]."""
     return (level / 255 - MEAN) / STD
 
 
@@ -54,7 +54,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """UCF101 layout; the HandstandPushups lists say `HandStandPushups`, CRLF line ends as published."""
+    """UCF101 layout; the HandstandPushups lists say ``HandStandPushups``, CRLF line ends as published."""
     root = tmp_path_factory.mktemp("ucf101")
     folders = {"ApplyEyeMakeup": "ApplyEyeMakeup", "YoYo": "YoYo", "HandstandPushups": "HandStandPushups"}
     train, test = [], []
@@ -80,7 +80,7 @@ HMDB_NAMES = {
 
 @pytest.fixture(scope="module")
 def hmdb51_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """HMDB51 layout: names with spaces, brackets and `&`; split lines end with a blank as published."""
+    """HMDB51 layout: names with spaces, brackets and ``&``; split lines end with a blank as published."""
     root = tmp_path_factory.mktemp("hmdb51")
     (root / "testTrainMulti_7030_splits").mkdir()
     for folder, names in HMDB_NAMES.items():

@@ -171,7 +171,7 @@ def test_the_command_reports_broken_sources_and_bad_input_in_one_message(ucf101_
 
 
 def _children(pid: int) -> list[int]:
-    """The live processes whose parent is `pid` (from /proc/PID/stat: state and parent follow the name)."""
+    """The live processes whose parent is ``pid`` (from /proc/PID/stat: state and parent follow the name)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
