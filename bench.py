@@ -36,7 +36,7 @@ every ratio is the median over rounds of the two times measured in the same roun
 
 ``data``: writes stand-ins for the published clips of each dataset (``STANDINS``: container, codec, size, frame
 rate, length and keyframe interval as published; the picture is a smooth texture panning like a camera), in the
-dataset's own layout (README.md, "Dataset layouts"), runs ``data.prepare_dataset`` on it, and reads both
+dataset's own layout (README.md, "Dataset layouts"), runs ``prepare.prepare_dataset`` on it, and reads both
 through ``data.build_dataset``: decode + sample clips/s and decode + sample + transform clips/s in one thread
 (one DataLoader worker), raw against prepared, side by side.
 """
@@ -739,6 +739,7 @@ def measure_dataset(
 ) -> dict[str, Any]:
     """Stand-ins of ``name`` under ``folder/raw``, prepared into ``folder/prepared``, both read side by side."""
     import data
+    import prepare
 
     spec = STANDINS[name]
     roots = {"raw": folder / "raw", "prepared": folder / "prepared"}
@@ -746,7 +747,7 @@ def measure_dataset(
         shutil.rmtree(root, ignore_errors=True)
     write_standin_dataset(name, roots["raw"], videos, max_seconds)
     start = time.perf_counter()
-    prepared = data.prepare_dataset(name, roots["raw"], roots["prepared"], progress=False)
+    prepared = prepare.prepare_dataset(name, roots["raw"], roots["prepared"], progress=False)
     prepare_seconds = (time.perf_counter() - start) / videos
     if prepared.failures:
         raise RuntimeError(f"prepare failed on the stand-ins of {name}: {prepared.failures}")
@@ -769,7 +770,7 @@ def measure_dataset(
         "decode_x": median_ratio(rates["prepared_decode"], rates["raw_decode"]),
         "pipeline_x": median_ratio(rates["prepared_pipeline"], rates["raw_pipeline"]),
         **{
-            f"{kind}_kib_per_video": folder_bytes(root / data.VIDEO_FOLDERS[name]) / videos / 1024
+            f"{kind}_kib_per_video": folder_bytes(root / prepare.VIDEO_FOLDERS[name]) / videos / 1024
             for kind, root in roots.items()
         },
         "prepare_seconds_per_video": prepare_seconds,
@@ -793,6 +794,7 @@ def data_command(
     for name in names:
         check_choice("--dataset", name, STANDINS)
     import data
+    import prepare
 
     info = machine(decoder=True)
     with contextlib.ExitStack() as stack:
@@ -826,7 +828,7 @@ def data_command(
         "pipeline_x": "x",
         "size": "KiB per clip raw / prepared",
     }
-    settings = asdict(data.PrepareSettings("each"))
+    settings = asdict(prepare.PrepareSettings("each"))
     setup = {"videos": videos, "clips": clips, "rounds": rounds, "max_seconds": max_seconds, "threads": 1, **info}
     notes = [
         "Training sampling (one random frame per segment); transform = random resized crop + flip to "

@@ -1,62 +1,44 @@
-"""Video data for STOP: decoding, frame sampling, transforms, datasets, loaders.
+"""Video data for STOP, the reading path: decoding, frame sampling, transforms, datasets, loaders.
 
-STOP (CVPR 2025) adapts a frozen CLIP to video, so every model in this
-project eats the same thing: `T` frames of a clip, each resized to CLIP's
-input resolution and normalised with CLIP's mean/std, as a float tensor
-`[T, 3, R, R]` (the paper's video `x`, batched to `[B, T, 3, R, R]`).
-This module turns video files on disk into those tensors:
+STOP (CVPR 2025) adapts a frozen CLIP to video, so every model in this project eats the same thing: ``T`` frames of
+a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/std, as a float tensor
+``[T, 3, R, R]`` (the paper's video ``x``, batched to ``[B, T, 3, R, R]``). This module turns video files on disk
+into those tensors:
 
-1. Decoding with TorchCodec (FFmpeg underneath). Only the frames asked for
-   are decoded: `VideoDecoder.get_frames_at` seeks to them in one call.
-2. Sampling `T` frames (TSN style): training picks one random frame in each
-   of `T` equal segments, evaluation the segment centres, optionally `K`
-   evenly offset temporal views.
-3. Transforms (`torchvision.transforms.v2`, one set of random parameters for
-   the whole clip): training = random resized crop + horizontal flip (never
-   for SSv2 or the synthetic set, where left and right are the label);
+1. Decoding with TorchCodec (FFmpeg underneath). Only the frames asked for are decoded: ``VideoDecoder.get_frames_at``
+   seeks to them in one call.
+2. Sampling ``T`` frames (TSN style): training picks one random frame in each of ``T`` equal segments, evaluation
+   the segment centres, optionally ``K`` evenly offset temporal views.
+3. Transforms (``torchvision.transforms.v2``, one set of random parameters for the whole clip): training = random
+   resized crop + horizontal flip (never for SSv2 or the synthetic set, where left and right are the label);
    evaluation = resize the short side + centre crop.
-4. The paper's benchmarks read from their published layouts and split files:
-   UCF101, HMDB51, Something-Something v2 (action recognition: items
-   `(video, label)`) and MSR-VTT 1k-A (text-video retrieval: items
-   `(video, caption)`).
-5. A synthetic dataset written as real video files in the UCF101 and MSR-VTT
-   layouts, whose classes differ only in temporal order (a shape moving left
-   versus right, ...): exactly what STOP's temporal prompts are for, and what a
-   frame-averaging baseline cannot learn.
+4. The paper's benchmarks read from their published layouts and split files: UCF101, HMDB51, Something-Something v2
+   (action recognition: items ``(video, label)``) and MSR-VTT 1k-A (text-video retrieval: items
+   ``(video, caption)``).
+5. Loaders in which each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
+   resumed run continues exactly, with any number of worker processes.
 
-A broken video never ends an epoch with a traceback: it is reported with its
-path, replaced by the next sample and counted (`dataset.broken_count()`);
-`strict=True` makes it an error instead.
+A broken video never ends an epoch with a traceback: it is reported with its path, replaced by the next sample and
+counted (``dataset.broken_count()``); ``strict=True`` makes it an error instead.
 
-6. `python data.py prepare` re-encodes a dataset once into a small,
-   seek-friendly copy in the same layout (a few frames per second, short
-   side 256 px, frequent keyframes; the authors' code likewise re-encodes
-   at 3 fps and 224 px), which training then reads with `--root`.
-   `python bench.py data` measures how much faster it decodes.
+Two modules write datasets in these same layouts for this one to read, and import it: ``synthetic.py`` (classes told
+apart only by temporal order, the first run's data) and ``prepare.py`` (a dataset re-encoded once into a small,
+seek-friendly copy). ``write_video`` here encodes the synthetic clips and the tests' videos.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
-import shutil
-import signal
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated
 
 import torch
 import torchcodec
@@ -68,7 +50,6 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 DATASETS = ("ucf101", "hmdb51", "ssv2", "msrvtt")
 RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2")
@@ -78,8 +59,8 @@ SPLITS = ("train", "test")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Training crops keep at least this share of the frame area, so the moving
-# object usually stays in view (the classic 0.08 is tuned for ImageNet).
+# Training crops keep at least this share of the frame area, so the moving object usually stays in view (the classic
+# 0.08 is tuned for ImageNet).
 CROP_AREA_RANGE = (0.4, 1.0)
 # A dataset root holding this file is never flipped left/right in training.
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
@@ -148,14 +129,27 @@ def os_error_message(error: OSError) -> str:
     return f"{error.filename}{target}: {error.strerror or error}"
 
 
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
+    try:
+        yield
+    except DataError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"error: {os_error_message(error)}", err=True)
+        raise typer.Exit(1) from None
+
+
 class BrokenVideoWarning(UserWarning):
     """A broken video was skipped and replaced by another sample."""
 
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run small tensor work on one thread, as DataLoader workers do: with a
-    busy CPU, waiting for a second thread costs more than the work itself."""
+    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
+    more than the work itself."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -165,7 +159,7 @@ def single_threaded() -> Iterator[None]:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity, where `os.cpu_count` would report the host's)."""
+    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -188,9 +182,9 @@ CODECS = {
 
 
 def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
-    """Encode `frames` (uint8 `[T, 3, H, W]`, RGB, even H and W) to a real video file.
+    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
 
-    The codec follows the suffix: `.avi` MPEG-4 Part 2, `.mp4` H.264, `.webm` VP9.
+    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
     """
     require_ffmpeg()
     path = Path(path)
@@ -211,14 +205,12 @@ def sample_indices(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Frame indices to decode, long `[views, num_frames]`.
+    """Frame indices to decode, long ``[views, num_frames]``.
 
-    The video's frames are cut into `num_frames` segments of (near) equal
-    length. Training takes one uniformly random frame per segment, a fresh
-    draw each time; evaluation takes a fixed point per segment: its centre
-    when `views == 1`, else the points `(k + 0.5) / views` of the way through
-    each segment for view `k`, so the `views` clips are evenly offset in time.
-    A video shorter than `num_frames` frames repeats frames.
+    The video's frames are cut into ``num_frames`` segments of (near) equal length. Training takes one uniformly random
+    frame per segment, a fresh draw each time; evaluation takes a fixed point per segment: its centre when
+    ``views == 1``, else the points ``(k + 0.5) / views`` of the way through each segment for view ``k``, so the
+    ``views`` clips are evenly offset in time. A video shorter than ``num_frames`` frames repeats frames.
     """
     if num_video_frames < 1:
         raise ValueError("a video needs at least one frame")
@@ -237,7 +229,7 @@ def sample_indices(
 
 
 def bounded_size(height: int, width: int) -> tuple[int, int] | None:
-    """The (height, width) to decode a `height x width` video at, aspect kept, when it exceeds the
+    """The (height, width) to decode a ``height x width`` video at, aspect kept, when it exceeds the
     MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
     scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
     if scale >= 1:
@@ -246,8 +238,8 @@ def bounded_size(height: int, width: int) -> tuple[int, int] | None:
 
 
 def open_video(path: Path, seek_mode: str) -> VideoDecoder:
-    """A one-thread decoder for `path` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
-    (TorchCodec's `Resize` decoder transform, antialiased), so no oversized frame is ever held in memory."""
+    """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
+    (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
     decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
     height, width = decoder.metadata.height, decoder.metadata.width
     size = bounded_size(height, width) if height and width else None
@@ -264,14 +256,13 @@ def read_frames(
     views: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Decode the sampled frames of one video: uint8 `[views * num_frames, 3, H, W]`, H and W within the
-    MAX_DECODED_* bounds (see `open_video`).
+    """Decode the sampled frames of one video: uint8 ``[views * num_frames, 3, H, W]``, H and W within the
+    MAX_DECODED_* bounds (see ``open_video``).
 
-    The fast path trusts the container's frame count and seeks straight to the
-    frames ("approximate" mode, no scan of the file). Headers lie: a truncated
-    AVI still announces all its frames, and WebM has no count at all. If that
-    fails, the file is scanned ("exact" mode) to count the frames really there
-    and the indices are drawn again. Anything else raises BrokenVideoError.
+    The fast path trusts the container's frame count and seeks straight to the frames ("approximate" mode, no scan of
+    the file). Headers lie: a truncated AVI still announces all its frames, and WebM has no count at all. If that fails,
+    the file is scanned ("exact" mode) to count the frames really there and the indices are drawn again. Anything else
+    raises BrokenVideoError.
     """
     try:
         decoder = open_video(path, "approximate")
@@ -293,10 +284,9 @@ def read_frames(
 
 
 def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.Compose:
-    """uint8 video `[N, 3, H, W]` -> float32 `[N, 3, R, R]`, CLIP-normalised.
+    """uint8 video ``[N, 3, H, W]`` -> float32 ``[N, 3, R, R]``, CLIP-normalised.
 
-    One set of random parameters per call, so every frame of a clip gets the
-    same crop and the same flip.
+    One set of random parameters per call, so every frame of a clip gets the same crop and the same flip.
     """
     if train:
         geometry = [v2.RandomResizedCrop(resolution, scale=CROP_AREA_RANGE, antialias=True)]
@@ -313,17 +303,15 @@ def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.C
 
 
 class VideoDataset(Dataset):
-    """Items `(video, target)`: video float32 `[T, 3, R, R]`, or `[K, T, 3, R, R]` with K views.
+    """Items ``(video, target)``: video float32 ``[T, 3, R, R]``, or ``[K, T, 3, R, R]`` with K views.
 
-    `target` is a class index (recognition, names in `.classes`) or a caption
-    (retrieval). `.paths[i]` is item i's video file.
+    ``target`` is a class index (recognition, names in ``.classes``) or a caption (retrieval). ``.paths[i]`` is item i's
+    video file.
 
-    A broken video is warned about with its path and replaced by the next
-    item; `broken_count()` counts the distinct broken videos met, in this
-    process and its DataLoader worker processes, however often each was tried.
-    `keep_alignment=True` (the retrieval test set, where item i must stay the
-    i-th ground-truth pair) keeps the target and returns a blank clip (CLIP's
-    mean colour, zeros after normalisation) instead.
+    A broken video is warned about with its path and replaced by the next item; ``broken_count()`` counts the distinct
+    broken videos met, in this process and its DataLoader worker processes, however often each was tried.
+    ``keep_alignment=True`` (the retrieval test set, where item i must stay the i-th ground-truth pair) keeps the target
+    and returns a blank clip (CLIP's mean colour, zeros after normalisation) instead.
     """
 
     def __init__(
@@ -354,10 +342,9 @@ class VideoDataset(Dataset):
         self.strict = strict
         self.keep_alignment = keep_alignment
         self.transform = build_transform(resolution, train=train, hflip=hflip)
-        # Which items' videos were found broken, bool [len(paths)] in shared
-        # memory: every process (main, DataLoader workers, fork or spawn) only
-        # ever sets flags, so no lock is needed, and a video tried again (as a
-        # replacement, in a later epoch) is still one video.
+        # Which items' videos were found broken, bool [len(paths)] in shared memory: every process (main, DataLoader
+        # workers, fork or spawn) only ever sets flags, so no lock is needed, and a video tried again (as a replacement,
+        # in a later epoch) is still one video.
         self._broken = torch.zeros(len(paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -415,8 +402,8 @@ class VideoDataset(Dataset):
 
 
 def readable_class_name(folder_name: str) -> str:
-    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup',
-    'YoYo' -> 'yo yo', 'brush_hair' -> 'brush hair'."""
+    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup', 'YoYo' -> 'yo yo',
+    'brush_hair' -> 'brush hair'."""
     words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", folder_name.replace("_", " "))
     return " ".join(words.lower().split())
 
@@ -431,7 +418,7 @@ class SplitListing:
 
 
 def _require(path: Path, dataset: str, root: Path) -> Path:
-    """`path` itself, or a DataError naming it and showing the expected layout."""
+    """``path`` itself, or a DataError naming it and showing the expected layout."""
     if not path.exists():
         raise DataError(f"{dataset}: {path} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[dataset]}")
     return path
@@ -444,7 +431,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _read_json(path: Path, dataset: str) -> object:
-    """The JSON in `path`, or one DataError naming the file and what is wrong with it."""
+    """The JSON in ``path``, or one DataError naming the file and what is wrong with it."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -454,8 +441,8 @@ def _read_json(path: Path, dataset: str) -> object:
 
 
 def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
-    """`video_dir / entry`, or a DataError naming `where` (file and line) when `entry`, a video id read from a
-    dataset file, would leave the dataset's video folder (an absolute path, a `..` part)."""
+    """``video_dir / entry``, or a DataError naming ``where`` (file and line) when ``entry``, a video id read from a
+    dataset file, would leave the dataset's video folder (an absolute path, a ``..`` part)."""
     relative = PurePosixPath(entry)
     if relative.is_absolute() or ".." in relative.parts:
         raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
@@ -463,9 +450,9 @@ def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
 
 
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
-    """UCF101: `classInd.txt` gives the classes (1-based); paths in the lists are
-    matched case-insensitively (`HandStandPushups` vs `HandstandPushups`). A
-    listed video missing on disk is reported as broken when it is loaded."""
+    """UCF101: ``classInd.txt`` gives the classes (1-based); paths in the lists are matched case-insensitively
+    (``HandStandPushups`` vs ``HandstandPushups``). A listed video missing on disk is reported as broken when it is
+    loaded."""
     video_dir = _require(root / "UCF-101", "ucf101", root)
     list_dir = root / "ucfTrainTestlist"
     class_file = _require(list_dir / "classInd.txt", "ucf101", root)
@@ -494,8 +481,8 @@ HMDB_SPLIT_CODES = {"train": "1", "test": "2"}
 
 
 def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
-    """HMDB51: one split file per class, `<video name> <code>`, 1 = train, 2 = test, 0 = unused.
-    Video names contain spaces, brackets and `&`: only the last space separates."""
+    """HMDB51: one split file per class, ``<video name> <code>``, 1 = train, 2 = test, 0 = unused.
+    Video names contain spaces, brackets and ``&``: only the last space separates."""
     video_dir = _require(root / "videos", "hmdb51", root)
     split_dir = _require(root / "testTrainMulti_7030_splits", "hmdb51", root)
     suffix = f"_test_split{split_id}.txt"
@@ -544,7 +531,7 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of an MSR-VTT csv file, which must have a header naming `columns`."""
+    """(line number, row) of an MSR-VTT csv file, which must have a header naming ``columns``."""
     try:
         with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
@@ -562,9 +549,8 @@ def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[in
 
 
 def list_msrvtt(root: Path, split: str) -> SplitListing:
-    """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k
-    videos, in MSRVTT_data.json order. Test: the 1,000 JSFusion (video,
-    sentence) rows in file order, so item i is the i-th ground-truth pair."""
+    """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k videos, in MSRVTT_data.json order. Test: the
+    1,000 JSFusion (video, sentence) rows in file order, so item i is the i-th ground-truth pair."""
     video_dir = _require(root / "MSRVTT_Videos", "msrvtt", root)
     data_dir = root / "msrvtt_data"
     if split == "test":
@@ -604,12 +590,11 @@ def build_dataset(
     views: int = 1,
     strict: bool = False,
 ) -> VideoDataset:
-    """One of DATASETS read from its published layout under `root`.
+    """One of DATASETS read from its published layout under ``root``.
 
-    `split` is "train" or "test" (the published test/validation split);
-    `split_id` picks UCF101's and HMDB51's split 1-3; `resolution` is the
-    model's input size (`model.visual.input_resolution`). Training flips
-    clips left/right except for SSv2 and roots holding NO_FLIP_MARKER.
+    ``split`` is "train" or "test" (the published test/validation split); ``split_id`` picks UCF101's and HMDB51's split
+    1-3; ``resolution`` is the model's input size (``model.visual.input_resolution``). Training flips clips left/right
+    except for SSv2 and roots holding NO_FLIP_MARKER.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -724,9 +709,9 @@ def build_loader(
     sampler: Sampler | None = None,
     seed: int = 0,
 ) -> VideoLoader:
-    """A ``VideoLoader`` with `workers` processes kept alive across epochs, pinned memory when a GPU is there,
-    each item's random draws a function of (`seed`, epoch, item) (see ``LoaderItems``), and the shuffle order
-    (without a `sampler`) drawn from `seed`. `loader.dataset` is the ``LoaderItems`` around `dataset`."""
+    """A ``VideoLoader`` with ``workers`` processes kept alive across epochs, pinned memory when a GPU is there,
+    each item's random draws a function of (``seed``, epoch, item) (see ``LoaderItems``), and the shuffle order
+    (without a ``sampler``) drawn from ``seed``. ``loader.dataset`` is the ``LoaderItems`` around ``dataset``."""
     return VideoLoader(
         LoaderItems(dataset, seed),
         batch_size=batch_size,
@@ -741,506 +726,9 @@ def build_loader(
     )
 
 
-# --------------------------------------------------------------------------
-# Synthetic data: classes told apart only by temporal order
-# --------------------------------------------------------------------------
-
-# Pairs (2k, 2k+1): class 2k+1 is class 2k played backwards.
-SYNTHETIC_CLASSES = (
-    "MovingLeft", "MovingRight",
-    "MovingUp", "MovingDown",
-    "Growing", "Shrinking",
-    "TurningClockwise", "TurningAnticlockwise",
-)  # fmt: skip
-SYNTHETIC_SIZE = 64  # pixels, square frames
-SYNTHETIC_FRAMES = 16
-SYNTHETIC_FPS = 8
-SYNTHETIC_GROUPS, SYNTHETIC_CLIPS_PER_GROUP, SYNTHETIC_TEST_GROUPS = 16, 4, 4  # UCF101: 48 train + 16 test per class
-SYNTHETIC_RETRIEVAL_TRAIN, SYNTHETIC_RETRIEVAL_TEST = 32, 8  # MSR-VTT: videos per class
-SYNTHETIC_VERSION = 1  # bump when the generator changes: old folders are rebuilt
-
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
-    "magenta": (210, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30), "white": (240, 240, 240),
-}  # fmt: skip
-SHAPES = ("square", "triangle", "bar")  # none looks the same after a small turn
-PHRASES = {
-    "MovingLeft": ("moves to the left", "slides left", "travels from right to left"),
-    "MovingRight": ("moves to the right", "slides right", "travels from left to right"),
-    "MovingUp": ("moves up", "rises", "travels from bottom to top"),
-    "MovingDown": ("moves down", "falls", "travels from top to bottom"),
-    "Growing": ("grows", "gets bigger", "expands"),
-    "Shrinking": ("shrinks", "gets smaller", "contracts"),
-    "TurningClockwise": ("turns clockwise", "rotates clockwise", "spins clockwise"),
-    "TurningAnticlockwise": ("turns anticlockwise", "rotates counterclockwise", "spins anticlockwise"),
-}
-
-
-def _uniform(generator: torch.Generator, low: float, high: float, size: tuple[int, ...] = ()) -> Tensor:
-    return low + (high - low) * torch.rand(size, generator=generator)
-
-
-def _shape_alpha(shape: str, centre_x: Tensor, centre_y: Tensor, size: Tensor, angle: Tensor) -> Tensor:
-    """Coverage in [0, 1] of a shape per frame, `[T, 1, S, S]`; inputs are `[T]`.
-
-    Pixels are mapped into the shape's own frame (rotated by `angle`, which
-    turns clockwise on screen as it grows, y pointing down); a signed
-    distance to the outline gives one pixel of anti-aliased edge.
-    """
-    grid = torch.arange(SYNTHETIC_SIZE, dtype=torch.float32) + 0.5
-    dx = grid[None, None, :] - centre_x[:, None, None]  # [T, 1, S]
-    dy = grid[None, :, None] - centre_y[:, None, None]  # [T, S, 1]
-    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy  # [T, S, S]
-    half = size[:, None, None] / 2
-    if shape == "square":
-        distance = torch.maximum(u.abs(), v.abs()) - half
-    elif shape == "bar":
-        distance = torch.maximum(u.abs() - half, v.abs() - half / 3)
-    else:  # triangle: three half-planes at the inradius
-        normals = torch.tensor([math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6])
-        sides = u[..., None] * normals.cos() + v[..., None] * normals.sin()  # [T, S, S, 3]
-        distance = sides.amax(-1) - half * 2 / 3
-    return (0.5 - distance).clamp(0, 1)[:, None]
-
-
-def render_synthetic_clip(class_index: int, generator: torch.Generator) -> tuple[Tensor, str, str]:
-    """One synthetic video: (uint8 `[16, 3, 64, 64]`, colour name, shape name).
-
-    Only the forward class of each pair (MovingLeft, MovingUp, Growing,
-    TurningClockwise) is drawn; its partner is the same draw played
-    backwards, so the two classes are exact time reversals of each other in
-    distribution, and shape, colour, position and the set of frames are
-    alike: only the order of the frames tells them apart.
-    """
-    t = torch.linspace(0, 1, SYNTHETIC_FRAMES)  # [T], time in the clip
-    colour = list(COLOURS)[int(torch.randint(len(COLOURS), (), generator=generator))]
-    shape = SHAPES[int(torch.randint(len(SHAPES), (), generator=generator))]
-    position = _uniform(generator, 18, 46, (2,))
-    size = _uniform(generator, 11, 17).expand(SYNTHETIC_FRAMES)
-    angle = _uniform(generator, 0, 2 * math.pi).expand(SYNTHETIC_FRAMES)
-    centre_x, centre_y = position[0].expand(SYNTHETIC_FRAMES), position[1].expand(SYNTHETIC_FRAMES)
-    pair = class_index // 2
-    if pair == 0:  # to the left: x falls
-        start, distance = _uniform(generator, 38, 50), _uniform(generator, 18, 28)
-        centre_x = start - distance * t
-    elif pair == 1:  # up: y falls (image rows grow downwards)
-        start, distance = _uniform(generator, 38, 50), _uniform(generator, 18, 28)
-        centre_y = start - distance * t
-    elif pair == 2:  # growing
-        small, large = _uniform(generator, 5, 9), _uniform(generator, 20, 28)
-        size = small + (large - small) * t
-    else:  # clockwise, at most 20 degrees a frame so a square cannot alias
-        degrees_per_frame = _uniform(generator, 8, 20)
-        angle = angle + torch.deg2rad(degrees_per_frame) * torch.arange(SYNTHETIC_FRAMES)
-    # Background: a plain grey-ish tone with a faint static texture.
-    base = _uniform(generator, 20, 100) + _uniform(generator, -12, 12, (3, 1, 1))
-    texture = torch.nn.functional.interpolate(
-        _uniform(generator, -10, 10, (1, 1, 8, 8)), size=(SYNTHETIC_SIZE, SYNTHETIC_SIZE), mode="bilinear"
-    )[0]  # [1, S, S]
-    background = (base + texture)[None]  # [1, 3, S, S]
-    alpha = _shape_alpha(shape, centre_x, centre_y, size, angle)  # [T, 1, S, S]
-    foreground = torch.tensor(COLOURS[colour], dtype=torch.float32)[None, :, None, None]
-    frames = (background * (1 - alpha) + foreground * alpha).round().clamp(0, 255).to(torch.uint8)
-    if class_index % 2:
-        frames = frames.flip(0)
-    return frames, colour, shape
-
-
-def _write_synthetic_ucf101(root: Path, generator: torch.Generator) -> None:
-    """UCF101 layout: groups 1-4 are the test split, 5-16 the training split."""
-    (root / "ucfTrainTestlist").mkdir(parents=True)
-    train_lines, test_lines = [], []
-    for label, name in enumerate(SYNTHETIC_CLASSES):
-        for group in range(1, SYNTHETIC_GROUPS + 1):
-            for clip in range(1, SYNTHETIC_CLIPS_PER_GROUP + 1):
-                entry = f"{name}/v_{name}_g{group:02d}_c{clip:02d}.avi"
-                write_video(root / "UCF-101" / entry, render_synthetic_clip(label, generator)[0], SYNTHETIC_FPS)
-                if group <= SYNTHETIC_TEST_GROUPS:
-                    test_lines.append(entry)
-                else:
-                    train_lines.append(f"{entry} {label + 1}")
-    class_lines = [f"{label + 1} {name}" for label, name in enumerate(SYNTHETIC_CLASSES)]
-    for file_name, lines in (
-        ("classInd.txt", class_lines),
-        ("trainlist01.txt", train_lines),
-        ("testlist01.txt", test_lines),
-    ):
-        (root / "ucfTrainTestlist" / file_name).write_text("\n".join(lines) + "\n")
-
-
-def _write_synthetic_msrvtt(root: Path, generator: torch.Generator) -> None:
-    """MSR-VTT layout: three captions per video; the test file pairs each test video with one."""
-    (root / "msrvtt_data").mkdir(parents=True)
-    videos, sentences, train_ids, test_rows = [], [], [], []
-    per_class = SYNTHETIC_RETRIEVAL_TRAIN + SYNTHETIC_RETRIEVAL_TEST
-    for number in range(per_class * len(SYNTHETIC_CLASSES)):
-        class_name = SYNTHETIC_CLASSES[number % len(SYNTHETIC_CLASSES)]
-        video_id = f"video{number}"
-        frames, colour, shape = render_synthetic_clip(number % len(SYNTHETIC_CLASSES), generator)
-        write_video(root / "MSRVTT_Videos" / f"{video_id}.mp4", frames, SYNTHETIC_FPS)
-        captions = [f"a {colour} {shape} {phrase}" for phrase in PHRASES[class_name]]
-        in_test = number >= SYNTHETIC_RETRIEVAL_TRAIN * len(SYNTHETIC_CLASSES)
-        videos.append({"video_id": video_id, "id": number, "split": "test" if in_test else "train"})
-        sentences += [
-            {"caption": c, "video_id": video_id, "sen_id": len(sentences) + i} for i, c in enumerate(captions)
-        ]
-        if in_test:
-            chosen = captions[int(torch.randint(len(captions), (), generator=generator))]
-            test_rows.append([f"ret{len(test_rows)}", f"msr{number}", video_id, chosen])
-        else:
-            train_ids.append([video_id])
-    (root / "msrvtt_data" / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
-    for file_name, header, rows in (
-        ("MSRVTT_train.9k.csv", ["video_id"], train_ids),
-        ("MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], test_rows),
-    ):
-        with (root / "msrvtt_data" / file_name).open("w", newline="") as file:
-            csv.writer(file).writerows([header, *rows])
-
-
-SYNTHETIC_ENTRIES = {"COMPLETE", "ucf101", "msrvtt"}  # all that ensure_synthetic puts in its root
-
-
-def _holds_synthetic(root: Path) -> bool:
-    """Whether `root` holds what ensure_synthetic writes (of any version or seed) and nothing else."""
-    marker = root / "COMPLETE"
-    names = {path.name for path in root.iterdir()}
-    return names <= SYNTHETIC_ENTRIES and marker.is_file() and marker.read_text().startswith("version ")
-
-
-def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path:
-    """Create the synthetic dataset under `root` once and return `root`.
-
-    `root/ucf101` (UCF101 layout, 8 classes x (48 train + 16 test) clips) and
-    `root/msrvtt` (MSR-VTT layout, 256 train videos x 3 captions, 64 test
-    pairs): 64x64 px, 16 frames at 8 fps, real MPEG-4 AVI and H.264 MP4 files.
-    It is built in a scratch folder beside `root` and renamed into place with a
-    marker file written last, so an interrupted run is never mistaken for a
-    finished one. Only what this function wrote is ever replaced (a synthetic
-    dataset of another version or seed, or an empty folder): any other `root`
-    is refused with a DataError, and so is one where nothing can be written.
-    """
-    root = Path(root)
-    marker = root / "COMPLETE"
-    stamp = f"version {SYNTHETIC_VERSION} seed {seed}\n"
-    try:
-        if marker.is_file() and marker.read_text() == stamp:
-            return root
-        if root.exists() and not root.is_dir():
-            raise DataError(f"synthetic: {root} is a file; --root must be a folder for the generated dataset")
-        if root.is_dir() and any(root.iterdir()) and not _holds_synthetic(root):
-            raise DataError(
-                f"synthetic: {root} is not empty and holds no synthetic dataset (no COMPLETE marker); its files are "
-                "left alone: choose a new or empty folder for the generated data"
-            )
-        require_ffmpeg()
-        root.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    except OSError as error:
-        raise DataError(f"synthetic: cannot create the dataset at {root}: {os_error_message(error)}") from None
-    retired = scratch.with_name(scratch.name + "-old")
-    try:
-        with single_threaded():
-            generator = torch.Generator().manual_seed(seed)
-            _write_synthetic_ucf101(scratch / "ucf101", generator)
-            _write_synthetic_msrvtt(scratch / "msrvtt", generator)
-        for layout in ("ucf101", "msrvtt"):
-            (scratch / layout / NO_FLIP_MARKER).write_text("Left and right are part of the labels: never flip.\n")
-        (scratch / "COMPLETE").write_text(stamp)
-        if root.exists():
-            os.replace(root, retired)  # an empty folder, or this function's data of another version or seed
-        os.replace(scratch, root)
-    except OSError as error:
-        raise DataError(f"synthetic: cannot write the dataset at {root}: {os_error_message(error)}") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
-    return root
-
-
-# --------------------------------------------------------------------------
-# Prepared copies: every video re-encoded once, small and quick to seek
-# --------------------------------------------------------------------------
-
-# Where each layout keeps its videos, and the folders of split and label files, copied as they are.
-VIDEO_FOLDERS = {
-    "ucf101": "UCF-101",
-    "hmdb51": "videos",
-    "ssv2": "20bn-something-something-v2",
-    "msrvtt": "MSRVTT_Videos",
-}
-METADATA_FOLDERS = {
-    "ucf101": "ucfTrainTestlist",
-    "hmdb51": "testTrainMulti_7030_splits",
-    "ssv2": "labels",
-    "msrvtt": "msrvtt_data",
-}
-# Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
-# speed in one thread (`python bench.py data`) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
-# AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
-# held at 3 (like FFmpeg's `-q:v 3`), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
-# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s at 4 fps,
-# once per SSv2 clip) decodes fastest.
-PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
-    ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
-    ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
-    ".webm": ("libvpx", {"deadline": "1", "cpu-used": "8"}, 16),  # realtime speed
-}
-PREPARE_SETTINGS_FILE = "prepare.json"
-PREPARE_FAILURES_FILE = "prepare_failures.txt"
-PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies are kept
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """How a prepared copy is encoded; stored in `prepare.json` so that a rerun cannot mix two settings.
-
-    `fps` frames per second (the authors' code uses 3), raised for a short video to give it `min_frames`
-    frames, never above the source's rate; `short_side` pixels at most (never upscaled); a keyframe every
-    `keyframe_interval` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
-    that many frames.
-    """
-
-    dataset: str
-    fps: float = 4.0
-    min_frames: int = 16
-    short_side: int = 256
-    keyframe_interval: int | None = None
-
-
-@dataclass
-class PrepareReport:
-    """What a `prepare_dataset` run did: videos written now, found done, and broken sources with the reason."""
-
-    written: int
-    skipped: int
-    failures: list[tuple[str, str]]
-
-
-def _prepared_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Even (height, width) with the short side at most `short_side`, aspect kept (yuv420p needs even sides)."""
-    scale = min(1.0, short_side / min(height, width))
-    return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
-
-
-def prepare_video(source: Path, target: Path, settings: PrepareSettings) -> None:
-    """Re-encode `source` into `target` (same container): fewer frames per second, smaller, frequent keyframes.
-
-    Frames are taken at a regular time grid (the frame shown at each instant, `get_frames_played_at`), in
-    chunks, resized with antialiasing, and encoded with the codec of PREPARED_CODECS for `target`'s suffix.
-    The file is written under a temporary name and renamed when complete, so `target` is never half written.
-    Raises BrokenVideoError when `source` cannot be decoded.
-    """
-    suffix = target.suffix.lower()
-    if suffix not in PREPARED_CODECS:
-        raise DataError(f"prepare: no codec for {target.suffix!r} files; known: {sorted(PREPARED_CODECS)}")
-    try:
-        decoder = VideoDecoder(source, seek_mode="exact", num_ffmpeg_threads=1)
-        metadata = decoder.metadata
-        begin, end = metadata.begin_stream_seconds or 0.0, metadata.end_stream_seconds
-        if not metadata.num_frames or end is None or end <= begin:
-            raise BrokenVideoError(source, "no decodable frames")
-        duration = end - begin
-        source_fps = metadata.average_fps or settings.fps
-        fps = min(source_fps, max(settings.fps, settings.min_frames / duration))
-        count = max(1, math.floor(duration * fps))
-        times = begin + (torch.arange(count, dtype=torch.float64) + 0.5) / fps  # [n] seconds, centres of slots
-        size = _prepared_size(metadata.height, metadata.width, settings.short_side)
-        chunks = []
-        for first in range(0, count, PREPARE_CHUNK):
-            frames = decoder.get_frames_played_at(times[first : first + PREPARE_CHUNK].tolist()).data
-            if tuple(frames.shape[-2:]) != size:
-                frames = v2.functional.resize(frames, list(size), antialias=True)
-            chunks.append(frames)  # uint8 [chunk, 3, h, w]
-    except (RuntimeError, ValueError, IndexError, OSError) as error:
-        raise BrokenVideoError(source, f"{type(error).__name__}: {error}") from error
-    codec, options, keyframe_interval = PREPARED_CODECS[suffix]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.partial{target.suffix}")  # the suffix picks the container
-    try:
-        VideoEncoder(torch.cat(chunks), frame_rate=fps).to_file(
-            partial,
-            codec=codec,
-            pixel_format="yuv420p",
-            extra_options={**options, "g": str(settings.keyframe_interval or keyframe_interval)},
-        )
-        os.replace(partial, target)
-    except (RuntimeError, ValueError, OSError) as error:
-        raise BrokenVideoError(source, f"re-encoding failed: {type(error).__name__}: {error}") from error
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _prepare_one(job: tuple[Path, Path, PrepareSettings]) -> str | None:
-    """One video in a worker process (one thread): None when done, else why the source is broken."""
-    source, target, settings = job
-    with single_threaded():
-        try:
-            prepare_video(source, target, settings)
-        except BrokenVideoError as error:
-            return error.reason
-    return None
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:
-    """Initializer of `prepare`'s worker processes: die with the parent, leaving no orphans behind however it ends.
-
-    On Linux the kernel is asked (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) to kill the worker when the parent dies,
-    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed `prepare` waits
-    forever for jobs (it holds the job pipe's write end too, so it never sees the end of it). A worker whose parent
-    died before the request was made exits at once. Elsewhere only that check is made.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
-    """Record `settings` in `out`, or refuse when `out` was prepared with others (its videos would mix)."""
-    path = out / PREPARE_SETTINGS_FILE
-    wanted = dataclasses.asdict(settings)
-    if path.exists():
-        try:
-            found = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            found = None
-        if found != wanted:
-            raise DataError(
-                f"{out} was prepared with other settings ({path}: {found}); asked for {wanted}. "
-                "Use another --out, or the same settings to resume it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n")
-
-
-def prepare_dataset(
-    name: str,
-    root: Path | str,
-    out: Path | str,
-    settings: PrepareSettings | None = None,
-    *,
-    workers: int = 1,
-    progress: bool = True,
-) -> PrepareReport:
-    """Write a prepared copy of dataset `name` from `root` to `out`, in the same layout, for training to read.
-
-    Every video under the layout's video folder (suffixes of PREPARED_CODECS) is re-encoded by
-    `prepare_video` to the same relative path, name and container, so the split files, which are copied
-    unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
-    in `out` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
-    listed in `out/prepare_failures.txt` (rewritten by each run) and in the report, and stays absent from the
-    copy, where the loaders report it as they would in the original.
-    """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    settings = settings or PrepareSettings(name)
-    if settings.dataset != name:
-        raise DataError(f"prepare: settings are for {settings.dataset!r}, not {name!r}")
-    if settings.fps <= 0 or settings.min_frames < 1 or settings.short_side < 2 or (settings.keyframe_interval or 1) < 1:
-        raise DataError(f"prepare: fps, min_frames, short_side and keyframe_interval must be positive: {settings}")
-    root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
-    if out.resolve() == root.resolve():
-        raise DataError(f"prepare: --out {out} is the dataset root itself; choose another folder")
-    require_ffmpeg()
-    video_dir = _require(root / VIDEO_FOLDERS[name], name, root)
-    if out.resolve().is_relative_to(video_dir.resolve()):
-        raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
-    metadata_dir = _require(root / METADATA_FOLDERS[name], name, root)
-    _check_prepare_settings(out, settings)
-
-    shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)
-    if (root / NO_FLIP_MARKER).exists():
-        shutil.copy2(root / NO_FLIP_MARKER, out / NO_FLIP_MARKER)
-    sources = sorted(p for p in video_dir.rglob("*") if p.suffix.lower() in PREPARED_CODECS and p.is_file())
-    jobs, skipped = [], 0
-    for source in sources:
-        target = out / source.relative_to(root)
-        if target.exists():
-            skipped += 1
-        else:
-            jobs.append((source, target, settings))
-
-    failures = []
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            outcomes = tqdm(
-                pool.map(_prepare_one, jobs, chunksize=4), total=len(jobs), desc=f"prepare {name}", disable=not progress
-            )
-            failures = [(job[0], reason) for job, reason in zip(jobs, outcomes) if reason is not None]
-    else:
-        for job in tqdm(jobs, desc=f"prepare {name}", disable=not progress):
-            reason = _prepare_one(job)
-            if reason is not None:
-                failures.append((job[0], reason))
-
-    listed = [(source.relative_to(root).as_posix(), " ".join(reason.split())) for source, reason in failures]
-    failures_file = out / PREPARE_FAILURES_FILE
-    if listed:
-        failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
-    else:
-        failures_file.unlink(missing_ok=True)
-    return PrepareReport(written=len(jobs) - len(failures), skipped=skipped, failures=listed)
-
-
-app = typer.Typer(add_completion=False, help="Video data utilities.")
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as error:
-        typer.echo(f"error: {os_error_message(error)}", err=True)
-        raise typer.Exit(1) from None
-
-
-@app.command()
-def prepare(
-    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
-    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
-    out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
-    fps: Annotated[float, typer.Option(help="frames per second kept")] = PrepareSettings.fps,
-    min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
-    short_side: Annotated[int, typer.Option(help="pixels; never upscaled")] = PrepareSettings.short_side,
-    keyframe_interval: Annotated[int, typer.Option(help="frames; 0: the container's choice")] = 0,
-    workers: Annotated[int, typer.Option(help="processes; 0: one per core")] = 0,
-) -> None:
-    """Re-encode a dataset's videos once into a small, seek-friendly copy; rerun to resume."""
-    with reported_errors():
-        settings = PrepareSettings(dataset, fps, min_frames, short_side, keyframe_interval or None)
-        start = time.perf_counter()
-        report = prepare_dataset(dataset, root, out, settings, workers=workers or available_cores())
-        elapsed = time.perf_counter() - start
-    typer.echo(
-        f"{out}: {report.written} videos written, {report.skipped} already done, "
-        f"{len(report.failures)} broken sources, in {elapsed:.1f} s"
-    )
-    if report.failures:
-        typer.echo(f"broken sources (also in {out / PREPARE_FAILURES_FILE}):")
-        for path, reason in report.failures:
-            typer.echo(f"  {path}: {reason}")
-
-
-@app.command()
-def synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> None:
-    """Generate the synthetic dataset (once) and print where it is."""
-    with reported_errors():
-        start = time.perf_counter()
-        ready = ensure_synthetic(root, seed)
-    typer.echo(f"{ready} ready in {time.perf_counter() - start:.1f} s")
-
-
 if __name__ == "__main__":
-    app()
+    # data.py is a library: its two commands moved to their own modules, and an old command line says where.
+    sys.exit(
+        "error: data.py has no commands: `python data.py synthetic` is now `python synthetic.py`, and "
+        "`python data.py prepare ...` is now `python prepare.py ...` (same options)"
+    )

@@ -40,6 +40,7 @@ import data
 from clip_model import CLIP, CLIPConfig, CLIPLoadError
 from data import DataError
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
+from synthetic import ensure_synthetic
 
 Dataset = Literal["ucf101", "hmdb51", "ssv2", "msrvtt", "synthetic"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -450,7 +451,7 @@ def broken_over_ranks(*datasets: data.VideoDataset) -> int:
 def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, Path]:
     """The loader's name and root: ``synthetic`` is generated on first use in the UCF101 or MSR-VTT layout."""
     if dataset == "synthetic":
-        base = data.ensure_synthetic(root or Path("data/synthetic"))
+        base = ensure_synthetic(root or Path("data/synthetic"))
         return ("ucf101", base / "ucf101") if task == "recognize" else ("msrvtt", base / "msrvtt")
     if (dataset == "msrvtt") != (task == "retrieve"):
         raise RunError(f"--dataset {dataset} is not a {task} dataset")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import clip_model
 import data
 import evaluate
+import synthetic
 import train
 
 runner = CliRunner()
@@ -17,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def run(app, *args: str):

@@ -1,5 +1,5 @@
-"""Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in
-each published layout, built in temporary folders, read through the loaders."""
+"""Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in each published layout, built in temporary
+folders, read through the loaders."""
 
 import csv
 import json
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from torchcodec.decoders import VideoDecoder
-from torchvision.transforms import v2
 
 import data
 
@@ -39,7 +38,7 @@ def left_darker_than_right(clip: torch.Tensor) -> bool:
 
 
 def normalised(level: float) -> torch.Tensor:
-    """A flat grey `level` after CLIP normalisation, per channel [3, 1, 1]."""
+    """A flat grey ``level`` after CLIP normalisation, per channel [3, 1, 1]."""
     return (level / 255 - MEAN) / STD
 
 
@@ -55,7 +54,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """UCF101 layout; the HandstandPushups lists say `HandStandPushups`, CRLF line ends as published."""
+    """UCF101 layout; the HandstandPushups lists say ``HandStandPushups``, CRLF line ends as published."""
     root = tmp_path_factory.mktemp("ucf101")
     folders = {"ApplyEyeMakeup": "ApplyEyeMakeup", "YoYo": "YoYo", "HandstandPushups": "HandStandPushups"}
     train, test = [], []
@@ -81,7 +80,7 @@ HMDB_NAMES = {
 
 @pytest.fixture(scope="module")
 def hmdb51_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """HMDB51 layout: names with spaces, brackets and `&`; split lines end with a blank as published."""
+    """HMDB51 layout: names with spaces, brackets and ``&``; split lines end with a blank as published."""
     root = tmp_path_factory.mktemp("hmdb51")
     (root / "testTrainMulti_7030_splits").mkdir()
     for folder, names in HMDB_NAMES.items():
@@ -531,72 +530,3 @@ def test_a_short_video_repeats_frames(tmp_path: Path) -> None:
     levels = [[40, 140, 240][index] for index in data.sample_indices(3, 8, train=False)[0].tolist()]
     expected = torch.stack([normalised(level).flatten() for level in levels])  # [8, 3]
     assert torch.allclose(clip.mean(dim=(2, 3)), expected, atol=0.06)
-
-
-# ---------------------------------------------------------------- synthetic data
-
-
-@pytest.mark.parametrize("pair", range(4))
-def test_synthetic_partner_classes_are_time_reversals(pair: int) -> None:
-    forward, colour, shape = data.render_synthetic_clip(2 * pair, torch.Generator().manual_seed(pair))
-    backward, colour_b, shape_b = data.render_synthetic_clip(2 * pair + 1, torch.Generator().manual_seed(pair))
-    assert forward.shape == (data.SYNTHETIC_FRAMES, 3, data.SYNTHETIC_SIZE, data.SYNTHETIC_SIZE)
-    assert forward.dtype == torch.uint8 and (colour, shape) == (colour_b, shape_b)
-    assert torch.equal(backward, forward.flip(0))
-    assert not torch.equal(forward, backward)  # something happens over time
-
-
-def _moving_centroid(frames: torch.Tensor) -> torch.Tensor:
-    """Centre (x, y) of the pixels that differ from the clip's median frame, per frame: [T, 2]."""
-    moving = (frames.float() - frames.float().median(dim=0).values).abs().sum(1) > 60  # [T, H, W]
-    rows, columns = torch.meshgrid(torch.arange(frames.shape[2]), torch.arange(frames.shape[3]), indexing="ij")
-    weight = moving.float().sum(dim=(1, 2))
-    return torch.stack([(moving * columns).sum(dim=(1, 2)) / weight, (moving * rows).sum(dim=(1, 2)) / weight], 1)
-
-
-def test_synthetic_motions_go_the_way_their_names_say() -> None:
-    for seed in range(5):
-        left, _, _ = data.render_synthetic_clip(0, torch.Generator().manual_seed(seed))
-        up, _, _ = data.render_synthetic_clip(2, torch.Generator().manual_seed(seed))
-        growing, _, _ = data.render_synthetic_clip(4, torch.Generator().manual_seed(seed))
-        assert _moving_centroid(left)[-1, 0] < _moving_centroid(left)[0, 0] - 10
-        assert _moving_centroid(up)[-1, 1] < _moving_centroid(up)[0, 1] - 10
-        changed = (growing.float() - growing[:1].float()).abs().sum(1) > 60  # [T, H, W] vs the first frame
-        assert changed[-1].sum() > changed[1].sum() > 0
-
-
-def test_synthetic_turning_is_clockwise_on_screen() -> None:
-    """A horizontal bar turned by a small positive angle dips on its right (y points down)."""
-    centre = torch.tensor([32.0])
-    bar = data._shape_alpha("bar", centre, centre, torch.tensor([40.0]), torch.tensor([0.3]))[0, 0]  # [S, S]
-    assert bar[32 + 5, 32 + 16] > 0.5 and bar[32 - 5, 32 + 16] == 0
-    assert bar[32 - 5, 32 - 16] > 0.5 and bar[32 + 5, 32 - 16] == 0
-
-
-def test_ensure_synthetic_builds_both_layouts_once(tmp_path: Path) -> None:
-    root = tmp_path / "synthetic"
-    (root / "ucf101" / "UCF-101").mkdir(parents=True)  # an older generator's data: replaced
-    (root / "ucf101" / "UCF-101" / "old.avi").write_bytes(b"")
-    (root / "COMPLETE").write_text(f"version {data.SYNTHETIC_VERSION - 1} seed 0\n")
-    assert data.ensure_synthetic(root, seed=0) == root
-    assert not (root / "ucf101" / "UCF-101" / "old.avi").exists()
-    marker_time = (root / "COMPLETE").stat().st_mtime_ns
-    assert data.ensure_synthetic(root, seed=0) == root and (root / "COMPLETE").stat().st_mtime_ns == marker_time
-    assert [path.name for path in tmp_path.iterdir()] == ["synthetic"]  # no scratch folder left behind
-
-    train = data.build_dataset("ucf101", root / "ucf101", "train", num_frames=8, resolution=RESOLUTION)
-    test = data.build_dataset("ucf101", root / "ucf101", "test", num_frames=8, resolution=RESOLUTION)
-    assert train.classes[:2] == ["moving left", "moving right"] and train.classes[-1] == "turning anticlockwise"
-    assert len(train) == 8 * 48 and len(test) == 8 * 16
-    assert sorted(train.targets) == sorted(list(range(8)) * 48)
-    assert not any(isinstance(step, v2.RandomHorizontalFlip) for step in train.transform.transforms)
-    clip, label = train[0]
-    assert clip.shape == (8, 3, RESOLUTION, RESOLUTION) and label == 0
-
-    retrieval_train = data.build_dataset("msrvtt", root / "msrvtt", "train", num_frames=8, resolution=RESOLUTION)
-    retrieval_test = data.build_dataset("msrvtt", root / "msrvtt", "test", num_frames=8, resolution=RESOLUTION)
-    assert len(retrieval_train) == 256 * 3 and len(retrieval_test) == 64
-    assert len(set(retrieval_test.paths)) == 64 and not set(retrieval_test.paths) & set(retrieval_train.paths)
-    assert re.fullmatch(r"a \w+ (square|triangle|bar) moves to the left", retrieval_train.targets[0])
-    clip, caption = retrieval_test[0]
-    assert clip.shape == (8, 3, RESOLUTION, RESOLUTION) and caption == retrieval_test.targets[0]

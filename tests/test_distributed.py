@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import data
 import evaluate
+import synthetic
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds: a hung job fails the test instead of stalling the suite
@@ -30,7 +31,7 @@ TIMEOUT = 120  # seconds: a hung job fails the test instead of stalling the suit
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    return data.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")

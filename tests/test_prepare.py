@@ -1,4 +1,4 @@
-"""`data.py prepare`: a re-encoded copy of a dataset in its own layout, resumable, with broken sources listed.
+"""``prepare.py``: a re-encoded copy of a dataset in its own layout, resumable, with broken sources listed.
 
 Real (tiny) videos in the published layouts, prepared into temporary folders and read back through the loaders.
 """
@@ -16,6 +16,7 @@ from torchcodec.decoders import VideoDecoder
 from typer.testing import CliRunner
 
 import data
+import prepare
 
 SOURCE_FPS = 10
 SECONDS = 4  # 40 frames at 10 fps: prepared at 4 fps to 16 frames (min_frames)
@@ -62,10 +63,10 @@ def relative_files(root: Path) -> set[str]:
 
 def test_the_copy_keeps_the_layout_the_split_files_and_what_the_loader_lists(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    report = data.prepare_dataset("ucf101", ucf101_root, out, workers=2, progress=False)
+    report = prepare.prepare_dataset("ucf101", ucf101_root, out, workers=2, progress=False)
     assert (report.written, report.skipped) == (3, 0)
     raw_files = relative_files(ucf101_root) - {"UCF-101/YoYo/v_YoYo_g09_c01.avi"}
-    assert relative_files(out) == raw_files | {data.PREPARE_SETTINGS_FILE, data.PREPARE_FAILURES_FILE}
+    assert relative_files(out) == raw_files | {prepare.PREPARE_SETTINGS_FILE, prepare.PREPARE_FAILURES_FILE}
     for name in ("classInd.txt", "trainlist01.txt", "testlist01.txt"):
         assert (out / "ucfTrainTestlist" / name).read_bytes() == (ucf101_root / "ucfTrainTestlist" / name).read_bytes()
     for split in ("train", "test"):
@@ -77,8 +78,8 @@ def test_the_copy_keeps_the_layout_the_split_files_and_what_the_loader_lists(ucf
 
 
 def test_prepared_frames_are_the_source_at_a_lower_rate_and_size(ucf101_root: Path, tmp_path: Path) -> None:
-    settings = data.PrepareSettings("ucf101", fps=2.0, min_frames=6, short_side=20)
-    data.prepare_dataset("ucf101", ucf101_root, tmp_path / "prepared", settings, progress=False)
+    settings = prepare.PrepareSettings("ucf101", fps=2.0, min_frames=6, short_side=20)
+    prepare.prepare_dataset("ucf101", ucf101_root, tmp_path / "prepared", settings, progress=False)
     decoder = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi")
     metadata = decoder.metadata
     assert metadata.codec == "mpeg4"
@@ -96,8 +97,8 @@ def test_a_short_video_keeps_min_frames_and_never_more_than_its_own(tmp_path: Pa
     data.write_video(root / "MSRVTT_Videos/video1.mp4", brightening(20), 10)  # 2 s at 10 fps
     (root / "msrvtt_data").mkdir()
     (root / "msrvtt_data/MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
-    settings = data.PrepareSettings("msrvtt", fps=1.0, min_frames=16)
-    data.prepare_dataset("msrvtt", root, tmp_path / "prepared", settings, progress=False)
+    settings = prepare.PrepareSettings("msrvtt", fps=1.0, min_frames=16)
+    prepare.prepare_dataset("msrvtt", root, tmp_path / "prepared", settings, progress=False)
     counts = [VideoDecoder(tmp_path / f"prepared/MSRVTT_Videos/video{i}.mp4").metadata.num_frames for i in (0, 1)]
     assert counts == [12, 16]  # 16 asked for: capped at the source's own 6 fps, else raised from 1 fps to 8
 
@@ -108,22 +109,22 @@ def test_each_container_keeps_its_name_and_gets_a_codec_it_holds(tmp_path: Path)
     (root / "labels").mkdir()
     data.write_video(tmp_path / "mp4/MSRVTT_Videos/video3.mp4", brightening(), SOURCE_FPS)
     (tmp_path / "mp4/msrvtt_data").mkdir()
-    data.prepare_dataset("ssv2", root, tmp_path / "ssv2", progress=False)
-    data.prepare_dataset("msrvtt", tmp_path / "mp4", tmp_path / "msrvtt", progress=False)
+    prepare.prepare_dataset("ssv2", root, tmp_path / "ssv2", progress=False)
+    prepare.prepare_dataset("msrvtt", tmp_path / "mp4", tmp_path / "msrvtt", progress=False)
     assert VideoDecoder(tmp_path / "ssv2/20bn-something-something-v2/7.webm").metadata.codec == "vp8"
     assert VideoDecoder(tmp_path / "msrvtt/MSRVTT_Videos/video3.mp4").metadata.codec == "mpeg4"
 
 
 def test_a_rerun_skips_what_is_done_and_redoes_what_is_missing_or_partial(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    data.prepare_dataset("ucf101", ucf101_root, out, progress=False)
+    prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     done = out / "UCF-101/YoYo/v_YoYo_g08_c01.avi"
     os.utime(done, (1, 1))  # a rewrite would change it
     missing = out / "UCF-101/YoYo/v_YoYo_g01_c01.avi"
     missing.unlink()
     partial = missing.with_name(f".{missing.stem}.partial.avi")
     partial.write_bytes(b"half a video from an interrupted run")
-    report = data.prepare_dataset("ucf101", ucf101_root, out, progress=False)
+    report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     assert (report.written, report.skipped) == (1, 2)
     assert done.stat().st_mtime == 1
     assert VideoDecoder(missing).metadata.num_frames == 16
@@ -132,45 +133,45 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_is_missing_or_partial(ucf101
 
 def test_a_broken_source_is_listed_and_the_rest_is_prepared(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    report = data.prepare_dataset("ucf101", ucf101_root, out, progress=False)
+    report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     assert [path for path, _ in report.failures] == ["UCF-101/YoYo/v_YoYo_g09_c01.avi"]
-    listed = (out / data.PREPARE_FAILURES_FILE).read_text().splitlines()
+    listed = (out / prepare.PREPARE_FAILURES_FILE).read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == ["UCF-101/YoYo/v_YoYo_g09_c01.avi"]
     assert report.written == 3
     # still listed on a rerun; once the source is repaired, prepared and no longer listed
-    assert len(data.prepare_dataset("ucf101", ucf101_root, out, progress=False).failures) == 1
+    assert len(prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False).failures) == 1
     data.write_video(ucf101_root / "UCF-101/YoYo/v_YoYo_g09_c01.avi", brightening(), SOURCE_FPS)
-    report = data.prepare_dataset("ucf101", ucf101_root, out, progress=False)
+    report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     assert (report.written, report.failures) == (1, [])
-    assert not (out / data.PREPARE_FAILURES_FILE).exists()
+    assert not (out / prepare.PREPARE_FAILURES_FILE).exists()
 
 
 def test_other_settings_for_the_same_copy_are_refused(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    data.prepare_dataset("ucf101", ucf101_root, out, progress=False)
+    prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     with pytest.raises(data.DataError, match="prepared with other settings"):
-        data.prepare_dataset("ucf101", ucf101_root, out, data.PrepareSettings("ucf101", fps=3.0), progress=False)
+        prepare.prepare_dataset("ucf101", ucf101_root, out, prepare.PrepareSettings("ucf101", fps=3.0), progress=False)
     with pytest.raises(data.DataError, match="dataset root itself"):
-        data.prepare_dataset("ucf101", ucf101_root, ucf101_root, progress=False)
+        prepare.prepare_dataset("ucf101", ucf101_root, ucf101_root, progress=False)
 
 
 def test_the_command_reports_broken_sources_and_bad_input_in_one_message(ucf101_root: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "prepared"
     result = runner.invoke(
-        data.app, ["prepare", "--dataset", "ucf101", "--root", str(ucf101_root), "--out", str(out), "--workers", "1"]
+        prepare.app, ["--dataset", "ucf101", "--root", str(ucf101_root), "--out", str(out), "--workers", "1"]
     )
     assert result.exit_code == 0, result.output
     assert "3 videos written, 0 already done, 1 broken sources" in result.output
     assert "UCF-101/YoYo/v_YoYo_g09_c01.avi" in result.output
-    result = runner.invoke(data.app, ["prepare", "--dataset", "hmdb51", "--root", str(ucf101_root), "--out", str(out)])
+    result = runner.invoke(prepare.app, ["--dataset", "hmdb51", "--root", str(ucf101_root), "--out", str(out)])
     assert result.exit_code == 1
     assert "videos not found" in result.output and "Expected layout" in result.output
     assert "Traceback" not in result.output
 
 
 def _children(pid: int) -> list[int]:
-    """The live processes whose parent is `pid` (from /proc/PID/stat: state and parent follow the name)."""
+    """The live processes whose parent is ``pid`` (from /proc/PID/stat: state and parent follow the name)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -197,7 +198,7 @@ def test_killing_prepare_leaves_no_worker_processes_behind(tmp_path: Path) -> No
         os.link(source, source.with_name(f"v_YoYo_g{group:02d}_c01.avi"))
     (tmp_path / "raw" / "ucfTrainTestlist").mkdir()
     (tmp_path / "raw" / "ucfTrainTestlist" / "classInd.txt").write_text("1 YoYo\n")
-    command = ["data.py", "prepare", "--dataset", "ucf101", "--root", tmp_path / "raw", "--out", tmp_path / "out"]
+    command = ["prepare.py", "--dataset", "ucf101", "--root", tmp_path / "raw", "--out", tmp_path / "out"]
     run = subprocess.Popen(
         [sys.executable, *map(str, command), "--workers", "2"],
         cwd=Path(data.__file__).parent,

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 import data
 import evaluate
+import prepare
+import synthetic
 import train
 
 runner = CliRunner()
@@ -28,15 +30,15 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     generator = torch.Generator().manual_seed(0)
     lines = {"train": [], "test": []}
-    for label, name in enumerate(data.SYNTHETIC_CLASSES):
+    for label, name in enumerate(synthetic.SYNTHETIC_CLASSES):
         for split in ("train", "test"):
             entry = f"{name}/v_{name}_g{1 if split == 'test' else 5:02d}_c01.avi"
-            frames, _, _ = data.render_synthetic_clip(label, generator)
-            data.write_video(root / "UCF-101" / entry, frames, data.SYNTHETIC_FPS)
+            frames, _, _ = synthetic.render_synthetic_clip(label, generator)
+            data.write_video(root / "UCF-101" / entry, frames, synthetic.SYNTHETIC_FPS)
             lines[split].append(entry if split == "test" else f"{entry} {label + 1}")
     lists = root / "ucfTrainTestlist"
     lists.mkdir()
-    (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(data.SYNTHETIC_CLASSES)))
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(synthetic.SYNTHETIC_CLASSES)))
     (lists / "trainlist01.txt").write_text("\n".join(lines["train"]) + "\n")
     (lists / "testlist01.txt").write_text("\n".join(lines["test"]) + "\n")
     (root / data.NO_FLIP_MARKER).write_text("never flip\n")
@@ -81,7 +83,7 @@ def test_synthetic_root_holding_other_files_is_refused_and_kept(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
     (root / "thesis.txt").write_text("x\n")
-    code, output = run(data.app, "synthetic", "--root", root)
+    code, output = run(synthetic.app, "--root", root)
     assert code == 1 and len(error_lines(output)) == 1 and str(root) in output, output
     code, output = run(train.app, "recognize", "--dataset", "synthetic", "--root", root, "--out", tmp_path / "run")
     assert code == 1 and "holds no synthetic dataset" in output, output
@@ -316,11 +318,11 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_root, tmp_path):
         code, output = run(evaluate.app, *evaluate_options, "--out", out)
         assert code == 1 and len(error_lines(output)) == 1 and expected in output, output
     assert list(folder.iterdir()) == [] and not (tmp_path / "folder.tmp").exists()
-    for command in (
-        ("synthetic", "--root", a_file / "synthetic"),
-        ("prepare", "--dataset", "ucf101", "--root", tiny_root, "--out", a_file / "prepared"),
+    for app, command in (
+        (synthetic.app, ("--root", a_file / "synthetic")),
+        (prepare.app, ("--dataset", "ucf101", "--root", tiny_root, "--out", a_file / "prepared")),
     ):
-        code, output = run(data.app, *command)
+        code, output = run(app, *command)
         assert code == 1 and len(error_lines(output)) == 1 and str(a_file) in output, output
         assert "Traceback" not in output
 
@@ -342,7 +344,7 @@ def read_only(tmp_path) -> Iterator[Path]:
 def test_read_only_outputs_are_refused(tiny_root, read_only):
     code, output = train_tiny(tiny_root, "no-such-clip", read_only / "run")
     assert code == 1 and "--out: cannot write in" in output, output
-    code, output = run(data.app, "synthetic", "--root", read_only / "synthetic")
+    code, output = run(synthetic.app, "--root", read_only / "synthetic")
     assert code == 1 and str(read_only) in output and "Traceback" not in output, output
 
 
@@ -369,7 +371,7 @@ def test_evaluate_refuses_bad_frames_and_prompt_with_checkpoint(tmp_path):
 
 
 def test_help_and_docstrings_point_at_files_the_project_has():
-    code, output = run(data.app, "prepare", "--help")
+    code, output = run(prepare.app, "--help")
     assert code == 0 and "DATASETS.md" not in output and "README.md" in output
     project = Path(__file__).resolve().parent.parent
     for path in project.glob("*.py"):

@@ -1,0 +1,308 @@
+"""Prepared copies: a dataset re-encoded once, small and quick to seek, for training to read.
+
+Training STOP (CVPR 2025) decodes a few frames of every clip in every epoch. The published videos are long,
+large and rarely keyframed (UCF101's AVIs every 300 frames, MSR-VTT's 15-second MP4s), so most of that time goes
+to decoding frames that are never used. ``python prepare.py --dataset D --root RAW --out PREPARED`` writes a
+copy in the same layout: a few frames per second, short side 256 px, frequent keyframes (the authors' code
+likewise re-encodes at 3 fps and 224 px), with the split and label files copied as they are. Training then
+reads it through ``data.py`` like the original, with ``--root PREPARED``; ``python bench.py data`` measures how
+much faster it decodes.
+
+A run can be killed and rerun: finished videos are kept, and no file is ever half written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from torchcodec.decoders import VideoDecoder
+from torchcodec.encoders import VideoEncoder
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from data import (
+    DATASETS,
+    LAYOUTS,
+    NO_FLIP_MARKER,
+    BrokenVideoError,
+    DataError,
+    _require,
+    available_cores,
+    reported_errors,
+    require_ffmpeg,
+    single_threaded,
+)
+
+# Where each layout keeps its videos, and the folders of split and label files, copied as they are.
+VIDEO_FOLDERS = {
+    "ucf101": "UCF-101",
+    "hmdb51": "videos",
+    "ssv2": "20bn-something-something-v2",
+    "msrvtt": "MSRVTT_Videos",
+}
+METADATA_FOLDERS = {
+    "ucf101": "ucfTrainTestlist",
+    "hmdb51": "testTrainMulti_7030_splits",
+    "ssv2": "labels",
+    "msrvtt": "msrvtt_data",
+}
+# Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
+# speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
+# AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
+# held at 3 (like FFmpeg's ``-q:v 3``), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
+# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s at 4 fps,
+# once per SSv2 clip) decodes fastest.
+PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
+    ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".webm": ("libvpx", {"deadline": "1", "cpu-used": "8"}, 16),  # realtime speed
+}
+PREPARE_SETTINGS_FILE = "prepare.json"
+PREPARE_FAILURES_FILE = "prepare_failures.txt"
+PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies are kept
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How a prepared copy is encoded; stored in ``prepare.json`` so that a rerun cannot mix two settings.
+
+    ``fps`` frames per second (the authors' code uses 3), raised for a short video to give it ``min_frames``
+    frames, never above the source's rate; ``short_side`` pixels at most (never upscaled); a keyframe every
+    ``keyframe_interval`` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
+    that many frames.
+    """
+
+    dataset: str
+    fps: float = 4.0
+    min_frames: int = 16
+    short_side: int = 256
+    keyframe_interval: int | None = None
+
+
+@dataclass
+class PrepareReport:
+    """What a ``prepare_dataset`` run did: videos written now, found done, and broken sources with the reason."""
+
+    written: int
+    skipped: int
+    failures: list[tuple[str, str]]
+
+
+def _prepared_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Even (height, width) with the short side at most ``short_side``, aspect kept (yuv420p needs even sides)."""
+    scale = min(1.0, short_side / min(height, width))
+    return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
+
+
+def prepare_video(source: Path, target: Path, settings: PrepareSettings) -> None:
+    """Re-encode ``source`` into ``target`` (same container): fewer frames per second, smaller, frequent keyframes.
+
+    Frames are taken at a regular time grid (the frame shown at each instant, ``get_frames_played_at``), in
+    chunks, resized with antialiasing, and encoded with the codec of PREPARED_CODECS for ``target``'s suffix.
+    The file is written under a temporary name and renamed when complete, so ``target`` is never half written.
+    Raises BrokenVideoError when ``source`` cannot be decoded.
+    """
+    suffix = target.suffix.lower()
+    if suffix not in PREPARED_CODECS:
+        raise DataError(f"prepare: no codec for {target.suffix!r} files; known: {sorted(PREPARED_CODECS)}")
+    try:
+        decoder = VideoDecoder(source, seek_mode="exact", num_ffmpeg_threads=1)
+        metadata = decoder.metadata
+        begin, end = metadata.begin_stream_seconds or 0.0, metadata.end_stream_seconds
+        if not metadata.num_frames or end is None or end <= begin:
+            raise BrokenVideoError(source, "no decodable frames")
+        duration = end - begin
+        source_fps = metadata.average_fps or settings.fps
+        fps = min(source_fps, max(settings.fps, settings.min_frames / duration))
+        count = max(1, math.floor(duration * fps))
+        times = begin + (torch.arange(count, dtype=torch.float64) + 0.5) / fps  # [n] seconds, centres of slots
+        size = _prepared_size(metadata.height, metadata.width, settings.short_side)
+        chunks = []
+        for first in range(0, count, PREPARE_CHUNK):
+            frames = decoder.get_frames_played_at(times[first : first + PREPARE_CHUNK].tolist()).data
+            if tuple(frames.shape[-2:]) != size:
+                frames = v2.functional.resize(frames, list(size), antialias=True)
+            chunks.append(frames)  # uint8 [chunk, 3, h, w]
+    except (RuntimeError, ValueError, IndexError, OSError) as error:
+        raise BrokenVideoError(source, f"{type(error).__name__}: {error}") from error
+    codec, options, keyframe_interval = PREPARED_CODECS[suffix]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.stem}.partial{target.suffix}")  # the suffix picks the container
+    try:
+        VideoEncoder(torch.cat(chunks), frame_rate=fps).to_file(
+            partial,
+            codec=codec,
+            pixel_format="yuv420p",
+            extra_options={**options, "g": str(settings.keyframe_interval or keyframe_interval)},
+        )
+        os.replace(partial, target)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise BrokenVideoError(source, f"re-encoding failed: {type(error).__name__}: {error}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _prepare_one(job: tuple[Path, Path, PrepareSettings]) -> str | None:
+    """One video in a worker process (one thread): None when done, else why the source is broken."""
+    source, target, settings = job
+    with single_threaded():
+        try:
+            prepare_video(source, target, settings)
+        except BrokenVideoError as error:
+            return error.reason
+    return None
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Initializer of ``prepare``'s worker processes: die with the parent, leaving no orphans behind however it ends.
+
+    On Linux the kernel is asked (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill the worker when the parent dies,
+    even by SIGKILL, when no cleanup of its own can run. Without it, a worker orphaned by a killed ``prepare`` waits
+    forever for jobs (it holds the job pipe's write end too, so it never sees the end of it). A worker whose parent
+    died before the request was made exits at once. Elsewhere only that check is made.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
+    """Record ``settings`` in ``out``, or refuse when ``out`` was prepared with others (its videos would mix)."""
+    path = out / PREPARE_SETTINGS_FILE
+    wanted = dataclasses.asdict(settings)
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            found = None
+        if found != wanted:
+            raise DataError(
+                f"{out} was prepared with other settings ({path}: {found}); asked for {wanted}. "
+                "Use another --out, or the same settings to resume it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def prepare_dataset(
+    name: str,
+    root: Path | str,
+    out: Path | str,
+    settings: PrepareSettings | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> PrepareReport:
+    """Write a prepared copy of dataset ``name`` from ``root`` to ``out``, in the same layout, for training to read.
+
+    Every video under the layout's video folder (suffixes of PREPARED_CODECS) is re-encoded by
+    ``prepare_video`` to the same relative path, name and container, so the split files, which are copied
+    unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
+    in ``out`` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
+    listed in ``out/prepare_failures.txt`` (rewritten by each run) and in the report, and stays absent from the
+    copy, where the loaders report it as they would in the original.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    settings = settings or PrepareSettings(name)
+    if settings.dataset != name:
+        raise DataError(f"prepare: settings are for {settings.dataset!r}, not {name!r}")
+    if settings.fps <= 0 or settings.min_frames < 1 or settings.short_side < 2 or (settings.keyframe_interval or 1) < 1:
+        raise DataError(f"prepare: fps, min_frames, short_side and keyframe_interval must be positive: {settings}")
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
+    if out.resolve() == root.resolve():
+        raise DataError(f"prepare: --out {out} is the dataset root itself; choose another folder")
+    require_ffmpeg()
+    video_dir = _require(root / VIDEO_FOLDERS[name], name, root)
+    if out.resolve().is_relative_to(video_dir.resolve()):
+        raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
+    metadata_dir = _require(root / METADATA_FOLDERS[name], name, root)
+    _check_prepare_settings(out, settings)
+
+    shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)
+    if (root / NO_FLIP_MARKER).exists():
+        shutil.copy2(root / NO_FLIP_MARKER, out / NO_FLIP_MARKER)
+    sources = sorted(p for p in video_dir.rglob("*") if p.suffix.lower() in PREPARED_CODECS and p.is_file())
+    jobs, skipped = [], 0
+    for source in sources:
+        target = out / source.relative_to(root)
+        if target.exists():
+            skipped += 1
+        else:
+            jobs.append((source, target, settings))
+
+    failures = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+            outcomes = tqdm(
+                pool.map(_prepare_one, jobs, chunksize=4), total=len(jobs), desc=f"prepare {name}", disable=not progress
+            )
+            failures = [(job[0], reason) for job, reason in zip(jobs, outcomes) if reason is not None]
+    else:
+        for job in tqdm(jobs, desc=f"prepare {name}", disable=not progress):
+            reason = _prepare_one(job)
+            if reason is not None:
+                failures.append((job[0], reason))
+
+    listed = [(source.relative_to(root).as_posix(), " ".join(reason.split())) for source, reason in failures]
+    failures_file = out / PREPARE_FAILURES_FILE
+    if listed:
+        failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
+    else:
+        failures_file.unlink(missing_ok=True)
+    return PrepareReport(written=len(jobs) - len(failures), skipped=skipped, failures=listed)
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
+    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
+    out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
+    fps: Annotated[float, typer.Option(help="frames per second kept")] = PrepareSettings.fps,
+    min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
+    short_side: Annotated[int, typer.Option(help="pixels; never upscaled")] = PrepareSettings.short_side,
+    keyframe_interval: Annotated[int, typer.Option(help="frames; 0: the container's choice")] = 0,
+    workers: Annotated[int, typer.Option(help="processes; 0: one per core")] = 0,
+) -> None:
+    """Re-encode a dataset's videos once into a small, seek-friendly copy; rerun to resume."""
+    with reported_errors():
+        settings = PrepareSettings(dataset, fps, min_frames, short_side, keyframe_interval or None)
+        start = time.perf_counter()
+        report = prepare_dataset(dataset, root, out, settings, workers=workers or available_cores())
+        elapsed = time.perf_counter() - start
+    typer.echo(
+        f"{out}: {report.written} videos written, {report.skipped} already done, "
+        f"{len(report.failures)} broken sources, in {elapsed:.1f} s"
+    )
+    if report.failures:
+        typer.echo(f"broken sources (also in {out / PREPARE_FAILURES_FILE}):")
+        for path, reason in report.failures:
+            typer.echo(f"  {path}: {reason}")
+
+
+if __name__ == "__main__":
+    app()
