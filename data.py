@@ -11,10 +11,11 @@ into those tensors:
    the segment centres, optionally ``K`` evenly offset temporal views.
 3. Transforms (``torchvision.transforms.v2``, one set of random parameters for the whole clip): training = random
    resized crop + horizontal flip (never for SSv2 or the synthetic set, where left and right are the label);
-   evaluation = resize the short side + centre crop.
+   evaluation = resize the short side + centre crop, or the three squares along the long side (``three_crops``,
+   X-CLIP's multi-view test).
 4. The paper's benchmarks read from their published layouts and split files: UCF101, HMDB51, Something-Something v2
    (action recognition: items ``(video, label)``) and MSR-VTT 1k-A (text-video retrieval: items
-   ``(video, caption)``).
+   ``(video, caption)``); and Kinetics-400 (recognition), as the anchors use.
 5. Loaders in which each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
    resumed run continues exactly, with any number of worker processes.
 
@@ -51,8 +52,19 @@ from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-DATASETS = ("ucf101", "hmdb51", "ssv2", "msrvtt")
-RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2")
+DATASETS = (
+    "ucf101",
+    "hmdb51",
+    "ssv2",
+    "msrvtt",
+    "kinetics400",
+)
+RECOGNITION_DATASETS = (
+    "ucf101",
+    "hmdb51",
+    "ssv2",
+    "kinetics400",
+)
 SPLITS = ("train", "test")
 
 # OpenAI CLIP's pixel statistics (RGB, for pixel values scaled to [0, 1]).
@@ -92,6 +104,11 @@ ROOT/MSRVTT_Videos/video0.mp4 ... video9999.mp4
 ROOT/msrvtt_data/MSRVTT_data.json           {"videos": [...], "sentences": [{"caption": ..., "video_id": ...}, ...]}
 ROOT/msrvtt_data/MSRVTT_train.9k.csv        one column: video_id
 ROOT/msrvtt_data/MSRVTT_JSFUSION_test.csv   key,vid_key,video_id,sentence""",
+    "kinetics400": """\
+ROOT/annotations/train.csv   "label,youtube_id,time_start,time_end,split,is_cc"   (val.csv alike: the test split)
+ROOT/train/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4      (CVDF's k400_extractor.sh; val/ alike)
+  or ROOT/videos/train/<label>/<the same name>.mp4                (CVDF's arrange_by_classes.py)
+ROOT/replacement/replacement_for_corrupted_k400/<the same name>.mp4   (optional: CVDF's replacements, read first)""",
 }
 
 FFMPEG_MISSING = """\
@@ -283,18 +300,34 @@ def read_frames(
         raise BrokenVideoError(path, f"{type(error).__name__}: {error}") from error
 
 
-def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.Compose:
+def build_transform(resolution: int, *, train: bool, hflip: bool = True, crops: int = 1) -> v2.Compose:
     """uint8 video ``[N, 3, H, W]`` -> float32 ``[N, 3, R, R]``, CLIP-normalised.
 
-    One set of random parameters per call, so every frame of a clip gets the same crop and the same flip.
+    One set of random parameters per call, so every frame of a clip gets the same crop and the same flip. Evaluation
+    with ``crops=3`` stops before the centre crop: ``[N, 3, R, L]`` or ``[N, 3, L, R]``, the short side resized to R,
+    for ``three_crops`` to cut.
     """
     if train:
         geometry = [v2.RandomResizedCrop(resolution, scale=CROP_AREA_RANGE, antialias=True)]
         if hflip:
             geometry.append(v2.RandomHorizontalFlip())
     else:
-        geometry = [v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)]
+        geometry = [v2.Resize(resolution, antialias=True)]
+        if crops == 1:
+            geometry.append(v2.CenterCrop(resolution))
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def three_crops(frames: Tensor, size: int) -> Tensor:
+    """The 3-crop test of X-CLIP and ViFi-CLIP: `[N, 3, H, W]` frames whose short side is `size` -> `[3, N, 3, size,
+    size]`, the squares at the start, centre and end of the long side (left, centre, right of a landscape frame;
+    top, centre, bottom of a portrait one), which together cover the whole frame."""
+    height, width = frames.shape[-2:]
+    long_side = max(height, width)
+    offsets = (0, (long_side - size) // 2, long_side - size)
+    if width >= height:
+        return torch.stack([frames[..., :size, offset : offset + size] for offset in offsets])
+    return torch.stack([frames[..., offset : offset + size, :size] for offset in offsets])
 
 
 # --------------------------------------------------------------------------
@@ -303,7 +336,11 @@ def build_transform(resolution: int, *, train: bool, hflip: bool = True) -> v2.C
 
 
 class VideoDataset(Dataset):
-    """Items ``(video, target)``: video float32 ``[T, 3, R, R]``, or ``[K, T, 3, R, R]`` with K views.
+    """Items ``(video, target)``: video float32 ``[T, 3, R, R]``, or ``[K, T, 3, R, R]`` with K > 1 views.
+
+    Evaluation can take several views of a video, whose features are averaged: ``views`` temporal ones (evenly offset
+    frames, ``sample_indices``) times ``crops`` spatial ones (1: the centre square; 3: ``three_crops``), K = views x
+    crops, ordered view by view (item ``k`` is view ``k // crops``, crop ``k % crops``).
 
     ``target`` is a class index (recognition, names in ``.classes``) or a caption (retrieval). ``.paths[i]`` is item i's
     video file.
@@ -323,6 +360,7 @@ class VideoDataset(Dataset):
         resolution: int,
         train: bool,
         views: int = 1,
+        crops: int = 1,
         hflip: bool = True,
         strict: bool = False,
         classes: list[str] | None = None,
@@ -332,6 +370,10 @@ class VideoDataset(Dataset):
             raise ValueError("one target per video")
         if train and views != 1:
             raise DataError("several temporal views (views > 1) are for evaluation only")
+        if crops not in (1, 3):
+            raise DataError(f"crops {crops}: expected 1 (the centre square) or 3 (left, centre and right squares)")
+        if train and crops != 1:
+            raise DataError("several spatial crops (crops 3) are for evaluation only")
         self.paths = paths
         self.targets = targets
         self.classes = classes
@@ -339,9 +381,10 @@ class VideoDataset(Dataset):
         self.resolution = resolution
         self.train = train
         self.views = views
+        self.crops = crops
         self.strict = strict
         self.keep_alignment = keep_alignment
-        self.transform = build_transform(resolution, train=train, hflip=hflip)
+        self.transform = build_transform(resolution, train=train, hflip=hflip, crops=crops)
         # Which items' videos were found broken, bool [len(paths)] in shared memory: every process (main, DataLoader
         # workers, fork or spawn) only ever sets flags, so no lock is needed, and a video tried again (as a replacement,
         # in a later epoch) is still one video.
@@ -386,14 +429,19 @@ class VideoDataset(Dataset):
         warnings.warn(f"{error}; {action}", BrokenVideoWarning, stacklevel=3)
 
     def _to_clip(self, frames: Tensor) -> Tensor:
-        clip = self.transform(tv_tensors.Video(frames)).as_subclass(Tensor)  # [K*T, 3, R, R]
+        clip = self.transform(tv_tensors.Video(frames)).as_subclass(Tensor)  # [V*T, 3, R, R], V temporal views
+        if self.crops == 3:  # clip is uncropped: [V*T, 3, R, L] or [V*T, 3, L, R]
+            crops = three_crops(clip, self.resolution)  # [3, V*T, 3, R, R]
+            crops = crops.unflatten(1, (self.views, self.num_frames)).transpose(0, 1)  # [V, 3, T, 3, R, R]
+            return crops.flatten(0, 1)  # [V*3, T, 3, R, R]
         if self.views == 1:
             return clip
-        return clip.unflatten(0, (self.views, self.num_frames))  # [K, T, 3, R, R]
+        return clip.unflatten(0, (self.views, self.num_frames))  # [V, T, 3, R, R]
 
     def _blank_clip(self) -> Tensor:
         shape = (self.num_frames, 3, self.resolution, self.resolution)
-        return torch.zeros(shape if self.views == 1 else (self.views, *shape))
+        views = self.views * self.crops
+        return torch.zeros(shape if views == 1 else (views, *shape))
 
 
 # --------------------------------------------------------------------------
@@ -530,21 +578,23 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
     return SplitListing(paths, labels, classes)
 
 
-def _read_csv(path: Path, columns: tuple[str, ...], root: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of an MSR-VTT csv file, which must have a header naming ``columns``."""
+def _read_csv(
+    path: Path, columns: tuple[str, ...], root: Path, dataset: str = "msrvtt"
+) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a csv file of ``dataset``, which must have a header naming ``columns``."""
     try:
-        with _require(path, "msrvtt", root).open(newline="", encoding="utf-8") as file:
+        with _require(path, dataset, root).open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
             if not set(columns) <= set(reader.fieldnames or ()):
-                raise DataError(f"msrvtt: {path} should start with the header {','.join(columns)}")
+                raise DataError(f"{dataset}: {path} should start with the header {','.join(columns)}")
             rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as error:
-        raise DataError(f"msrvtt: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     except csv.Error as error:
-        raise DataError(f"msrvtt: {path}, line {reader.line_num}: {error}") from None
+        raise DataError(f"{dataset}: {path}, line {reader.line_num}: {error}") from None
     for number, row in rows:
         if any(row[column] is None for column in columns):
-            raise DataError(f"msrvtt: {path}, line {number}: expected the columns {','.join(columns)}")
+            raise DataError(f"{dataset}: {path}, line {number}: expected the columns {','.join(columns)}")
     return rows
 
 
@@ -579,6 +629,72 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
     return SplitListing([video_dir / f"{video}.mp4" for video, _ in pairs], [caption for _, caption in pairs])
 
 
+class MissingVideosWarning(UserWarning):
+    """Rows of a split file whose video is not on disk were left out of the split (counted once, when listed)."""
+
+
+KINETICS_FOLDERS = {"train": "train", "test": "val"}  # the papers' test split is the validation set
+KINETICS_REPLACEMENTS = "replacement/replacement_for_corrupted_k400"
+YOUTUBE_ID_LENGTH = 11
+
+
+def _kinetics_rows(csv_file: Path, root: Path) -> list[tuple[str, str]]:
+    """(youtube_id, label) of each row of a Kinetics annotation file, in file order."""
+    rows = []
+    for number, row in _read_csv(csv_file, ("label", "youtube_id"), root, "kinetics400"):
+        video_id, label = row["youtube_id"].strip(), row["label"].strip()
+        if not video_id or not label:
+            raise DataError(f"kinetics400: {csv_file}, line {number}: expected a youtube_id and a label")
+        rows.append((video_id, label))
+    return rows
+
+
+def _videos_by_youtube_id(folder: Path, pattern: str) -> dict[str, Path]:
+    """The `.mp4` files matching `pattern` under `folder`, keyed by YouTube id: the first 11 characters of the file
+    name, as CVDF's arrange_by_classes.py matches them (ids hold `_` and `-`, so a name is never split on them)."""
+    if not folder.is_dir():
+        return {}
+    return {path.name[:YOUTUBE_ID_LENGTH]: path for path in folder.glob(pattern)}
+
+
+def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
+    """Kinetics-400 as CVDF publishes it: `annotations/<split>.csv` gives each clip's YouTube id and label, the
+    test split being `val` (where X-CLIP and ViFi-CLIP report top-1/top-5).
+
+    Classes are the labels of train.csv and val.csv (whichever exist) in sorted order, `abseiling` first as in
+    X-CLIP's and mmaction2's label lists, so both splits number them alike; the labels are already words ("air
+    drumming") and are used as they are. A clip's video is looked up by YouTube id, first among CVDF's
+    replacements for corrupted videos, then in `ROOT/<split>/`, then in the class folders `arrange_by_classes.py`
+    makes, `ROOT/videos/<split>/<label>/`. Ids may start with `-` (643 val clips do): they are ids like any other.
+    Rows whose video is in none of these places (videos gone from YouTube before CVDF's copy: about 3% of train)
+    are left out with one MissingVideosWarning that counts them; with `strict` they are a DataError instead.
+    """
+    folder = KINETICS_FOLDERS[split]
+    csv_file = _require(root / "annotations" / f"{folder}.csv", "kinetics400", root)
+    rows = _kinetics_rows(csv_file, root)
+    labels = {label for _, label in rows}
+    for other in KINETICS_FOLDERS.values():
+        other_file = root / "annotations" / f"{other}.csv"
+        if other != folder and other_file.is_file():
+            labels |= {label for _, label in _kinetics_rows(other_file, root)}
+    label_of_name = {name: label for label, name in enumerate(sorted(labels))}
+    videos = _videos_by_youtube_id(root / "videos" / folder, "*/*.mp4")
+    videos.update(_videos_by_youtube_id(root / folder, "*.mp4"))  # later lookups win
+    videos.update(_videos_by_youtube_id(root / KINETICS_REPLACEMENTS, "*.mp4"))
+    missing = [video_id for video_id, _ in rows if video_id not in videos]
+    if missing:
+        message = (
+            f"kinetics400: {len(missing):,} of the {len(rows):,} clips of {csv_file} have no video under {root} "
+            f"({folder}/, videos/{folder}/<label>/ or {KINETICS_REPLACEMENTS}/): {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}"
+        )
+        if strict:
+            raise DataError(f"{message}; without --strict they are left out with a warning")
+        warnings.warn(f"{message}; left out of the {folder} split", MissingVideosWarning, stacklevel=3)
+    found = [(videos[video_id], label_of_name[label]) for video_id, label in rows if video_id in videos]
+    return SplitListing([path for path, _ in found], [label for _, label in found], sorted(labels))
+
+
 def build_dataset(
     name: str,
     root: Path | str,
@@ -588,13 +704,15 @@ def build_dataset(
     resolution: int,
     split_id: int = 1,
     views: int = 1,
+    crops: int = 1,
     strict: bool = False,
 ) -> VideoDataset:
     """One of DATASETS read from its published layout under ``root``.
 
     ``split`` is "train" or "test" (the published test/validation split); ``split_id`` picks UCF101's and HMDB51's split
-    1-3; ``resolution`` is the model's input size (``model.visual.input_resolution``). Training flips clips left/right
-    except for SSv2 and roots holding NO_FLIP_MARKER.
+    1-3; ``resolution`` is the model's input size (``model.visual.input_resolution``); ``views`` temporal and ``crops``
+    spatial views (evaluation only, see VideoDataset). Training flips clips left/right except for SSv2 and roots
+    holding NO_FLIP_MARKER.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -612,6 +730,8 @@ def build_dataset(
         listing = list_hmdb51(root, split, split_id)
     elif name == "ssv2":
         listing = list_ssv2(root, split)
+    elif name == "kinetics400":
+        listing = list_kinetics400(root, split, strict)
     else:
         listing = list_msrvtt(root, split)
     if not listing.paths:
@@ -623,6 +743,7 @@ def build_dataset(
         resolution=resolution,
         train=split == "train",
         views=views,
+        crops=crops,
         hflip=name != "ssv2" and not (root / NO_FLIP_MARKER).exists(),
         strict=strict,
         classes=listing.classes,

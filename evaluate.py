@@ -3,6 +3,8 @@
 ``python evaluate.py recognize --dataset ucf101 --root /data/UCF101 --checkpoint runs/x/best.pt``
 ``python evaluate.py retrieve --dataset msrvtt --root /data/msrvtt --checkpoint runs/x/best.pt``
 ``python evaluate.py recognize --dataset hmdb51 --root /data/HMDB51 --clip ViT-B/32 --prompt none`` (zero-shot)
+``python evaluate.py recognize --dataset kinetics400 --root /data/k400 --checkpoint runs/x/best.pt --views 4 --crops 3``
+(the multi-view test of X-CLIP and ViFi-CLIP: 4 temporal clips x 3 spatial crops, their features averaged)
 
 Recognition scores a video against one text per class ("a video of a person {class}."), computed once by the
 frozen text tower; retrieval ranks the whole test set's videos for each caption and captions for each video,
@@ -42,7 +44,14 @@ from data import DataError
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 from synthetic import ensure_synthetic
 
-Dataset = Literal["ucf101", "hmdb51", "ssv2", "msrvtt", "synthetic"]
+Dataset = Literal[
+    "ucf101",
+    "hmdb51",
+    "ssv2",
+    "msrvtt",
+    "kinetics400",
+    "synthetic",
+]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Prompt = Literal[PROMPT_VARIANTS]
@@ -526,7 +535,8 @@ def retrieval_metrics(similarity: torch.Tensor) -> dict[str, dict[str, float]]:
 
 
 def encode_videos(model: STOPModel, videos: torch.Tensor) -> torch.Tensor:
-    """``[B, T, 3, R, R]`` or, with temporal views, ``[B, K, T, 3, R, R]`` -> ``[B, E]`` (views averaged)."""
+    """``[B, T, 3, R, R]`` or, with K views (temporal x spatial), ``[B, K, T, 3, R, R]`` -> ``[B, E]``: the views'
+    features averaged, then L2-normalised again."""
     if videos.ndim == 5:
         return model.encode_video(videos)
     batch, views = videos.shape[:2]
@@ -596,6 +606,9 @@ FramesOption = Annotated[
     int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else 8/12.")
 ]
 ViewsOption = Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")]
+CropsOption = Annotated[
+    int, typer.Option(help="Spatial views: 1 (centre square) or 3 (squares along the long side, X-CLIP's test).")
+]
 SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
 BatchOption = Annotated[int, typer.Option(min=1)]
 WorkersOption = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")]
@@ -618,6 +631,7 @@ def options(
     ] = None,
     frames: FramesOption = None,
     views: ViewsOption = 1,
+    crops: CropsOption = 1,
     split_id: SplitOption = 1,
     batch_size: BatchOption = 32,
     workers: WorkersOption = 4,
@@ -638,6 +652,8 @@ def check_output_file(out: Path) -> None:
 
 
 def run_evaluation(task: str, options: dict[str, Any]) -> None:
+    if options["crops"] not in (1, 3):
+        raise RunError(f"--crops {options['crops']}: expected 1 (the centre square) or 3 (left, centre, right squares)")
     device = resolve_device(options["device"])
     precision = resolve_precision(options["precision"], device)
     checkpoint_file, dataset, frames = options["checkpoint"], options["dataset"], options["frames"]
@@ -676,6 +692,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         resolution=resolution,
         split_id=options["split_id"],
         views=options["views"],
+        crops=options["crops"],
         strict=options["strict"],
     )
     loader = data.build_loader(
@@ -702,6 +719,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         "split_id": options["split_id"],
         "frames": frames,
         "views": options["views"],
+        "crops": options["crops"],
         "prompt": model.prompt,
         "checkpoint": str(checkpoint_file) if checkpoint_file else None,
         "clip": backbone.name,

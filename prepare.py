@@ -53,12 +53,14 @@ VIDEO_FOLDERS = {
     "hmdb51": "videos",
     "ssv2": "20bn-something-something-v2",
     "msrvtt": "MSRVTT_Videos",
+    "kinetics400": ".",  # train/, val/, test/, replacement/ and the class folders videos/ all hold videos
 }
 METADATA_FOLDERS = {
     "ucf101": "ucfTrainTestlist",
     "hmdb51": "testTrainMulti_7030_splits",
     "ssv2": "labels",
     "msrvtt": "msrvtt_data",
+    "kinetics400": "annotations",
 }
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.

@@ -506,7 +506,7 @@ def register(task: str, help: str) -> None:
     app.command(task, help=help)(command)
 
 
-register("recognize", "Action recognition: ucf101, hmdb51, ssv2, or synthetic (no download).")
+register("recognize", "Action recognition: ucf101, hmdb51, ssv2, kinetics400, or synthetic (no download).")
 register("retrieve", "Text-video retrieval: msrvtt, or synthetic (no download).")
 
 if __name__ == "__main__":
