@@ -18,7 +18,9 @@ This module turns video files on disk into those tensors:
 4. The paper's benchmarks read from their published layouts and split files:
    UCF101, HMDB51, Something-Something v2 (action recognition: items
    `(video, label)`) and MSR-VTT 1k-A (text-video retrieval: items
-   `(video, caption)`).
+   `(video, caption)`); MSVD, LSMDC, ActivityNet Captions, DiDeMo and VATEX,
+   the other retrieval benchmarks of CLIP4Clip and the STOP authors, each
+   read and scored by its protocol (`RETRIEVAL_PROTOCOLS`).
 5. A synthetic dataset written as real video files in the UCF101 and MSR-VTT
    layouts, whose classes differ only in temporal order (a shape moving left
    versus right, ...): exactly what STOP's temporal prompts are for, and what a
@@ -1330,12 +1332,22 @@ VIDEO_FOLDERS = {
     "hmdb51": "videos",
     "ssv2": "20bn-something-something-v2",
     "msrvtt": "MSRVTT_Videos",
+    "msvd": "YouTubeClips",
+    "lsmdc": "videos",
+    "activitynet": "videos",
+    "didemo": "videos",
+    "vatex": "videos",
 }
 METADATA_FOLDERS = {
     "ucf101": "ucfTrainTestlist",
     "hmdb51": "testTrainMulti_7030_splits",
     "ssv2": "labels",
     "msrvtt": "msrvtt_data",
+    "msvd": "msvd_data",
+    "lsmdc": "annotations",
+    "activitynet": "captions",
+    "didemo": "annotations",
+    "vatex": "annotations",
 }
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
 # speed in one thread (`python bench.py data`) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
@@ -1347,6 +1359,12 @@ PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".webm": ("libvpx", {"deadline": "1", "cpu-used": "8"}, 16),  # realtime speed
+    # Containers of downloaded YouTube videos (MKV) and of DiDeMo's Flickr originals, kept so the copy keeps their
+    # names: MPEG-4 Part 2 as above, except MPEG program streams, which hold only MPEG-1/2 video (not measured).
+    ".mkv": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".mov": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".3gp": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".mpg": ("mpeg2video", {"qmin": "3", "qmax": "3"}, 2),
 }
 PREPARE_SETTINGS_FILE = "prepare.json"
 PREPARE_FAILURES_FILE = "prepare_failures.txt"

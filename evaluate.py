@@ -775,7 +775,11 @@ def register(task: str, help: str) -> None:
 
 
 register("recognize", "Top-1 / top-5 action recognition on a dataset's test split.")
-register("retrieve", "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A).")
+register(
+    "retrieve",
+    "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A; MSVD and VATEX: "
+    "every caption, CLIP4Clip's multi-sentence protocol).",
+)
 
 import explain  # noqa: E402  (the explain command is in explain.py)
 

@@ -1,5 +1,5 @@
-"""MSVD, LSMDC, ActivityNet Captions, DiDeMo and VATEX in their published layouts, with each quirk DATASETS.md lists,
-built from real video files in temporary folders; and ``train.py`` / ``evaluate.py retrieve`` on them."""
+"""MSVD, LSMDC, ActivityNet Captions, DiDeMo and VATEX in their published layouts, quirks included, built from real
+video files in temporary folders; and ``train.py`` / ``evaluate.py retrieve`` on them."""
 
 import json
 import pickle
@@ -377,3 +377,14 @@ def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path) -> None
     assert result.exit_code == 1 and "--dataset msvd is not a recognize dataset" in result.output
     result = CliRunner().invoke(train.app, ["retrieve", "--dataset", "ucf101", "--root", str(msvd_root)])
     assert result.exit_code == 1 and "error: ucf101 is not a retrieval dataset" in result.output
+
+
+def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Path, tmp_path: Path) -> None:
+    report = data.prepare_dataset("didemo", didemo_root, tmp_path / "prepared", progress=False)
+    assert (report.written, report.failures) == (3, [])
+    with pytest.warns(data.MissingVideoWarning):
+        original, prepared = build("didemo", didemo_root, "test"), build("didemo", tmp_path / "prepared", "test")
+    assert [path.relative_to(tmp_path / "prepared") for path in prepared.paths] == [
+        path.relative_to(didemo_root) for path in original.paths
+    ]
+    assert prepared.targets == original.targets and (tmp_path / "prepared/annotations/test_data.json").is_file()
