@@ -372,10 +372,11 @@ def test_activitynet_evaluates_paragraphs_with_64_words_and_frames(activitynet_r
     assert (result["frames"], result["words"], result["videos"]) == (64, 64, 2)
 
 
-def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path) -> None:
-    result = CliRunner().invoke(train.app, ["recognize", "--dataset", "msvd", "--root", str(msvd_root)])
+def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path, tmp_path: Path) -> None:
+    out = ["--root", str(msvd_root), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(train.app, ["recognize", "--dataset", "msvd", *out])
     assert result.exit_code == 1 and "--dataset msvd is not a recognize dataset" in result.output
-    result = CliRunner().invoke(train.app, ["retrieve", "--dataset", "ucf101", "--root", str(msvd_root)])
+    result = CliRunner().invoke(train.app, ["retrieve", "--dataset", "ucf101", *out])
     assert result.exit_code == 1 and "error: ucf101 is not a retrieval dataset" in result.output
 
 
@@ -388,3 +389,16 @@ def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Pa
         path.relative_to(didemo_root) for path in original.paths
     ]
     assert prepared.targets == original.targets and (tmp_path / "prepared/annotations/test_data.json").is_file()
+    assert abs(mean_level(prepared[0][0]) - 70) < 3  # the MOV, re-encoded into a MOV
+
+
+def test_strict_evaluation_of_msvd_ends_with_one_error_line(msvd_root: Path, golden_clip: Path, tmp_path) -> None:
+    arguments = ["retrieve", "--dataset", "msvd", "--root", str(msvd_root), "--clip", str(golden_clip), "--strict"]
+    result = CliRunner().invoke(evaluate.app, [*arguments, "--prompt", "none", "--out", str(tmp_path / "eval.json")])
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: msvd: 1 test videos listed in ")
+        and "zzLq_missing_1_4" in lines[0]
+    )
