@@ -46,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
+import pickle
 import platform
 import resource
 import shutil
@@ -623,8 +625,9 @@ class Standin:
     height: int
     fps: int
     seconds: float
-    frames: int  # sampled per clip: 8 for recognition, 12 for retrieval (STOP_SPEC.md's training defaults)
+    frames: int  # sampled per clip: 8 for recognition, the dataset's default for retrieval (data.RETRIEVAL_PROTOCOLS)
     described: str
+    loop_seconds: float | None = None  # long stand-ins: this much panning, repeated (memory), else all of it
 
 
 STANDINS = {
@@ -643,10 +646,17 @@ STANDINS = {
     ),
     "msrvtt": Standin(".mp4", "libx264", {}, 320, 240, 30, 15.0, 12, "MP4, H.264, 320x240, 30 fps, 15 s"),
     "kinetics400": Standin(".mp4", "libx264", {}, 640, 360, 30, 10.0, 8, "MP4, H.264, 640x360, 30 fps, 10 s"),
+    "msvd": Standin(".avi", "mpeg4", {"g": "300"}, 320, 240, 30, 10.0, 12, "AVI, MPEG-4 Part 2, 320x240, 30 fps, 10 s"),
+    "lsmdc": Standin(".mp4", "libx264", {}, 640, 272, 24, 4.0, 12, "MP4, H.264, 640x272, 24 fps, 4 s"),
+    "activitynet": Standin(
+        ".mp4", "libx264", {}, 320, 240, 30, 120.0, 64, "MP4, H.264, 320x240, 30 fps, 120 s", loop_seconds=10.0
+    ),
 }
 # The AVI stand-ins get a keyframe every 300 frames, XviD's default maximum (UCF101 and HMDB51 are XviD); H.264
 # and VP9 keep their encoders' defaults (x264: 250). Kinetics clips are 10 s cuts of YouTube videos that CVDF keeps
-# at their own resolution (up to 720p, cvdfoundation/kinetics-dataset issue 8): 360p stands for them.
+# at their own resolution (up to 720p, cvdfoundation/kinetics-dataset issue 8): 360p stands for them. ActivityNet's
+# videos last 2.3-745 s, about 2 minutes on average: its stand-in is 2 minutes (10 s of panning played 12 times, so
+# that the frames fit in memory), sampled at 64 frames.
 
 
 def camera_like_video(num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -675,9 +685,16 @@ def write_standin_dataset(name: str, root: Path, videos: int, max_seconds: float
         "ssv2": [f"20bn-something-something-v2/{index + 1}.webm" for index in range(videos)],
         "msrvtt": [f"MSRVTT_Videos/video{index}.mp4" for index in range(videos)],
         "kinetics400": [f"train/-kinetics{index:02d}_000000_000010.mp4" for index in range(videos)],
+        "msvd": [f"YouTubeClips/-{clip}_5_15.avi" for clip in names],
+        "lsmdc": [f"videos/1004_Juno/1004_Juno_00.00.{index:02d}.849-00.00.35.458.mp4" for index in range(videos)],
+        "activitynet": [f"videos/v_{clip}.mp4" for clip in names],
     }[name]
     for index, path in enumerate(relative):
-        frames = camera_like_video(round(spec.fps * seconds), spec.height, spec.width, seed=index)
+        total = round(spec.fps * seconds)
+        frames = camera_like_video(
+            min(total, round(spec.fps * (spec.loop_seconds or seconds))), spec.height, spec.width, seed=index
+        )
+        frames = frames.repeat(math.ceil(total / len(frames)), 1, 1, 1)[:total]  # [total, 3, H, W]
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         encoder = VideoEncoder(frames, frame_rate=spec.fps)
         encoder.to_file(root / path, codec=spec.codec, pixel_format="yuv420p", extra_options=spec.options or None)
@@ -705,6 +722,28 @@ def write_standin_dataset(name: str, root: Path, videos: int, max_seconds: float
         rows = [f"abseiling,{Path(p).name[:11]},0,10,train,0\n" for p in relative]
         (root / "annotations/train.csv").write_text(header + "".join(rows))
         (root / "annotations/val.csv").write_text(header + rows[0])
+    elif name == "msvd":
+        (root / "msvd_data").mkdir()
+        ids = [Path(path).stem for path in relative]
+        (root / "msvd_data/train_list.txt").write_text("\r\n".join(ids))
+        (root / "msvd_data/test_list.txt").write_text(ids[0])
+        (root / "msvd_data/raw-captions.pkl").write_bytes(pickle.dumps({v: [["a", "camera", "pans"]] for v in ids}))
+    elif name == "lsmdc":
+        (root / "annotations").mkdir()
+        lines = [f"{Path(path).stem}\t" + "\t".join(["00.00.00.000"] * 4) + "\tSOMEONE pans.\n" for path in relative]
+        (root / "annotations/LSMDC16_annos_training.csv").write_text("".join(lines))
+        (root / "annotations/LSMDC16_challenge_1000_publictect.csv").write_text(lines[0])
+    elif name == "activitynet":
+        (root / "captions").mkdir()
+        keys = [f"v_{Path(path).stem}" for path in relative]  # the video of key v_<id> is named <id>: v_v_clip0
+        captions = {key: {"duration": seconds, "sentences": ["A camera pans.", " It keeps panning."]} for key in keys}
+        for file_name, content in (
+            ("train", captions),
+            ("val_1", captions),
+            ("train_ids", keys),
+            ("val_ids", keys[:1]),
+        ):
+            (root / f"captions/{file_name}.json").write_text(json.dumps(content))
     else:
         (root / "msrvtt_data").mkdir()
         ids = [f"video{index}" for index in range(videos)]

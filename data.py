@@ -15,7 +15,9 @@ into those tensors:
    X-CLIP's multi-view test).
 4. The paper's benchmarks read from their published layouts and split files: UCF101, HMDB51, Something-Something v2
    (action recognition: items ``(video, label)``) and MSR-VTT 1k-A (text-video retrieval: items
-   ``(video, caption)``); and Kinetics-400 (recognition), as the anchors use.
+   ``(video, caption)``); Kinetics-400 (recognition), as the anchors use; and MSVD, LSMDC, ActivityNet Captions,
+   DiDeMo and VATEX, the other retrieval benchmarks of CLIP4Clip and the STOP authors, each read and scored by its
+   protocol (``RETRIEVAL_PROTOCOLS``).
 5. Loaders in which each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
    resumed run continues exactly, with any number of worker processes.
 
@@ -31,15 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import pickle
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NoReturn
 
 import torch
 import torchcodec
@@ -58,12 +64,25 @@ DATASETS = (
     "ssv2",
     "msrvtt",
     "kinetics400",
+    "msvd",
+    "lsmdc",
+    "activitynet",
+    "didemo",
+    "vatex",
 )
 RECOGNITION_DATASETS = (
     "ucf101",
     "hmdb51",
     "ssv2",
     "kinetics400",
+)
+RETRIEVAL_DATASETS = (
+    "msrvtt",
+    "msvd",
+    "lsmdc",
+    "activitynet",
+    "didemo",
+    "vatex",
 )
 SPLITS = ("train", "test")
 
@@ -109,6 +128,26 @@ ROOT/annotations/train.csv   "label,youtube_id,time_start,time_end,split,is_cc" 
 ROOT/train/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4      (CVDF's k400_extractor.sh; val/ alike)
   or ROOT/videos/train/<label>/<the same name>.mp4                (CVDF's arrange_by_classes.py)
 ROOT/replacement/replacement_for_corrupted_k400/<the same name>.mp4   (optional: CVDF's replacements, read first)""",
+    "msvd": """\
+ROOT/YouTubeClips/<id>.avi                        e.g. -4wsuPCjDBc_5_15.avi
+ROOT/msvd_data/{train,val,test}_list.txt          one id per line
+ROOT/msvd_data/raw-captions.pkl                   {id: [[word, ...], ...]}""",
+    "lsmdc": """\
+ROOT/videos/**/<CLIP_ID>.avi                      any depth, e.g. 3086_UGLY_TRUTH_00.23.23.000-00.23.28.886.avi
+ROOT/annotations/LSMDC16_annos_training.csv       CLIP_ID<tab>4 times<tab>SENTENCE
+ROOT/annotations/LSMDC16_challenge_1000_publictect.csv   the same form (the 1,000-clip test)""",
+    "activitynet": """\
+ROOT/videos/**/<ytid>.mp4                         any depth and container; key v_<ytid> -> <ytid>
+ROOT/captions/{train,val_1}.json                  {"v_<ytid>": {"duration": ..., "sentences": [...]}}
+ROOT/captions/{train_ids,val_ids}.json            ["v_<ytid>", ...]  (val_1 is the test split)""",
+    "didemo": """\
+ROOT/videos/**/<name as listed>                   e.g. 54153313@N00_5138457779_cd6d1b0637.mov (or .mov.mp4)
+ROOT/annotations/{train,test}_list.txt            one video file name per line
+ROOT/annotations/{train,test}_data.json           [{"video": <file name>, "description": ..., "times": ...}, ...]""",
+    "vatex": """\
+ROOT/videos/**/<id>.mp4                           any depth and container
+ROOT/annotations/{train,test}_list.txt            one id per line
+ROOT/annotations/ref_captions.json                {id: [caption, ...]}""",
 }
 
 FFMPEG_MISSING = """\
@@ -272,9 +311,11 @@ def read_frames(
     train: bool,
     views: int = 1,
     generator: torch.Generator | None = None,
+    first_seconds: float | None = None,
 ) -> Tensor:
     """Decode the sampled frames of one video: uint8 ``[views * num_frames, 3, H, W]``, H and W within the
-    MAX_DECODED_* bounds (see ``open_video``).
+    MAX_DECODED_* bounds (see ``open_video``). With ``first_seconds``, only the frames of the video's first
+    ``first_seconds`` seconds are sampled (DiDeMo, whose descriptions cover the first 30 s).
 
     The fast path trusts the container's frame count and seeks straight to the frames ("approximate" mode, no scan of
     the file). Headers lie: a truncated AVI still announces all its frames, and WebM has no count at all. If that fails,
@@ -283,7 +324,7 @@ def read_frames(
     """
     try:
         decoder = open_video(path, "approximate")
-        header_frames = decoder.metadata.num_frames
+        header_frames = _frames_within(decoder, decoder.metadata.num_frames, first_seconds)
         if header_frames:
             indices = sample_indices(header_frames, num_frames, train=train, views=views, generator=generator)
             try:
@@ -291,13 +332,22 @@ def read_frames(
             except (RuntimeError, IndexError):
                 pass  # the header promised frames that are not there: count them
         decoder = open_video(path, "exact")
-        counted_frames = decoder.metadata.num_frames
+        counted_frames = _frames_within(decoder, decoder.metadata.num_frames, first_seconds)
         if not counted_frames:
             raise BrokenVideoError(path, "no decodable frames")
         indices = sample_indices(counted_frames, num_frames, train=train, views=views, generator=generator)
         return decoder.get_frames_at(indices.flatten()).data
     except (RuntimeError, ValueError, IndexError, OSError) as error:
         raise BrokenVideoError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _frames_within(decoder: VideoDecoder, num_frames: int | None, first_seconds: float | None) -> int | None:
+    """How many of a video's ``num_frames`` frames fall in its first ``first_seconds`` seconds (all without a limit,
+    or when the frame rate is unknown)."""
+    fps = decoder.metadata.average_fps
+    if not num_frames or first_seconds is None or not fps:
+        return num_frames
+    return max(1, min(num_frames, math.ceil(first_seconds * fps)))
 
 
 def build_transform(resolution: int, *, train: bool, hflip: bool = True, crops: int = 1) -> v2.Compose:
@@ -349,6 +399,10 @@ class VideoDataset(Dataset):
     broken videos met, in this process and its DataLoader worker processes, however often each was tried.
     ``keep_alignment=True`` (the retrieval test set, where item i must stay the i-th ground-truth pair) keeps the target
     and returns a blank clip (CLIP's mean colour, zeros after normalisation) instead.
+
+    A multi-caption retrieval test set (MSVD, VATEX) has one item per video, its target the item's index, and
+    ``caption_groups[i]`` the captions of video i. ``first_seconds`` limits sampling to the start of each video
+    (``read_frames``). ``left_out`` names the listed videos the split lost (missing files, no captions).
     """
 
     def __init__(
@@ -365,6 +419,9 @@ class VideoDataset(Dataset):
         strict: bool = False,
         classes: list[str] | None = None,
         keep_alignment: bool = False,
+        caption_groups: list[list[str]] | None = None,
+        first_seconds: float | None = None,
+        left_out: list[str] | None = None,
     ):
         if len(paths) != len(targets):
             raise ValueError("one target per video")
@@ -384,6 +441,9 @@ class VideoDataset(Dataset):
         self.crops = crops
         self.strict = strict
         self.keep_alignment = keep_alignment
+        self.caption_groups = caption_groups
+        self.first_seconds = first_seconds
+        self.left_out = left_out or []
         self.transform = build_transform(resolution, train=train, hflip=hflip, crops=crops)
         # Which items' videos were found broken, bool [len(paths)] in shared memory: every process (main, DataLoader
         # workers, fork or spawn) only ever sets flags, so no lock is needed, and a video tried again (as a replacement,
@@ -409,7 +469,13 @@ class VideoDataset(Dataset):
         for attempt in range(attempts):
             item = (index + attempt) % len(self)
             try:
-                frames = read_frames(self.paths[item], self.num_frames, train=self.train, views=self.views)
+                frames = read_frames(
+                    self.paths[item],
+                    self.num_frames,
+                    train=self.train,
+                    views=self.views,
+                    first_seconds=self.first_seconds,
+                )
             except BrokenVideoError as error:
                 self._report_broken(error, item=item, replacement=(item + 1) % len(self))
                 if self.keep_alignment:
@@ -463,6 +529,8 @@ class SplitListing:
     paths: list[Path]
     targets: list[int] | list[str]
     classes: list[str] | None = None
+    caption_groups: list[list[str]] | None = None  # multi-caption test sets: the captions of each video
+    left_out: list[str] = dataclasses.field(default_factory=list)  # listed videos the split lost
 
 
 def _require(path: Path, dataset: str, root: Path) -> Path:
@@ -630,7 +698,8 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
 
 
 class MissingVideosWarning(UserWarning):
-    """Rows of a split file whose video is not on disk were left out of the split (counted once, when listed)."""
+    """Videos listed in a split that are not on disk (or, for retrieval, have no captions) were left out of it,
+    counted and named once, when the split is listed."""
 
 
 KINETICS_FOLDERS = {"train": "train", "test": "val"}  # the papers' test split is the validation set
@@ -695,6 +764,289 @@ def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
     return SplitListing([path for path, _ in found], [label for _, label in found], sorted(labels))
 
 
+# --------------------------------------------------------------------------
+# More retrieval benchmarks: MSVD, LSMDC, ActivityNet Captions, DiDeMo, VATEX
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrievalProtocol:
+    """How a retrieval benchmark is read and scored, as CLIP4Clip's and the STOP authors' loaders and scripts do.
+
+    `words`: caption tokens (CLIP4Clip's ``max_words``, start and end tokens included) and `frames` per video, the
+    defaults that ``--words`` and ``--frames`` override. `annotations`: the folder of split and caption files,
+    `files[split]` the ones read from it; `videos`: the folder of video files, searched at any depth.
+    `multi_caption`: the test set keeps every caption of a video (one item per video, ``caption_groups``);
+    `paragraph`: all sentences of a video are joined into one caption; `first_seconds`: only the start of each video
+    is sampled.
+    """
+
+    words: int
+    frames: int
+    annotations: str
+    videos: str
+    files: dict[str, tuple[str, ...]]
+    multi_caption: bool = False
+    paragraph: bool = False
+    first_seconds: float | None = None
+
+
+RETRIEVAL_PROTOCOLS = {
+    "msrvtt": RetrievalProtocol(
+        32, 12, "msrvtt_data", "MSRVTT_Videos",
+        {"train": ("MSRVTT_train.9k.csv", "MSRVTT_data.json"), "test": ("MSRVTT_JSFUSION_test.csv",)},
+    ),
+    "msvd": RetrievalProtocol(
+        32, 12, "msvd_data", "YouTubeClips",
+        {"train": ("train_list.txt", "raw-captions.pkl"), "test": ("test_list.txt", "raw-captions.pkl")},
+        multi_caption=True,
+    ),
+    "lsmdc": RetrievalProtocol(
+        32, 12, "annotations", "videos",
+        {"train": ("LSMDC16_annos_training.csv",), "test": ("LSMDC16_challenge_1000_publictect.csv",)},
+    ),
+    "activitynet": RetrievalProtocol(
+        64, 64, "captions", "videos",
+        {"train": ("train_ids.json", "train.json"), "test": ("val_ids.json", "val_1.json")},
+        paragraph=True,
+    ),
+    # DiDeMo's moments lie in the first 30 s (longer videos were cut for annotation): the loaders read [0, 31] s.
+    "didemo": RetrievalProtocol(
+        64, 64, "annotations", "videos",
+        {"train": ("train_list.txt", "train_data.json"), "test": ("test_list.txt", "test_data.json")},
+        paragraph=True, first_seconds=31.0,
+    ),
+    "vatex": RetrievalProtocol(
+        32, 12, "annotations", "videos",
+        {"train": ("train_list.txt", "ref_captions.json"), "test": ("test_list.txt", "ref_captions.json")},
+        multi_caption=True,
+    ),
+}  # fmt: skip
+
+
+def retrieval_protocol(name: str) -> RetrievalProtocol:
+    """`name`'s protocol; the synthetic retrieval set is in MSR-VTT's layout and takes its settings."""
+    if name not in (*RETRIEVAL_PROTOCOLS, "synthetic"):
+        raise DataError(f"{name} is not a retrieval dataset; those are {', '.join(RETRIEVAL_DATASETS)} and synthetic")
+    return RETRIEVAL_PROTOCOLS["msrvtt" if name == "synthetic" else name]
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Reads a pickle as plain data: no class or function is ever looked up, so nothing in the file can run.
+
+    A pickle calls code only through objects it names (``GLOBAL``, ``STACK_GLOBAL`` and the extension-registry
+    opcodes, all resolved by ``find_class``) or persistent ids (``persistent_load``, which by default refuses).
+    """
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only dicts, lists and strings are read")
+
+
+def _read_caption_pickle(path: Path, dataset: str) -> dict[str, list[str]]:
+    """MSVD's ``raw-captions.pkl``: {id: [caption, ...]}, each caption a list of words (joined with spaces)."""
+    try:
+        with path.open("rb") as file:
+            loaded = _DataOnlyUnpickler(file).load()
+    except OSError:
+        raise
+    except Exception as error:  # anything a malformed or crafted pickle raises
+        raise DataError(f"{dataset}: {path} cannot be read as data: {type(error).__name__}: {error}") from None
+
+    def caption(words: object) -> str | None:
+        if isinstance(words, str):
+            return words
+        if isinstance(words, list) and all(isinstance(word, str) for word in words):
+            return " ".join(words)
+        return None
+
+    captions = {}
+    if isinstance(loaded, dict):
+        for video_id, entries in loaded.items():
+            joined = [caption(words) for words in entries] if isinstance(entries, list) else [None]
+            if not isinstance(video_id, str) or None in joined:
+                break
+            captions[video_id] = joined
+        else:
+            return captions
+    raise DataError(f"{dataset}: {path} should hold {{id: [[word, ...], ...]}}: a dict of lists of word lists")
+
+
+def _read_ids(path: Path) -> list[str]:
+    """One id per line; CRLF line ends and a missing final newline (MSVD's lists) are both fine."""
+    return [line.strip() for _, line in _read_lines(path)]
+
+
+def _videos_by(video_dir: Path, key: Callable[[Path], str]) -> dict[str, Path]:
+    """Every video file under `video_dir`, at any depth (hidden files aside), by `key` of its path."""
+    files = sorted(path for path in video_dir.rglob("*") if not path.name.startswith(".") and path.is_file())
+    return {key(path): path for path in reversed(files)}  # the first in sorted order wins a clash
+
+
+def _retrieval_listing(
+    name: str,
+    split: str,
+    root: Path,
+    list_file: Path,
+    listed: list[str],
+    pairs: list[tuple[str, str]],
+    find_video: Callable[[str], Path | None],
+    strict: bool,
+) -> SplitListing:
+    """The split's items from the ids `list_file` lists and their (id, caption) `pairs`, in order.
+
+    Listed ids without captions and videos not on disk are left out and named in one MissingVideosWarning, which
+    says how the split shrank; with `strict` a missing video is a DataError instead. Training: one item per
+    caption. Test: one item per caption too (a square text x video matrix), except for a multi-caption protocol,
+    whose test set has one item per video and its captions in ``caption_groups``.
+    """
+    protocol = RETRIEVAL_PROTOCOLS[name]
+    video_dir = root / protocol.videos
+    with_captions = {video_id for video_id, _ in pairs}
+    no_captions = [video_id for video_id in dict.fromkeys(listed) if video_id not in with_captions]
+    path_of = {video_id: find_video(video_id) for video_id in with_captions}
+    missing = [video_id for video_id in dict.fromkeys(listed) if video_id in path_of and path_of[video_id] is None]
+    kept = [(path_of[video_id], caption) for video_id, caption in pairs if path_of[video_id] is not None]
+    if missing and strict:
+        raise DataError(
+            f"{name}: {len(missing)} {split} videos listed in {list_file} are not under {video_dir}: "
+            f"{_some(missing)} (without --strict they are left out)"
+        )
+    if missing or no_captions:
+        videos = len(dict.fromkeys(path for path, _ in kept))
+        lost = [f"{len(missing)} not under {video_dir}: {_some(missing)}"] if missing else []
+        lost += [f"{len(no_captions)} without captions: {_some(no_captions)}"] if no_captions else []
+        warnings.warn(
+            f"{name}: {len(missing) + len(no_captions)} of the {len(dict.fromkeys(listed))} {split} videos listed in "
+            f"{list_file} are left out ({'; '.join(lost)}): the {split} set has {videos} videos and {len(kept)} "
+            f"captions instead of {videos + len(missing)} and {len(pairs)}"
+            + ("; --strict makes a missing video an error" if missing else ""),
+            MissingVideosWarning,
+            stacklevel=4,
+        )
+    left_out = missing + no_captions
+    if split == "test" and protocol.multi_caption:
+        groups: dict[Path, list[str]] = {}
+        for path, caption in kept:
+            groups.setdefault(path, []).append(caption)
+        paths, captions = list(groups), list(groups.values())
+        return SplitListing(paths, list(range(len(paths))), caption_groups=captions, left_out=left_out)
+    return SplitListing([path for path, _ in kept], [caption for _, caption in kept], left_out=left_out)
+
+
+def _some(ids: list[str], shown: int = 10) -> str:
+    """The first `shown` ids, and how many more."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def _annotation_files(name: str, root: Path, split: str) -> list[Path]:
+    protocol = RETRIEVAL_PROTOCOLS[name]
+    _require(root / protocol.videos, name, root)
+    return [_require(root / protocol.annotations / file, name, root) for file in protocol.files[split]]
+
+
+def _videos_by_id(name: str, root: Path) -> Callable[[str], Path | None]:
+    """Id -> video file: the file whose name minus its last extension is the id (ids may contain dots)."""
+    return _videos_by(root / RETRIEVAL_PROTOCOLS[name].videos, lambda path: path.stem).get
+
+
+def list_msvd(root: Path, split: str, strict: bool = False) -> SplitListing:
+    """MSVD with CLIP4Clip's files: a list of ids per split, every video's captions in a pickle (read as data)."""
+    list_file, caption_file = _annotation_files("msvd", root, split)
+    listed = _read_ids(list_file)
+    captions = _read_caption_pickle(caption_file, "msvd")
+    pairs = [(video_id, caption) for video_id in listed for caption in captions.get(video_id, [])]
+    return _retrieval_listing("msvd", split, root, list_file, listed, pairs, _videos_by_id("msvd", root), strict)
+
+
+def list_lsmdc(root: Path, split: str, strict: bool = False) -> SplitListing:
+    """LSMDC 2016: tab-separated ``CLIP_ID, 4 times, SENTENCE`` lines, one per sentence (ids repeat in training)."""
+    (csv_file,) = _annotation_files("lsmdc", root, split)
+    pairs = []
+    for number, line in _read_lines(csv_file):
+        fields = line.split("\t", 5)
+        if len(fields) != 6:
+            raise DataError(f"lsmdc: {csv_file}, line {number}: expected 6 tab-separated fields, found {len(fields)}")
+        pairs.append((fields[0], fields[5].strip()))
+    listed = [video_id for video_id, _ in pairs]
+    return _retrieval_listing("lsmdc", split, root, csv_file, listed, pairs, _videos_by_id("lsmdc", root), strict)
+
+
+def _read_json_of(path: Path, dataset: str, expected_type: type, form: str) -> dict | list:
+    loaded = _read_json(path, dataset)
+    if not isinstance(loaded, expected_type):
+        raise DataError(f"{dataset}: {path} should hold {form}")
+    return loaded
+
+
+def list_activitynet(root: Path, split: str, strict: bool = False) -> SplitListing:
+    """ActivityNet Captions, paragraph retrieval: a video's sentences joined into one caption; the test split is
+    val_1. Keys are ``v_<youtube id>``, the video file is named by the id (exactly two characters stripped)."""
+    ids_file, caption_file = _annotation_files("activitynet", root, split)
+    listed = _read_json_of(ids_file, "activitynet", list, '["v_<youtube id>", ...]')
+    videos = _read_json_of(caption_file, "activitynet", dict, '{"v_<youtube id>": {"sentences": [...], ...}, ...}')
+    pairs = []
+    for key in listed:
+        sentences = videos[key].get("sentences") if isinstance(videos.get(key), dict) else None
+        if key in videos and not (isinstance(sentences, list) and all(isinstance(s, str) for s in sentences)):
+            raise DataError(f'activitynet: {caption_file}: video {key!r} should have "sentences": [...]')
+        if sentences:
+            pairs.append((key, " ".join(sentence.strip() for sentence in sentences)))
+    by_id = _videos_by_id("activitynet", root)
+    return _retrieval_listing("activitynet", split, root, ids_file, listed, pairs, lambda key: by_id(key[2:]), strict)
+
+
+def list_didemo(root: Path, split: str, strict: bool = False) -> SplitListing:
+    """DiDeMo, paragraph retrieval: a video's descriptions joined in file order. Videos are named as listed (the
+    Flickr file name with its extension, ``@`` included), or with a 4-character suffix more (``….3gp.mp4``)."""
+    list_file, caption_file = _annotation_files("didemo", root, split)
+    listed = _read_ids(list_file)
+    moments = _read_json_of(caption_file, "didemo", list, '[{"video": ..., "description": ...}, ...]')
+    descriptions: dict[str, list[str]] = {}
+    for number, moment in enumerate(moments, 1):
+        if not (isinstance(moment, dict) and isinstance(moment.get("video"), str)) or not isinstance(
+            moment.get("description"), str
+        ):
+            raise DataError(f"didemo: {caption_file}, moment {number}: expected a 'video' and a 'description'")
+        descriptions.setdefault(moment["video"], []).append(moment["description"].strip())
+    pairs = [(entry, " ".join(descriptions[entry])) for entry in listed if entry in descriptions]
+    video_dir = root / RETRIEVAL_PROTOCOLS["didemo"].videos
+    by_name, by_name_less_suffix = _videos_by(video_dir, lambda p: p.name), _videos_by(video_dir, lambda p: p.name[:-4])
+    return _retrieval_listing(
+        "didemo",
+        split,
+        root,
+        list_file,
+        listed,
+        pairs,
+        lambda entry: by_name.get(entry) or by_name_less_suffix.get(entry),
+        strict,
+    )
+
+
+def list_vatex(root: Path, split: str, strict: bool = False) -> SplitListing:
+    """VATEX with the HGR split files: ids per split, ``ref_captions.json`` {id: [caption, ...]} (10 English each)."""
+    list_file, caption_file = _annotation_files("vatex", root, split)
+    listed = _read_ids(list_file)
+    captions = _read_json_of(caption_file, "vatex", dict, '{"<id>": ["caption", ...], ...}')
+    pairs = []
+    for video_id in listed:
+        entries = captions.get(video_id, [])
+        if not (isinstance(entries, list) and all(isinstance(caption, str) for caption in entries)):
+            raise DataError(f"vatex: {caption_file}: the captions of {video_id!r} should be a list of strings")
+        pairs += [(video_id, caption) for caption in entries]
+    return _retrieval_listing("vatex", split, root, list_file, listed, pairs, _videos_by_id("vatex", root), strict)
+
+
+RETRIEVAL_LISTERS: dict[str, Callable[[Path, str, bool], SplitListing]] = {
+    "msvd": list_msvd,
+    "lsmdc": list_lsmdc,
+    "activitynet": list_activitynet,
+    "didemo": list_didemo,
+    "vatex": list_vatex,
+}
+
+
 def build_dataset(
     name: str,
     root: Path | str,
@@ -732,8 +1084,10 @@ def build_dataset(
         listing = list_ssv2(root, split)
     elif name == "kinetics400":
         listing = list_kinetics400(root, split, strict)
-    else:
+    elif name == "msrvtt":
         listing = list_msrvtt(root, split)
+    else:
+        listing = RETRIEVAL_LISTERS[name](root, split, strict)
     if not listing.paths:
         raise DataError(f"{name}: the {split} split under {root} lists no videos")
     return VideoDataset(
@@ -747,7 +1101,10 @@ def build_dataset(
         hflip=name != "ssv2" and not (root / NO_FLIP_MARKER).exists(),
         strict=strict,
         classes=listing.classes,
-        keep_alignment=name == "msrvtt" and split == "test",
+        keep_alignment=name in RETRIEVAL_DATASETS and split == "test",
+        caption_groups=listing.caption_groups,
+        first_seconds=RETRIEVAL_PROTOCOLS[name].first_seconds if name in RETRIEVAL_PROTOCOLS else None,
+        left_out=listing.left_out,
     )
 
 

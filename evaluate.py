@@ -44,14 +44,7 @@ from data import DataError
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 from synthetic import ensure_synthetic
 
-Dataset = Literal[
-    "ucf101",
-    "hmdb51",
-    "ssv2",
-    "msrvtt",
-    "kinetics400",
-    "synthetic",
-]
+Dataset = Literal[(*data.DATASETS, "synthetic")]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Prompt = Literal[PROMPT_VARIANTS]
@@ -462,13 +455,23 @@ def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, P
     if dataset == "synthetic":
         base = ensure_synthetic(root or Path("data/synthetic"))
         return ("ucf101", base / "ucf101") if task == "recognize" else ("msrvtt", base / "msrvtt")
-    if (dataset == "msrvtt") != (task == "retrieve"):
+    if (dataset in data.RETRIEVAL_DATASETS) != (task == "retrieve"):
         raise RunError(f"--dataset {dataset} is not a {task} dataset")
     if root is None:
         raise RunError(
             f"--root is required for --dataset {dataset}: the folder holding it (see 'Dataset layouts' in README.md)"
         )
     return dataset, root
+
+
+def default_frames(task: str, dataset: str) -> int:
+    """Frames per video when none are given: 8 for recognition, the dataset's protocol's for retrieval."""
+    return 8 if task == "recognize" else data.retrieval_protocol(dataset).frames
+
+
+def caption_tokenizer(backbone: Backbone, words: int) -> Callable[[list[str]], torch.Tensor]:
+    """``backbone.tokenize`` cutting captions to ``words`` tokens (at most the text tower's context)."""
+    return partial(backbone.tokenize, context_length=min(words, backbone.clip.context_length))
 
 
 def class_prompts(dataset: str, classes: list[str]) -> list[str]:
@@ -529,6 +532,27 @@ def retrieval_metrics(similarity: torch.Tensor) -> dict[str, dict[str, float]]:
     }
 
 
+def multi_caption_retrieval_metrics(similarity: torch.Tensor, video_of_caption: torch.Tensor) -> dict[str, dict]:
+    """CLIP4Clip's multi-sentence protocol (MSVD, VATEX): ``similarity [N_caption, N_video]``, caption ``c``
+    describing video ``video_of_caption[c]`` (long ``[N_caption]``; every video has at least one caption).
+
+    Text-to-video: every caption is a query, ranked by its video's place among all ``N_video`` videos. Video-to-text:
+    video ``k`` scores the caption group of video ``j`` by its best caption, ``G[k, j] = max_{c: video c = j} s[c, k]``,
+    and the rank of its own group among the ``N_video`` groups counts (not a rank among all captions). Ties count in
+    the true match's favour, and MdR and MnR are CLIP4Clip's, as in ``retrieval_metrics``, which this equals when
+    every video has one caption.
+    """
+    own_video_score = similarity.gather(1, video_of_caption[:, None])  # [N_caption, 1]
+    caption_ranks = 1 + (similarity > own_video_score).sum(dim=1)  # [N_caption]
+    num_videos = similarity.shape[1]
+    group_scores = torch.full((num_videos, num_videos), -math.inf, dtype=similarity.dtype, device=similarity.device)
+    group_scores.scatter_reduce_(1, video_of_caption.expand(num_videos, -1), similarity.t(), "amax")  # G [N_v, N_v]
+    return {
+        "text_to_video": rank_metrics(caption_ranks),
+        "video_to_text": rank_metrics(ranks_of_matches(group_scores)),
+    }
+
+
 # --------------------------------------------------------------------------- #
 # Evaluation loops
 # --------------------------------------------------------------------------- #
@@ -563,17 +587,28 @@ def evaluate_recognition(model, loader, class_features, device, precision, rever
 
 @torch.no_grad()
 def evaluate_retrieval(model, loader, tokenize, device, precision) -> dict[str, dict[str, float]]:
-    """The whole test set's ``[N_text, N_video]`` similarity; under torchrun every rank gathers all of it."""
+    """The whole test set's ``[N_text, N_video]`` similarity; under torchrun every rank gathers all of it.
+
+    One (video, caption) pair per item (MSR-VTT, LSMDC, the paragraphs of ActivityNet and DiDeMo): a square matrix,
+    ``retrieval_metrics``. A multi-caption test set (MSVD, VATEX: ``caption_groups`` on the dataset, one item per
+    video) encodes each video once and all its captions: ``multi_caption_retrieval_metrics``.
+    """
     model.eval()
-    video_features, captions = [], []
-    for videos, batch_captions in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
+    video_features, targets = [], []
+    for videos, batch_targets in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
         with autocast(device, precision):
             video_features.append(encode_videos(model, videos.to(device, non_blocking=True)).float())
-        captions.extend(batch_captions)
-    video_features, captions = gather_in_dataset_order(loader, torch.cat(video_features), captions)
+        targets.extend(batch_targets)
+    video_features, targets = gather_in_dataset_order(loader, torch.cat(video_features), targets)
+    caption_groups = loader.dataset.dataset.caption_groups
+    captions = targets if caption_groups is None else [caption for group in caption_groups for caption in group]
     with autocast(device, precision):
         caption_features = text_features(model, tokenize, captions, device).float()
-    return retrieval_metrics(caption_features @ video_features.t())
+    similarity = caption_features @ video_features.t()  # [N_text, N_video]
+    if caption_groups is None:
+        return retrieval_metrics(similarity)
+    video_of_caption = torch.repeat_interleave(torch.tensor([len(group) for group in caption_groups]))
+    return multi_caption_retrieval_metrics(similarity, video_of_caption.to(similarity.device))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -603,7 +638,11 @@ ClipOption = Annotated[
 ]
 PromptOption = Annotated[Prompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
 FramesOption = Annotated[
-    int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else 8/12.")
+    int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else 8 / the dataset's.")
+]
+WordsOption = Annotated[
+    int | None,
+    typer.Option(min=3, help="Caption tokens (retrieval); default: the checkpoint's, else the dataset's (32 or 64)."),
 ]
 ViewsOption = Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")]
 CropsOption = Annotated[
@@ -630,6 +669,7 @@ def options(
         ),
     ] = None,
     frames: FramesOption = None,
+    words: WordsOption = None,
     views: ViewsOption = 1,
     crops: CropsOption = 1,
     split_id: SplitOption = 1,
@@ -673,6 +713,7 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         model = build_model(backbone, checkpoint["config"], device, precision)
         model.load_trainable_state_dict(checkpoint["stop"])
         frames = frames if frames is not None else checkpoint["config"]["frames"]
+        words = options["words"] or checkpoint["config"].get("words")
     else:
         if options["prompt"] not in (None, "none"):
             raise RunError(
@@ -681,7 +722,8 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
             )
         backbone = load_backbone(options["clip"])
         model = build_model(backbone, {"prompt": "none"}, device, precision)
-        frames = frames if frames is not None else (8 if task == "recognize" else 12)
+        frames = frames if frames is not None else default_frames(task, dataset)
+        words = options["words"]
     name, location = on_rank_zero(dataset_location, dataset, options["root"], task)
     resolution = model.clip.visual.input_resolution
     test_set = data.build_dataset(
@@ -709,7 +751,8 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
                 class_features = text_features(model, backbone.tokenize, prompts, device)
             metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
         else:
-            metrics = evaluate_retrieval(model, loader, backbone.tokenize, device, precision)
+            words = words or data.retrieval_protocol(dataset).words
+            metrics = evaluate_retrieval(model, loader, caption_tokenizer(backbone, words), device, precision)
     broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
@@ -724,6 +767,8 @@ def run_evaluation(task: str, options: dict[str, Any]) -> None:
         "checkpoint": str(checkpoint_file) if checkpoint_file else None,
         "clip": backbone.name,
         "videos": len(test_set),
+        "left_out_videos": len(test_set.left_out),
+        "words": words if task == "retrieve" else None,
         "broken_videos": int(broken),
         **metrics,
     }
@@ -742,7 +787,11 @@ def register(task: str, help: str) -> None:
 
 
 register("recognize", "Top-1 / top-5 action recognition on a dataset's test split.")
-register("retrieve", "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A).")
+register(
+    "retrieve",
+    "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A; MSVD and VATEX: "
+    "every caption, CLIP4Clip's multi-sentence protocol).",
+)
 
 import explain  # noqa: E402  (the explain command is in explain.py)
 

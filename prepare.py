@@ -54,6 +54,11 @@ VIDEO_FOLDERS = {
     "ssv2": "20bn-something-something-v2",
     "msrvtt": "MSRVTT_Videos",
     "kinetics400": ".",  # train/, val/, test/, replacement/ and the class folders videos/ all hold videos
+    "msvd": "YouTubeClips",
+    "lsmdc": "videos",
+    "activitynet": "videos",
+    "didemo": "videos",
+    "vatex": "videos",
 }
 METADATA_FOLDERS = {
     "ucf101": "ucfTrainTestlist",
@@ -61,6 +66,11 @@ METADATA_FOLDERS = {
     "ssv2": "labels",
     "msrvtt": "msrvtt_data",
     "kinetics400": "annotations",
+    "msvd": "msvd_data",
+    "lsmdc": "annotations",
+    "activitynet": "captions",
+    "didemo": "annotations",
+    "vatex": "annotations",
 }
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
@@ -72,6 +82,12 @@ PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".webm": ("libvpx", {"deadline": "1", "cpu-used": "8"}, 16),  # realtime speed
+    # Containers of downloaded YouTube videos (MKV) and of DiDeMo's Flickr originals, kept so the copy keeps their
+    # names: MPEG-4 Part 2 as above, except MPEG program streams, which hold only MPEG-1/2 video (not measured).
+    ".mkv": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".mov": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".3gp": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
+    ".mpg": ("mpeg2video", {"qmin": "3", "qmax": "3"}, 2),
 }
 PREPARE_SETTINGS_FILE = "prepare.json"
 PREPARE_FAILURES_FILE = "prepare_failures.txt"

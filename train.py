@@ -52,10 +52,12 @@ from evaluate import (
     autocast,
     broken_over_ranks,
     build_model,
+    caption_tokenizer,
     check_same_backbone,
     check_writable,
     class_prompts,
     dataset_location,
+    default_frames,
     distributed,
     echo,
     evaluate_recognition,
@@ -283,6 +285,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
     model = build_model(backbone, config, device, precision)
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
+    tokenize = caption_tokenizer(backbone, config.get("words") or data.retrieval_protocol("msrvtt").words)
     frozen = sum(p.numel() for p in model.clip.parameters())
     trainable = model.num_trainable_parameters()
     echo(f"STOP --prompt {model.prompt}: {trainable:,} trainable parameters, CLIP's {frozen:,} frozen")
@@ -366,7 +369,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
             for step, (videos, targets) in enumerate(progress):
                 videos = videos.to(device, non_blocking=True)
                 with autocast(device, precision):
-                    loss = batch_loss(model, encode, task, videos, targets, class_features, backbone.tokenize, device)
+                    loss = batch_loss(model, encode, task, videos, targets, class_features, tokenize, device)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -391,7 +394,7 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
                 )
                 score = metrics["top1"]
             else:
-                metrics = evaluate_retrieval(model, test_loader, backbone.tokenize, device, precision)
+                metrics = evaluate_retrieval(model, test_loader, tokenize, device, precision)
                 score = metrics["text_to_video"]["R@1"]
             running_loss, clips = summed_over_ranks(running_loss, clips)
             broken = broken_over_ranks(splits["train"], splits["test"])
@@ -460,7 +463,12 @@ def options(
     reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOP_DEFAULTS["reduced_dim"],
     prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
     dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOP_DEFAULTS["dropout"],
-    frames: Annotated[int | None, typer.Option(min=2, help="Frames per video; 8 recognition, 12 retrieval.")] = None,
+    frames: Annotated[
+        int | None, typer.Option(min=2, help="Frames per video; 8 recognition, the dataset's for retrieval (12 or 64).")
+    ] = None,
+    words: Annotated[
+        int | None, typer.Option(min=3, help="Caption tokens, retrieval; default: the dataset's (32 or 64).")
+    ] = None,
     batch_size: BatchOption = 32,
     epochs: Annotated[int | None, typer.Option(min=1, help="10 recognition, 5 retrieval; synthetic 25/10.")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate; default 1e-3, synthetic 1e-2.")] = None,
@@ -487,7 +495,8 @@ def run_config(task: str, options: dict[str, Any]) -> dict[str, Any]:
         **options,
         "task": task,
         "prompt_layers": options["prompt_layers"] or None,
-        "frames": options["frames"] or (8 if task == "recognize" else 12),
+        "frames": options["frames"] or default_frames(task, dataset),
+        "words": options["words"] or (data.retrieval_protocol(dataset).words if task == "retrieve" else None),
         "out": str(options["out"] or Path("runs") / f"{task}-{dataset}-{options['prompt']}"),
         "root": str(options["root"]) if options["root"] else None,
     }
@@ -507,7 +516,9 @@ def register(task: str, help: str) -> None:
 
 
 register("recognize", "Action recognition: ucf101, hmdb51, ssv2, kinetics400, or synthetic (no download).")
-register("retrieve", "Text-video retrieval: msrvtt, or synthetic (no download).")
+register(
+    "retrieve", "Text-video retrieval: msrvtt, msvd, lsmdc, activitynet, didemo, vatex, or synthetic (no download)."
+)
 
 if __name__ == "__main__":
     app()

@@ -30,3 +30,44 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     return torch.device(request.param)
+
+
+# MSVD as CLIP4Clip publishes it, in miniature: ids with `-` and `_`, CRLF lists (train and val without a final
+# newline), captions as word lists in a pickle. Test video `zzLq_missing_1_4` has captions but no file.
+MSVD_CAPTIONS = {
+    "-4wsuPCjDBc_5_15": [["a", "man", "sings"], ["someone", "is", "singing"]],
+    "bQJQGoJF7_k_0_8": [["a", "cat", "plays"]],
+    "bQJQGoJF7_k_10_18": [["a", "dog", "runs"], ["the", "dog", "is", "running"], ["a", "dog", "outside"]],
+    "mv89psg6zh4_33_46": [["a", "bird", "flies"]],
+    "zzLq_missing_1_4": [["nobody", "sees", "this"], ["no", "video"]],
+    "zzrZ0X0v5yk_2_9": [["a", "car", "drives"], ["a", "red", "car"]],
+}
+MSVD_SPLITS = {
+    "train": ["-4wsuPCjDBc_5_15", "bQJQGoJF7_k_0_8"],
+    "val": ["mv89psg6zh4_33_46"],
+    "test": ["bQJQGoJF7_k_10_18", "mv89psg6zh4_33_46", "zzLq_missing_1_4", "zzrZ0X0v5yk_2_9"],
+}
+
+
+def msvd_level(video_id: str) -> int:
+    """The flat grey of an MSVD test video, different for each (its identity in a decoded clip)."""
+    return 40 + 30 * sorted(MSVD_CAPTIONS).index(video_id)
+
+
+@pytest.fixture(scope="session")
+def msvd_root(tmp_path_factory) -> Path:
+    import pickle
+
+    import data
+
+    root = tmp_path_factory.mktemp("msvd")
+    for video_id in MSVD_CAPTIONS:
+        if video_id != "zzLq_missing_1_4":
+            frames = torch.full((4, 3, 32, 32), msvd_level(video_id), dtype=torch.uint8)
+            data.write_video(root / "YouTubeClips" / f"{video_id}.avi", frames, 10)
+    (root / "msvd_data").mkdir()
+    for split, ids in MSVD_SPLITS.items():
+        ending = b"\r\n" if split == "test" else b""
+        (root / "msvd_data" / f"{split}_list.txt").write_bytes("\r\n".join(ids).encode() + ending)
+    (root / "msvd_data" / "raw-captions.pkl").write_bytes(pickle.dumps(MSVD_CAPTIONS))
+    return root

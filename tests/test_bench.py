@@ -82,3 +82,18 @@ def test_camera_like_stand_in_moves_and_is_deterministic() -> None:
     assert video.shape == (4, 3, 24, 32) and video.dtype == torch.uint8
     assert torch.equal(video, bench.camera_like_video(4, 24, 32, seed=1))
     assert (video[1].float() - video[0].float()).abs().mean() > 1  # the pan changes every frame
+
+
+def test_data_writes_the_retrieval_stand_ins_in_their_layouts(tmp_path: Path) -> None:
+    names = ["msvd", "lsmdc", "activitynet"]
+    arguments = ["data", *[f"--dataset={name}" for name in names], "--videos", "2", "--clips", "1", "--rounds", "1"]
+    out = tmp_path / "data.json"
+    result = CliRunner().invoke(
+        bench.app, [*arguments, "--max-seconds", "0.5", "--keep", str(tmp_path), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["datasets"]
+    assert [report[name]["source"].split(",")[0] for name in names] == ["AVI", "MP4", "MP4"]
+    assert [report[name]["frames_sampled"] for name in names] == [12, 12, 64]
+    assert (tmp_path / "msvd/prepared/YouTubeClips/-clip1_5_15.avi").is_file()
+    assert (tmp_path / "activitynet/prepared/videos/v_clip1.mp4").is_file()  # the video of key v_v_clip1

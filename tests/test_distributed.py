@@ -163,6 +163,20 @@ def test_retrieval_trains_and_evaluates_as_one_process(
         assert two[direction] == one[direction]
 
 
+def test_multi_caption_retrieval_evaluates_as_one_process(msvd_root, golden, environment, in_process, tmp_path):
+    """MSVD's test set (3 videos, so the two shares are padded; 6 captions in groups of 2, 3 and 1), zero-shot."""
+    clip = golden / "tiny_clip_state_dict.pt"
+    common = ["--dataset", "msvd", "--root", msvd_root, "--clip", clip, "--prompt", "none", "--frames", 2]
+    args = ["retrieve", *common, "--batch-size", 1, "--workers", 0, "--out"]
+    code, output = torchrun(environment, "evaluate.py", *args, tmp_path / "two.json")
+    assert code == 0, output
+    one = evaluate_in_one_process([*args, tmp_path / "one.json"])
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["videos"] == one["videos"] == 3 and two["left_out_videos"] == 1
+    for direction in ("text_to_video", "video_to_text"):
+        assert two[direction] == one[direction]
+
+
 # --------------------------------------------------------------------------- #
 # Bad input, a dying rank, a rank that never joins
 # --------------------------------------------------------------------------- #
