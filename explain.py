@@ -21,15 +21,13 @@ The picture is made with ``torchvision.utils`` (``make_grid``, ``draw_bounding_b
 project's videos already); text is drawn with Pillow (torchvision's own dependency), whose built-in scalable font
 needs no font file on the machine.
 
-``evaluate.py`` imports this module to add the command to its app, so the functions here that use ``evaluate``
-import it when called: importing it at the top would make ``python evaluate.py`` load a second copy of
-``evaluate`` that imports this module while it is only half-defined.
+``evaluate.py`` adds the command to its app (``register``); this module needs only ``runtime.py``.
 """
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import typer
@@ -41,10 +39,17 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
+from runtime import (
+    Backbone,
+    RunError,
+    class_prompts,
+    dataset_location,
+    load_trained,
+    reported_errors,
+    resolve_device,
+    text_features,
+)
 from stop import PromptDetails, STOPModel
-
-if TYPE_CHECKING:
-    import evaluate
 
 TILE = 128  # pixels per side of a frame tile, rounded to a multiple of the patch grid
 GAP = 40  # make_grid's padding: between tiles (where the bars stand) and around them
@@ -198,7 +203,7 @@ def render(frames: torch.Tensor, rows: list[tuple[int, PromptDetails]], eta: int
 
 def describe_scores(
     model: STOPModel,
-    backbone: "evaluate.Backbone",
+    backbone: Backbone,
     features: torch.Tensor,
     config: dict[str, Any],
     labels_from: str | None,
@@ -211,10 +216,8 @@ def describe_scores(
     ``features`` ``[1, E]`` is the video's feature; the class probabilities are the softmax of ``class_logits``
     (computed as ``similarity`` of this feature, which is what ``class_logits`` does, without a second forward).
     """
-    import evaluate  # when called, not at import: see the module docstring
-
     if caption is not None:
-        caption_features = evaluate.text_features(model, backbone.tokenize, [caption], device)  # [1, E]
+        caption_features = text_features(model, backbone.tokenize, [caption], device)  # [1, E]
         cosine, logit = (features @ caption_features.t()).item(), model.similarity(features, caption_features).item()
         return f'"{caption}": cosine similarity {cosine:.3f} (logit {logit:.2f})'
     if labels_from is None:
@@ -222,12 +225,12 @@ def describe_scores(
     own_root = config.get("root") if labels_from == config.get("dataset") else None
     dataset_root = root or (Path(own_root) if own_root else None)
     if dataset_root is None and labels_from != "synthetic":
-        raise evaluate.RunError(f"--labels-from {labels_from} needs --root, the folder holding that dataset")
-    name, location = evaluate.dataset_location(labels_from, dataset_root, "recognize")
+        raise RunError(f"--labels-from {labels_from} needs --root, the folder holding that dataset")
+    name, location = dataset_location(labels_from, dataset_root, "recognize")
     resolution = model.clip.visual.input_resolution
     classes = data.build_dataset(name, location, "test", num_frames=config["frames"], resolution=resolution).classes
-    prompts = evaluate.class_prompts(labels_from, classes)  # the texts training used
-    class_features = evaluate.text_features(model, backbone.tokenize, prompts, device)  # [C, E]
+    prompts = class_prompts(labels_from, classes)  # the texts training used
+    class_features = text_features(model, backbone.tokenize, prompts, device)  # [C, E]
     probabilities = model.similarity(features, class_features)[0].softmax(dim=0)  # [C]
     top = probabilities.topk(min(5, len(classes)))
     ranked = "  ·  ".join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
@@ -246,32 +249,26 @@ def explain_video(
     out: Path,
 ) -> None:
     """Run the checkpoint's STOP model on ``video`` and write the figure to ``out`` (see the module docstring)."""
-    import evaluate  # when called, not at import: see the module docstring
-
     if labels_from is not None and caption is not None:
-        raise evaluate.RunError("--labels-from and --caption were both given: the header shows one of them")
+        raise RunError("--labels-from and --caption were both given: the header shows one of them")
     if block is not None and all_blocks:
-        raise evaluate.RunError("--block and --all-blocks were both given: draw one block or all of them")
+        raise RunError("--block and --all-blocks were both given: draw one block or all of them")
     if out.suffix.lower() != ".png":
-        raise evaluate.RunError(f"--out {out}: the figure is a PNG, so name it *.png")
+        raise RunError(f"--out {out}: the figure is a PNG, so name it *.png")
     if not out.parent.is_dir():
-        raise evaluate.RunError(f"--out {out}: the folder {out.parent} does not exist")
+        raise RunError(f"--out {out}: the folder {out.parent} does not exist")
     if not video.is_file():
-        raise evaluate.RunError(f"{video}: no such video file")
+        raise RunError(f"{video}: no such video file")
 
-    device = evaluate.resolve_device("auto")
-    saved = evaluate.read_checkpoint(checkpoint)
+    device = resolve_device("auto")
+    model, backbone, saved = load_trained(checkpoint, clip, device)
     config = saved["config"]
-    backbone = evaluate.load_backbone(clip or saved["clip"]["name"])
-    evaluate.check_same_backbone(saved, backbone, checkpoint)
-    model = evaluate.build_model(backbone, config, device)
-    model.load_trainable_state_dict(saved["stop"])
     model.eval()
     prompted = len(model.prompters)
     if prompted == 0:
-        raise evaluate.RunError(f"{checkpoint} is --prompt none: no block is prompted, so there is nothing to draw")
+        raise RunError(f"{checkpoint} is --prompt none: no block is prompted, so there is nothing to draw")
     if block is not None and not 1 <= block <= prompted:
-        raise evaluate.RunError(f"--block {block}: {checkpoint} prompts blocks 1 to {prompted}")
+        raise RunError(f"--block {block}: {checkpoint} prompts blocks 1 to {prompted}")
     blocks = list(range(1, prompted + 1)) if all_blocks else [block or prompted]
 
     resolution = model.clip.visual.input_resolution
@@ -297,7 +294,7 @@ def explain_video(
     try:
         PngEncoder(figure).to_file(out, compression_level=9)
     except (OSError, RuntimeError) as error:
-        raise evaluate.RunError(f"--out {out}: cannot write it: {error}") from None
+        raise RunError(f"--out {out}: cannot write it: {error}") from None
     for line in header[:2]:
         typer.echo(line)
     for number in blocks:
@@ -322,9 +319,7 @@ def command(
     caption: Annotated[str | None, typer.Option(help="Show the video's similarity to this text.")] = None,
     out: Annotated[Path, typer.Option(help="The PNG to write; its folder must exist.")] = Path("explain.png"),
 ) -> None:
-    import evaluate  # when called, not at import: see the module docstring
-
-    with evaluate.reported_errors():
+    with reported_errors():
         explain_video(video, checkpoint, clip, block, all_blocks, labels_from, root, caption, out)
 
 

@@ -22,7 +22,8 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,28 +43,33 @@ from evaluate import (
     DeviceOption,
     PrecisionOption,
     PromptOption,
-    RankError,
     RootOption,
-    RunError,
     SplitOption,
     StrictOption,
     WorkersOption,
+    evaluate_recognition,
+    evaluate_retrieval,
+    format_metrics,
+)
+from runtime import (
+    CAPTION_TOKENS,
+    RECOGNITION_FRAMES,
+    Backbone,
+    RankError,
+    RunError,
     atomic_save,
     autocast,
     broken_over_ranks,
     build_model,
     caption_tokenizer,
-    check_same_backbone,
     check_writable,
     class_prompts,
     dataset_location,
     default_frames,
     distributed,
     echo,
-    evaluate_recognition,
-    evaluate_retrieval,
-    format_metrics,
     load_backbone,
+    load_trained,
     on_rank_zero,
     process_group,
     rank,
@@ -87,6 +93,53 @@ DEFAULT_SCHEDULE = {
     ("recognize", "real"): (10, 1e-3),
     ("retrieve", "real"): (5, 1e-3),
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run: ``train.py``'s options with every default filled in, saved in each checkpoint.
+
+    Checkpoints store it flat (``asdict``), STOP's hyper-parameters among the rest: ``STOPConfig.from_dict`` reads
+    those back, and a checkpoint of the first release, whose dict has the same keys, still loads. The fields
+    without a default are set per task and dataset (``run_config``): ``frames`` from ``default_frames``, ``epochs``
+    and ``lr`` from ``DEFAULT_SCHEDULE``, ``out`` from the task, dataset and prompt.
+    """
+
+    dataset: str = "synthetic"
+    root: str | None = None  # None: data/synthetic for the synthetic dataset, required for the others
+    split_id: int = 1
+    clip: str | None = None  # None: the small random demo CLIP
+    prompt: str = STOPConfig.prompt
+    alpha: float = STOPConfig.alpha
+    beta: float = STOPConfig.beta
+    eta: int = STOPConfig.eta
+    rho: float = STOPConfig.rho
+    reduced_dim: int = STOPConfig.reduced_dim
+    prompt_layers: int | None = STOPConfig.prompt_layers
+    dropout: float = STOPConfig.dropout
+    frames: int
+    words: int | None = None  # caption tokens, retrieval only (None: recognition)
+    batch_size: int = 32  # per process
+    epochs: int
+    lr: float
+    weight_decay: float = 0.2
+    warmup: float = 0.1  # fraction of the steps
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    grad_checkpoint: bool = False
+    seed: int = 0
+    strict: bool = False
+    out: str
+    task: str  # "recognize" or "retrieve"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """A checkpoint's ``config``; a field it lacks (``grad_checkpoint`` before it existed) takes its default."""
+        return cls(**{field.name: values[field.name] for field in fields(cls) if field.name in values})
+
+    def stop_config(self) -> STOPConfig:
+        return STOPConfig.from_dict(asdict(self))
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -204,24 +257,24 @@ def open_run(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
 RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "root", "clip")
 
 
-def resumed_config(saved: dict[str, Any], requested: dict[str, Any], given: set[str]) -> dict[str, Any]:
+def resumed_config(saved: Mapping[str, Any], requested: TrainConfig, given: set[str]) -> TrainConfig:
     """The saved run's configuration with the options ``--resume`` may change, and the folder it was resumed from
     (a moved run folder carries its old path in ``config["out"]``); options given that conflict are refused."""
-    if requested["task"] != saved["task"]:
-        raise RunError(f"--resume: {requested['out']} holds a {saved['task']} run, not {requested['task']}")
+    if requested.task != saved["task"]:
+        raise RunError(f"--resume: {requested.out} holds a {saved['task']} run, not {requested.task}")
+    options = asdict(requested)
     conflicts = [
-        f"--{name.replace('_', '-')} {requested[name]} (the run has {saved[name]})"
+        f"--{name.replace('_', '-')} {options[name]} (the run has {saved[name]})"
         for name in sorted(given - {"out", *RESUME_MAY_CHANGE})
-        if requested[name] != saved[name]
+        if options[name] != saved[name]
     ]
     if conflicts:
         raise RunError(
             f"--resume: {', '.join(conflicts)}: a run continues with the options it started with; leave them out, "
             f"or start a new run in another --out (--resume may change {', '.join(RESUME_MAY_CHANGE)})"
         )
-    config = {**saved, "out": requested["out"]}
-    config.update({name: requested[name] for name in RESUME_MAY_CHANGE if name in given})
-    return config
+    changed = {name: options[name] for name in RESUME_MAY_CHANGE if name in given}
+    return TrainConfig.from_dict({**saved, "out": requested.out, **changed})
 
 
 class VideoTower(nn.Module):
@@ -241,110 +294,122 @@ class VideoTower(nn.Module):
         return self.encode_video(videos)
 
 
-def batch_loss(model: STOPModel, encode, task: str, videos, targets, class_features, tokenize, device) -> torch.Tensor:
+# --------------------------------------------------------------------------- #
+# The steps of a run
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Run:
+    """What a run builds before its first step (``start_run``), and every step of the loop reads."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str
+    backbone: Backbone
+    tokenize: Callable[[list[str]], torch.Tensor]  # captions to tokens, cut to --words (retrieval)
+    model: STOPModel
+    encode: Callable[[torch.Tensor], torch.Tensor]  # model.encode_video, or its DDP wrapper under torchrun
+    train_set: data.VideoDataset
+    test_set: data.VideoDataset
+    train_loader: data.VideoLoader
+    test_loader: data.VideoLoader
+    class_features: torch.Tensor | None  # [C, E], recognition's class texts; None for retrieval
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def batch_loss(run: Run, videos: torch.Tensor, targets: torch.Tensor | list[str]) -> torch.Tensor:
     """Cross-entropy over classes (recognition) or symmetric InfoNCE over the batch (retrieval).
 
-    ``encode`` is ``model.encode_video``, or under torchrun its DistributedDataParallel wrapper; the negatives of
-    InfoNCE are then the captions of this process's batch.
+    ``run.encode`` is ``model.encode_video``, or under torchrun its DistributedDataParallel wrapper; the negatives
+    of InfoNCE are then the captions of this process's batch.
     """
-    if task == "recognize":
-        return F.cross_entropy(model.similarity(encode(videos), class_features), targets.to(device))
+    model, device = run.model, run.device
+    if run.config.task == "recognize":
+        return F.cross_entropy(model.similarity(run.encode(videos), run.class_features), targets.to(device))
     with torch.no_grad():
-        caption_features = model.encode_text(tokenize(list(targets)).to(device))  # frozen text tower
-    logits = model.similarity(encode(videos), caption_features)  # [B, B], pair i on the diagonal
+        caption_features = model.encode_text(run.tokenize(list(targets)).to(device))  # frozen text tower
+    logits = model.similarity(run.encode(videos), caption_features)  # [B, B], pair i on the diagonal
     labels = torch.arange(logits.shape[0], device=device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]) -> None:
-    """``given``: the options given on the command line (not defaults), which ``--resume`` checks against the run."""
-    out = Path(config["out"])
-    checkpoint = on_rank_zero(open_run, out, resume, overwrite)
-    if checkpoint:
-        config = resumed_config(checkpoint["config"], config, given)
-        if checkpoint["epoch"] + 1 >= config["epochs"]:
-            echo(
-                f"{out} has trained {checkpoint['epoch'] + 1} of --epochs {config['epochs']}: nothing left to do "
-                "(pass a larger --epochs to train on)"
-            )
-            echo(f"done: {out / 'best.pt'} ({best_name(config['task'])} {checkpoint['best']:.2f})")
-            return
-    task, dataset = config["task"], config["dataset"]
-    epochs, lr = DEFAULT_SCHEDULE[task, "synthetic" if dataset == "synthetic" else "real"]
-    config = {**config, "epochs": config["epochs"] or epochs, "lr": config["lr"] or lr}
-    device = resolve_device(config["device"])
+def start_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
+    """Place the run, build its model and loaders and its optimiser; a resumed run loads its state from
+    ``checkpoint`` (``last.pt``, read by rank 0 and handed to every rank)."""
+    out = Path(config.out)
+    device = resolve_device(config.device)
     if distributed() and (device.type == "cuda") != (dist.get_backend() == "nccl"):
-        raise RunError(f"this run was trained with --device {config['device']}: resume it with that --device")
-    precision = resolve_precision(config["precision"], device)
+        raise RunError(f"this run was trained with --device {config.device}: resume it with that --device")
+    precision = resolve_precision(config.precision, device)
+    name, location = on_rank_zero(dataset_location, config.dataset, config.root, config.task)
 
-    name, location = on_rank_zero(dataset_location, dataset, config["root"], task)
-    torch.manual_seed(config["seed"])  # the prompt modules' initialisation
-    backbone = load_backbone(config["clip"])
+    torch.manual_seed(config.seed)  # the prompt modules' initialisation (a resumed run loads them instead)
     if checkpoint:
-        check_same_backbone(checkpoint, backbone, out / "last.pt")
-    model = build_model(backbone, config, device, precision)
+        model, backbone, _ = load_trained(out / "last.pt", config.clip, device, precision, checkpoint)
+    else:
+        backbone = load_backbone(config.clip)
+        model = build_model(backbone, config.stop_config(), device, precision, config.grad_checkpoint)
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
-    tokenize = caption_tokenizer(backbone, config.get("words") or data.retrieval_protocol("msrvtt").words)
+    tokenize = caption_tokenizer(backbone, config.words or CAPTION_TOKENS)
     frozen = sum(p.numel() for p in model.clip.parameters())
     trainable = model.num_trainable_parameters()
     echo(f"STOP --prompt {model.prompt}: {trainable:,} trainable parameters, CLIP's {frozen:,} frozen")
 
-    resolution = model.clip.visual.input_resolution
-    splits = {
-        split: data.build_dataset(
+    train_set, test_set = (
+        data.build_dataset(
             name,
             location,
             split,
-            num_frames=config["frames"],
-            resolution=resolution,
-            split_id=config["split_id"],
-            strict=config["strict"],
+            num_frames=config.frames,
+            resolution=model.clip.visual.input_resolution,
+            split_id=config.split_id,
+            strict=config.strict,
         )
         for split in ("train", "test")
-    }
+    )
+    # The training order is the seed's and the epoch's alone (``shard``), so --resume can start any epoch exactly.
     train_loader = data.build_loader(
-        splits["train"],
-        batch_size=config["batch_size"],
+        train_set,
+        batch_size=config.batch_size,
         shuffle=True,
-        workers=config["workers"],
+        workers=config.workers,
         drop_last=True,
-        sampler=shard(splits["train"], train=True, seed=config["seed"]),
-        seed=config["seed"],
+        sampler=shard(train_set, train=True, seed=config.seed),
+        seed=config.seed,
     )
     test_loader = data.build_loader(
-        splits["test"],
-        batch_size=config["batch_size"],
+        test_set,
+        batch_size=config.batch_size,
         shuffle=False,
-        workers=config["workers"],
-        sampler=shard(splits["test"], train=False),
+        workers=config.workers,
+        sampler=shard(test_set, train=False),
     )
     if len(train_loader) == 0:
         share = f" each of the {world_size()} processes gets" if distributed() else ""
         raise RunError(
-            f"--batch-size {config['batch_size']} is larger than the {len(train_loader.sampler)} training videos{share}"
+            f"--batch-size {config.batch_size} is larger than the {len(train_loader.sampler)} training videos{share}"
         )
     class_features = None
-    if task == "recognize":
-        with autocast(device, precision):
-            prompts = class_prompts(dataset, splits["train"].classes)
-            class_features = text_features(model, backbone.tokenize, prompts, device)  # once, frozen
+    if config.task == "recognize":
+        with autocast(device, precision):  # once: the text tower is frozen
+            prompts = class_prompts(config.dataset, train_set.classes)
+            class_features = text_features(model, backbone.tokenize, prompts, device)
 
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    total_steps = config["epochs"] * len(train_loader)
-    schedule = cosine_with_warmup(total_steps, max(1, round(config["warmup"] * total_steps)))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * len(train_loader)
+    schedule = cosine_with_warmup(total_steps, max(1, round(config.warmup * total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_epoch, best, best_epoch, records = 0, None, None, []
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 alone needs loss scaling
     if checkpoint:
-        model.load_trainable_state_dict(checkpoint["stop"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best, best_epoch = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["best_epoch"]
-        records = checkpoint["records"]
-        echo(f"resuming {out} at epoch {start_epoch + 1} of {config['epochs']}")
-    last_good = f"{out / 'last.pt'} (epoch {start_epoch})" if checkpoint else "none (no epoch finished)"
+
     encode = model.encode_video
     if distributed():
         # A batch whose temporal prompters insert no prompt (n_t = 0 everywhere) leaves their parameters without
@@ -353,60 +418,125 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
         encode = DistributedDataParallel(
             VideoTower(model), device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
         )
+    return Run(
+        config, out, device, precision, backbone, tokenize, model, encode, train_set, test_set, train_loader,
+        test_loader, class_features, optimizer, scheduler, scaler,
+    )  # fmt: skip
+
+
+def train_one_epoch(run: Run, epoch: int, last_good: str) -> tuple[float, int]:
+    """One pass over this rank's share of the training set: the summed loss over its clips, and their number.
+
+    A loss that is no longer finite stops the run before anything is saved from it, naming ``last_good``.
+    """
+    config = run.config
+    # The shuffle order, each clip's frames and augmentation (data.LoaderItems), and dropout depend on the seed and
+    # epoch only, never on the epochs before or the worker processes, so --resume continues exactly. Under torchrun
+    # every rank shuffles alike (the sampler's seed) and drops out with its own seed.
+    epoch_seed = config.seed + epoch + rank() * 2**32
+    torch.manual_seed(epoch_seed)
+    random.seed(epoch_seed)
+    run.train_loader.set_epoch(epoch)
+    run.model.train()
+    running_loss, clips, started = 0.0, 0, time.perf_counter()
+    progress = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank() != 0)
+    for step, (videos, targets) in enumerate(progress):
+        videos = videos.to(run.device, non_blocking=True)
+        with autocast(run.device, run.precision):
+            loss = batch_loss(run, videos, targets)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            where = f"rank {rank()}: " if distributed() else ""
+            raise RankError(
+                f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
+                f"{last_good}. Try a lower --lr"
+            )
+        running_loss += loss_value * len(videos)
+        clips += len(videos)
+        progress.set_postfix(loss=f"{loss_value:.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}")
+    return running_loss, clips
+
+
+def evaluate_epoch(run: Run) -> tuple[dict[str, Any], float]:
+    """The test split's metrics, and the score that picks ``best.pt``: top-1, or text-to-video R@1."""
+    model, loader, device, precision = run.model, run.test_loader, run.device, run.precision
+    if run.config.task == "recognize":
+        reversed_pairs = run.config.dataset == "synthetic"
+        metrics = evaluate_recognition(model, loader, run.class_features, device, precision, reversed_pairs)
+        return metrics, metrics["top1"]
+    metrics = evaluate_retrieval(model, loader, run.tokenize, device, precision)
+    return metrics, metrics["text_to_video"]["R@1"]
+
+
+def checkpoint_state(run: Run, epoch: int, best: float, best_epoch: int, metrics, records) -> dict[str, Any]:
+    """What ``last.pt`` (and ``best.pt``) hold: STOP's parameters alone, never the frozen backbone, with what
+    ``--resume`` needs to continue exactly and the configuration, flat, that ``evaluate.py`` reads back."""
+    return {
+        "stop": run.model.trainable_state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "best_epoch": best_epoch,
+        "metrics": metrics,
+        "records": records,
+        "rng": rng_states(),
+        "config": asdict(run.config),
+        "clip": {"name": run.backbone.name, "sha256": run.backbone.sha256},
+    }
+
+
+def train(config: TrainConfig, resume: bool, overwrite: bool, given: set[str]) -> None:
+    """Train as ``config`` says: open (or resume) the run, then per epoch train, evaluate, and save.
+
+    ``given``: the options given on the command line (not defaults), which ``--resume`` checks against the run.
+    """
+    out = Path(config.out)
+    # Open the run folder: rank 0 alone checks it, and with --resume reads last.pt and repairs best.pt and
+    # metrics.jsonl from it (a kill may have left them one epoch behind); every rank receives the checkpoint.
+    checkpoint = on_rank_zero(open_run, out, resume, overwrite)
+    if checkpoint:
+        config = resumed_config(checkpoint["config"], config, given)
+        if checkpoint["epoch"] + 1 >= config.epochs:
+            echo(
+                f"{out} has trained {checkpoint['epoch'] + 1} of --epochs {config.epochs}: nothing left to do "
+                "(pass a larger --epochs to train on)"
+            )
+            echo(f"done: {out / 'best.pt'} ({best_name(config.task)} {checkpoint['best']:.2f})")
+            return
+
+    run = start_run(config, checkpoint)
+    first_epoch, best, best_epoch, records = 0, None, None, []
+    last_good = "none (no epoch finished)"  # named by the error line of a loss that is no longer finite
+    if checkpoint:
+        first_epoch, best, best_epoch = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["best_epoch"]
+        records = checkpoint["records"]
+        last_good = f"{out / 'last.pt'} (epoch {first_epoch})"
+        echo(f"resuming {out} at epoch {first_epoch + 1} of {config.epochs}")
 
     with rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
-        for epoch in range(start_epoch, config["epochs"]):
-            # The shuffle order, each clip's frames and augmentation (data.LoaderItems), and dropout depend on the
-            # seed and epoch only, never on the epochs before or the worker processes, so --resume continues
-            # exactly. Under torchrun every rank shuffles alike (the sampler's seed) and drops out with its own seed.
-            epoch_seed = config["seed"] + epoch + rank() * 2**32
-            torch.manual_seed(epoch_seed)
-            random.seed(epoch_seed)
-            train_loader.set_epoch(epoch)
-            model.train()
-            running_loss, clips, started = 0.0, 0, time.perf_counter()
-            progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=rank() != 0)
-            for step, (videos, targets) in enumerate(progress):
-                videos = videos.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    loss = batch_loss(model, encode, task, videos, targets, class_features, tokenize, device)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):  # diverged: stop before anything is saved from it
-                    where = f"rank {rank()}: " if distributed() else ""
-                    raise RankError(
-                        f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
-                        f"{last_good}. Try a lower --lr"
-                    )
-                running_loss += loss_value * len(videos)
-                clips += len(videos)
-                progress.set_postfix(
-                    loss=f"{loss_value:.3f}", clips_per_s=f"{clips / (time.perf_counter() - started):.1f}"
-                )
-
-            if task == "recognize":
-                metrics = evaluate_recognition(
-                    model, test_loader, class_features, device, precision, dataset == "synthetic"
-                )
-                score = metrics["top1"]
-            else:
-                metrics = evaluate_retrieval(model, test_loader, tokenize, device, precision)
-                score = metrics["text_to_video"]["R@1"]
+        for epoch in range(first_epoch, config.epochs):
+            started = time.perf_counter()
+            running_loss, clips = train_one_epoch(run, epoch, last_good)
+            metrics, score = evaluate_epoch(run)
+            # Every rank takes part in these two collectives; then rank 0 alone logs and writes the run folder.
             running_loss, clips = summed_over_ranks(running_loss, clips)
-            broken = broken_over_ranks(splits["train"], splits["test"])
+            broken = broken_over_ranks(run.train_set, run.test_set)
             if best is None or score > best:
                 best, best_epoch = score, epoch
             if rank() != 0:
-                continue  # rank 0 writes the run folder
+                continue
             record = {
                 "epoch": epoch + 1,
                 "train_loss": running_loss / clips,
-                "lr": scheduler.get_last_lr()[0],
-                "train_clips_per_second": clips / (time.perf_counter() - started),
+                "lr": run.scheduler.get_last_lr()[0],
+                "train_clips_per_second": clips / (time.perf_counter() - started),  # the evaluation's time included
                 "broken_videos": int(broken),
                 **metrics,
             }
@@ -414,26 +544,11 @@ def train(config: dict[str, Any], resume: bool, overwrite: bool, given: set[str]
             typer.echo(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}\n{format_metrics(metrics)}")
             if record["broken_videos"]:
                 typer.echo(f"warning: {record['broken_videos']} broken videos were replaced by others (see warnings)")
-
-            state = {
-                "stop": model.trainable_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "best_epoch": best_epoch,
-                "metrics": metrics,
-                "records": records,
-                "rng": rng_states(),
-                "config": config,
-                "clip": {"name": backbone.name, "sha256": backbone.sha256},
-            }
             if overwrite and epoch == 0:
-                delete_replaced_run(out)
-            save_epoch(out, state)
+                delete_replaced_run(out)  # only now: a new run that failed in its first epoch replaced nothing
+            save_epoch(out, checkpoint_state(run, epoch, best, best_epoch, metrics, records))
             last_good = f"{out / 'last.pt'} (epoch {epoch + 1})"
-    echo(f"done: {out / 'best.pt'} ({best_name(task)} {best:.2f})")
+    echo(f"done: {out / 'best.pt'} ({best_name(config.task)} {best:.2f})")
 
 
 def best_name(task: str) -> str:
@@ -445,61 +560,75 @@ def best_name(task: str) -> str:
 # --------------------------------------------------------------------------- #
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-STOP_DEFAULTS = asdict(STOPConfig())
+FRAMES_HELP = f"Frames per video; {RECOGNITION_FRAMES} recognition, the dataset's for retrieval (12 or 64)."
+EPOCHS_HELP = "{} recognition, {} retrieval; synthetic {}/{}.".format(
+    *(DEFAULT_SCHEDULE[task, kind][0] for kind in ("real", "synthetic") for task in ("recognize", "retrieve"))
+)
+LR_HELP = "AdamW learning rate; default {}, synthetic {}.".format(
+    *(f"{DEFAULT_SCHEDULE['recognize', kind][1]:.0e}".replace("e-0", "e-") for kind in ("real", "synthetic"))
+)
 
 
 def options(
-    dataset: DatasetOption = "synthetic",
+    dataset: DatasetOption = TrainConfig.dataset,
     root: RootOption = None,
-    split_id: SplitOption = 1,
-    clip: ClipOption = None,
-    prompt: PromptOption = "stop",
-    alpha: Annotated[float, typer.Option(help="W^s = alpha*A + (1-alpha)*M.")] = STOP_DEFAULTS["alpha"],
-    beta: Annotated[float, typer.Option(help="Extra weight of region patches in W^t.")] = STOP_DEFAULTS["beta"],
-    eta: Annotated[int, typer.Option(help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")] = STOP_DEFAULTS[
-        "eta"
-    ],
-    rho: Annotated[float, typer.Option(help="Fraction of patches that are regions.")] = STOP_DEFAULTS["rho"],
-    reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOP_DEFAULTS["reduced_dim"],
+    split_id: SplitOption = TrainConfig.split_id,
+    clip: ClipOption = TrainConfig.clip,
+    prompt: PromptOption = STOPConfig.prompt,
+    alpha: Annotated[float, typer.Option(help="W^s = alpha*A + (1-alpha)*M.")] = STOPConfig.alpha,
+    beta: Annotated[float, typer.Option(help="Extra weight of region patches in W^t.")] = STOPConfig.beta,
+    eta: Annotated[int, typer.Option(help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")] = STOPConfig.eta,
+    rho: Annotated[float, typer.Option(help="Fraction of patches that are regions.")] = STOPConfig.rho,
+    reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOPConfig.reduced_dim,
     prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
-    dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOP_DEFAULTS["dropout"],
-    frames: Annotated[
-        int | None, typer.Option(min=2, help="Frames per video; 8 recognition, the dataset's for retrieval (12 or 64).")
-    ] = None,
+    dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOPConfig.dropout,
+    frames: Annotated[int | None, typer.Option(min=2, help=FRAMES_HELP)] = None,
     words: Annotated[
         int | None, typer.Option(min=3, help="Caption tokens, retrieval; default: the dataset's (32 or 64).")
     ] = None,
-    batch_size: BatchOption = 32,
-    epochs: Annotated[int | None, typer.Option(min=1, help="10 recognition, 5 retrieval; synthetic 25/10.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate; default 1e-3, synthetic 1e-2.")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.2,
-    warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")] = 0.1,
-    workers: WorkersOption = 4,
-    device: DeviceOption = "auto",
-    precision: PrecisionOption = "auto",
-    grad_checkpoint: Annotated[bool, typer.Option(help="Recompute frozen blocks in backward.")] = False,
-    seed: Annotated[int, typer.Option(help="Seeds initialisation, shuffling, augmentation, dropout.")] = 0,
-    strict: StrictOption = False,
+    batch_size: BatchOption = TrainConfig.batch_size,
+    epochs: Annotated[int | None, typer.Option(min=1, help=EPOCHS_HELP)] = None,
+    lr: Annotated[float | None, typer.Option(help=LR_HELP)] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = TrainConfig.weight_decay,
+    warmup: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")
+    ] = TrainConfig.warmup,
+    workers: WorkersOption = TrainConfig.workers,
+    device: DeviceOption = TrainConfig.device,
+    precision: PrecisionOption = TrainConfig.precision,
+    grad_checkpoint: Annotated[
+        bool, typer.Option(help="Recompute frozen blocks in backward.")
+    ] = TrainConfig.grad_checkpoint,
+    seed: Annotated[
+        int, typer.Option(help="Seeds initialisation, shuffling, augmentation, dropout.")
+    ] = TrainConfig.seed,
+    strict: StrictOption = TrainConfig.strict,
     out: Annotated[Path | None, typer.Option(help="Run folder; default runs/<task>-<dataset>-<prompt>.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-) -> dict[str, Any]:
-    """The options both commands take (their signature, shared through ``__signature__`` below)."""
-    return dict(locals())
+) -> None:
+    """Never called: the options of both commands, which Typer reads from this signature (``register``). Each
+    default is ``TrainConfig``'s or ``STOPConfig``'s; ``None`` (and ``--prompt-layers 0``) is filled in by
+    ``run_config``."""
 
 
-def run_config(task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The run's configuration, saved in every checkpoint: the options with per-task defaults filled in."""
+def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
+    """The run's configuration: the options with the per-task defaults filled in."""
     dataset = options["dataset"]
-    return {
-        **options,
-        "task": task,
-        "prompt_layers": options["prompt_layers"] or None,
-        "frames": options["frames"] or default_frames(task, dataset),
-        "words": options["words"] or (data.retrieval_protocol(dataset).words if task == "retrieve" else None),
-        "out": str(options["out"] or Path("runs") / f"{task}-{dataset}-{options['prompt']}"),
-        "root": str(options["root"]) if options["root"] else None,
-    }
+    default_epochs, default_lr = DEFAULT_SCHEDULE[task, "synthetic" if dataset == "synthetic" else "real"]
+    return TrainConfig(
+        **{
+            **options,
+            "prompt_layers": options["prompt_layers"] or None,
+            "frames": options["frames"] or default_frames(task, dataset),
+            "words": options["words"] or (data.retrieval_protocol(dataset).words if task == "retrieve" else None),
+            "epochs": options["epochs"] or default_epochs,
+            "lr": options["lr"] or default_lr,
+            "out": str(options["out"] or Path("runs") / f"{task}-{dataset}-{options['prompt']}"),
+            "root": str(options["root"]) if options["root"] else None,
+        },
+        task=task,
+    )
 
 
 def register(task: str, help: str) -> None:

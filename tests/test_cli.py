@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import clip_model
 import data
 import evaluate
+import runtime
 import synthetic
 import train
 
@@ -216,7 +217,7 @@ def test_corrupt_checkpoint(tmp_path):
 
 
 def test_checkpoint_config_without_frames_is_one_error_line(tmp_path):
-    clip = {"name": evaluate.DEMO_CLIP_NAME, "sha256": evaluate.load_backbone(None).sha256}  # passes the CLIP check
+    clip = {"name": runtime.DEMO_CLIP_NAME, "sha256": runtime.load_backbone(None).sha256}  # passes the CLIP check
     torch.save({"stop": {}, "config": {"prompt": "none"}, "clip": clip}, tmp_path / "best.pt")
     code, output = run(evaluate.app, "recognize", "--checkpoint", tmp_path / "best.pt")
     assert code == 1 and "Traceback" not in output
@@ -239,7 +240,7 @@ def test_checkpoint_of_another_clip_is_refused(synthetic_root, golden_clip, tmp_
         "--checkpoint",
         out / "best.pt",
         "--clip",
-        evaluate.DEMO_CLIP_NAME,
+        runtime.DEMO_CLIP_NAME,
     )
     assert code == 1 and "was trained on the CLIP" in output and "random-demo-clip" in output
 
@@ -248,3 +249,41 @@ def test_cuda_asked_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU, wherever this runs
     code, output = run(evaluate.app, "recognize", "--device", "cuda", "--prompt", "none")
     assert code == 1 and "no CUDA GPU" in output
+
+
+def test_a_first_release_checkpoint_evaluates_and_explains(synthetic_root, golden, tmp_path):
+    """The first release's checkpoint (its flat ``config`` dict, its tensor names) still evaluates and explains: the
+    training configuration is a dataclass now, and checkpoints still store it as that flat dict. Evaluated on the
+    same synthetic test set, it scores what the first release measured at the end of its epoch (``metrics``)."""
+    checkpoint, clip = golden / "stop_checkpoint_v1.pt", golden / "tiny_clip_state_dict.pt"
+    code, output = run(
+        evaluate.app,
+        "recognize",
+        "--dataset",
+        "synthetic",
+        "--root",
+        synthetic_root,
+        "--checkpoint",
+        checkpoint,
+        "--clip",
+        clip,
+        "--device",
+        "cpu",
+        "--workers",
+        0,
+        "--out",
+        tmp_path / "v1.json",
+    )
+    assert code == 0, output
+    result = json.loads((tmp_path / "v1.json").read_text())
+    assert result["frames"] == 4 and result["prompt"] == "stop" and result["clip"] == str(clip)
+    measured = torch.load(checkpoint, weights_only=True)["metrics"]
+    assert {key: result[key] for key in measured} == pytest.approx(measured, abs=1e-9)
+
+    video = synthetic_root / "ucf101" / "UCF-101" / "MovingLeft" / "v_MovingLeft_g01_c01.avi"
+    code, output = run(
+        evaluate.app, "explain", video, "--checkpoint", checkpoint, "--clip", clip,
+        "--labels-from", "synthetic", "--root", synthetic_root, "--out", tmp_path / "v1.png",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "top-5 of 8 synthetic classes" in output and (tmp_path / "v1.png").is_file()

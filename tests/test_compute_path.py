@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import clip_model
-import evaluate
+import runtime
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 
 TINY = clip_model.CLIPConfig(32, 32, 3, 128, 8, 16, 100, 32, 1, 1)  # N = 16 patches, width 128, 3 blocks
@@ -110,17 +110,17 @@ def copies_of_frozen_weights(model: STOPModel, video: torch.Tensor) -> int:
 
 
 def test_bf16_runs_cast_the_frozen_weights_once_and_match_fp32(clip, device):
-    """``evaluate.build_model(..., precision="bf16")``: autocast no longer casts the frozen CLIP at every forward, and
+    """``runtime.build_model(..., precision="bf16")``: autocast no longer casts the frozen CLIP at every forward, and
     the prompt generators keep fp32 weights. Tolerances: bf16 keeps 8 bits of mantissa, and through 3 random blocks
     with random prompt generators the features stay within cosine 0.97 of fp32 (autocast over fp32 weights gives
     the same 0.976 on the worst of these videos) and within cosine 0.99 of autocast over fp32 weights."""
-    backbone = evaluate.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
-    reference = trained(evaluate.build_model(backbone, {"prompt": "stop"}, device)).eval()
+    backbone = runtime.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
+    reference = trained(runtime.build_model(backbone, STOPConfig("stop"), device)).eval()
     video = random_videos(2).to(device)
     assert copies_of_frozen_weights(reference, video) == TINY.vision_layers  # fp32 weights: cast again in every block
 
-    backbone = evaluate.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
-    model = evaluate.build_model(backbone, {"prompt": "stop"}, device, precision="bf16").eval()
+    backbone = runtime.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
+    model = runtime.build_model(backbone, STOPConfig("stop"), device, precision="bf16").eval()
     model.load_trainable_state_dict(reference.trainable_state_dict())
     assert copies_of_frozen_weights(model, video) == 0
     assert all(parameter.dtype == torch.float32 for parameter in model.trainable_parameters())

@@ -21,6 +21,7 @@ import clip_model
 import data
 import evaluate
 import explain
+import runtime
 from stop import STOPConfig, STOPModel
 
 runner = CliRunner()
@@ -151,13 +152,9 @@ def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, b
     )
 
     assert code == 0, output
-    backbone = evaluate.load_backbone(str(golden_clip))
-    model = evaluate.build_model(backbone, torch.load(checkpoint, weights_only=True)["config"], torch.device("cpu"))
-    model.load_trainable_state_dict(torch.load(checkpoint, weights_only=True)["stop"])
+    model, backbone, _ = runtime.load_trained(checkpoint, str(golden_clip), torch.device("cpu"))
     names = [data.readable_class_name(c) for c in classes]
-    texts = evaluate.text_features(
-        model, backbone.tokenize, evaluate.class_prompts("ucf101", names), torch.device("cpu")
-    )
+    texts = runtime.text_features(model, backbone.tokenize, runtime.class_prompts("ucf101", names), torch.device("cpu"))
     video = data.build_transform(32, train=False)(tv_tensors.Video(data.read_frames(corner_video, 8, train=False)))
     with torch.no_grad():
         probabilities = model.class_logits(video.as_subclass(torch.Tensor)[None], texts)[0].softmax(dim=0)

@@ -15,7 +15,9 @@ import bench
 import data
 import evaluate
 import prepare
+import runtime
 import train
+from stop import STOPConfig
 
 RESOLUTION = 48  # model input size of the data tests: deliberately not 224
 MEAN = torch.tensor(data.CLIP_MEAN)[:, None, None]
@@ -218,9 +220,9 @@ def test_crops_other_than_one_or_three_and_training_crops_are_refused(tmp_path: 
 def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, tmp_path: Path) -> None:
     """X-CLIP's multi-view test: each video's feature is the mean of its views' (2 clips x 3 crops), normalised."""
     cpu = torch.device("cpu")
-    backbone = evaluate.load_backbone(str(golden_clip))
+    backbone = runtime.load_backbone(str(golden_clip))
     torch.manual_seed(0)
-    model = evaluate.build_model(backbone, {"prompt": "stop"}, cpu).eval()
+    model = runtime.build_model(backbone, STOPConfig("stop"), cpu).eval()
     resolution = model.clip.visual.input_resolution
     paths = [tmp_path / f"video{index}.mp4" for index in range(4)]
     for path, (bands, step) in zip(

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 import data
 import evaluate
 import prepare
+import runtime
 import train
+from stop import STOPConfig
 
 SIDE = 32
 RESOLUTION = 32
@@ -330,7 +332,7 @@ def test_msvd_trains_and_evaluates_from_its_checkpoint(msvd_root: Path, golden_c
     run = tmp_path / "run"
     common = ["--dataset", "msvd", "--root", msvd_root, "--frames", 2, "--batch-size", 2, "--workers", 0]
     invoke(train.app, "retrieve", *common, "--clip", golden_clip, "--epochs", 1, "--out", run)
-    config = evaluate.read_checkpoint(run / "best.pt")["config"]
+    config = runtime.read_checkpoint(run / "best.pt")["config"]
     assert (config["words"], config["frames"]) == (32, 2)
     invoke(evaluate.app, "retrieve", *common, "--checkpoint", run / "best.pt", "--out", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -345,8 +347,8 @@ def test_msvd_zero_shot_metrics_match_a_loop_over_caption_groups(msvd_root: Path
     result = json.loads(out.read_text())
 
     # The same model and clips, scored by explicit loops over the caption groups.
-    backbone = evaluate.load_backbone(str(golden_clip))
-    model = evaluate.build_model(backbone, {"prompt": "none"}, torch.device("cpu"))
+    backbone = runtime.load_backbone(str(golden_clip))
+    model = runtime.build_model(backbone, STOPConfig("none"), torch.device("cpu"))
     test_set = data.build_dataset(
         "msvd", msvd_root, "test", num_frames=2, resolution=model.clip.visual.input_resolution
     )

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import data
 import evaluate
 import prepare
+import runtime
 import synthetic
 import train
 
@@ -135,7 +136,7 @@ def test_overwrite_replaces_a_run_and_nothing_else(tiny_root, golden_clip, tmp_p
         saves.append(path.name)
         if path.name == "best.pt":
             raise KeyboardInterrupt
-        evaluate.atomic_save(obj, path)
+        runtime.atomic_save(obj, path)
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "atomic_save", dying_at_best_pt)
@@ -353,7 +354,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
     target.mkdir()
     (target / "inside").write_text("x")  # os.replace cannot put a file over a non-empty folder
     with pytest.raises(OSError):
-        evaluate.atomic_save("{}\n", target)
+        runtime.atomic_save("{}\n", target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
 
 
