@@ -369,9 +369,9 @@ def build_transform(resolution: int, *, train: bool, hflip: bool = True, crops: 
 
 
 def three_crops(frames: Tensor, size: int) -> Tensor:
-    """The 3-crop test of X-CLIP and ViFi-CLIP: `[N, 3, H, W]` frames whose short side is `size` -> `[3, N, 3, size,
-    size]`, the squares at the start, centre and end of the long side (left, centre, right of a landscape frame;
-    top, centre, bottom of a portrait one), which together cover the whole frame."""
+    """The 3-crop test of X-CLIP and ViFi-CLIP: ``[N, 3, H, W]`` frames whose short side is ``size`` ->
+    ``[3, N, 3, size, size]``, the squares at the start, centre and end of the long side (left, centre, right of a
+    landscape frame; top, centre, bottom of a portrait one), which together cover the whole frame."""
     height, width = frames.shape[-2:]
     long_side = max(height, width)
     offsets = (0, (long_side - size) // 2, long_side - size)
@@ -719,24 +719,25 @@ def _kinetics_rows(csv_file: Path, root: Path) -> list[tuple[str, str]]:
 
 
 def _videos_by_youtube_id(folder: Path, pattern: str) -> dict[str, Path]:
-    """The `.mp4` files matching `pattern` under `folder`, keyed by YouTube id: the first 11 characters of the file
-    name, as CVDF's arrange_by_classes.py matches them (ids hold `_` and `-`, so a name is never split on them)."""
+    """The ``.mp4`` files matching ``pattern`` under ``folder``, keyed by YouTube id: the first 11 characters of the
+    file name, as CVDF's arrange_by_classes.py matches them (ids hold ``_`` and ``-``, so a name is never split on
+    them)."""
     if not folder.is_dir():
         return {}
     return {path.name[:YOUTUBE_ID_LENGTH]: path for path in folder.glob(pattern)}
 
 
 def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
-    """Kinetics-400 as CVDF publishes it: `annotations/<split>.csv` gives each clip's YouTube id and label, the
-    test split being `val` (where X-CLIP and ViFi-CLIP report top-1/top-5).
+    """Kinetics-400 as CVDF publishes it: ``annotations/<split>.csv`` gives each clip's YouTube id and label, the
+    test split being ``val`` (where X-CLIP and ViFi-CLIP report top-1/top-5).
 
-    Classes are the labels of train.csv and val.csv (whichever exist) in sorted order, `abseiling` first as in
+    Classes are the labels of train.csv and val.csv (whichever exist) in sorted order, ``abseiling`` first as in
     X-CLIP's and mmaction2's label lists, so both splits number them alike; the labels are already words ("air
     drumming") and are used as they are. A clip's video is looked up by YouTube id, first among CVDF's
-    replacements for corrupted videos, then in `ROOT/<split>/`, then in the class folders `arrange_by_classes.py`
-    makes, `ROOT/videos/<split>/<label>/`. Ids may start with `-` (643 val clips do): they are ids like any other.
+    replacements for corrupted videos, then in ``ROOT/<split>/``, then in the class folders ``arrange_by_classes.py``
+    makes, ``ROOT/videos/<split>/<label>/``. Ids may start with ``-`` (643 val clips do): they are ids like any other.
     Rows whose video is in none of these places (videos gone from YouTube before CVDF's copy: about 3% of train)
-    are left out with one MissingVideosWarning that counts them; with `strict` they are a DataError instead.
+    are left out with one MissingVideosWarning that counts them; with ``strict`` they are a DataError instead.
     """
     folder = KINETICS_FOLDERS[split]
     csv_file = _require(root / "annotations" / f"{folder}.csv", "kinetics400", root)
@@ -773,11 +774,11 @@ def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
 class RetrievalProtocol:
     """How a retrieval benchmark is read and scored, as CLIP4Clip's and the STOP authors' loaders and scripts do.
 
-    `words`: caption tokens (CLIP4Clip's ``max_words``, start and end tokens included) and `frames` per video, the
-    defaults that ``--words`` and ``--frames`` override. `annotations`: the folder of split and caption files,
-    `files[split]` the ones read from it; `videos`: the folder of video files, searched at any depth.
-    `multi_caption`: the test set keeps every caption of a video (one item per video, ``caption_groups``);
-    `paragraph`: all sentences of a video are joined into one caption; `first_seconds`: only the start of each video
+    ``words``: caption tokens (CLIP4Clip's ``max_words``, start and end tokens included) and ``frames`` per video, the
+    defaults that ``--words`` and ``--frames`` override. ``annotations``: the folder of split and caption files,
+    ``files[split]`` the ones read from it; ``videos``: the folder of video files, searched at any depth.
+    ``multi_caption``: the test set keeps every caption of a video (one item per video, ``caption_groups``);
+    ``paragraph``: all sentences of a video are joined into one caption; ``first_seconds``: only the start of each video
     is sampled.
     """
 
@@ -825,7 +826,7 @@ RETRIEVAL_PROTOCOLS = {
 
 
 def retrieval_protocol(name: str) -> RetrievalProtocol:
-    """`name`'s protocol; the synthetic retrieval set is in MSR-VTT's layout and takes its settings."""
+    """``name``'s protocol; the synthetic retrieval set is in MSR-VTT's layout and takes its settings."""
     if name not in (*RETRIEVAL_PROTOCOLS, "synthetic"):
         raise DataError(f"{name} is not a retrieval dataset; those are {', '.join(RETRIEVAL_DATASETS)} and synthetic")
     return RETRIEVAL_PROTOCOLS["msrvtt" if name == "synthetic" else name]
@@ -877,7 +878,7 @@ def _read_ids(path: Path) -> list[str]:
 
 
 def _videos_by(video_dir: Path, key: Callable[[Path], str]) -> dict[str, Path]:
-    """Every video file under `video_dir`, at any depth (hidden files aside), by `key` of its path."""
+    """Every video file under ``video_dir``, at any depth (hidden files aside), by ``key`` of its path."""
     files = sorted(path for path in video_dir.rglob("*") if not path.name.startswith(".") and path.is_file())
     return {key(path): path for path in reversed(files)}  # the first in sorted order wins a clash
 
@@ -892,10 +893,10 @@ def _retrieval_listing(
     find_video: Callable[[str], Path | None],
     strict: bool,
 ) -> SplitListing:
-    """The split's items from the ids `list_file` lists and their (id, caption) `pairs`, in order.
+    """The split's items from the ids ``list_file`` lists and their (id, caption) ``pairs``, in order.
 
     Listed ids without captions and videos not on disk are left out and named in one MissingVideosWarning, which
-    says how the split shrank; with `strict` a missing video is a DataError instead. Training: one item per
+    says how the split shrank; with ``strict`` a missing video is a DataError instead. Training: one item per
     caption. Test: one item per caption too (a square text x video matrix), except for a multi-caption protocol,
     whose test set has one item per video and its captions in ``caption_groups``.
     """
@@ -934,7 +935,7 @@ def _retrieval_listing(
 
 
 def _some(ids: list[str], shown: int = 10) -> str:
-    """The first `shown` ids, and how many more."""
+    """The first ``shown`` ids, and how many more."""
     more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
     return ", ".join(ids[:shown]) + more
 

@@ -412,9 +412,10 @@ def start_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
 
     encode = model.encode_video
     if distributed():
-        # A batch whose temporal prompters insert no prompt (n_t = 0 everywhere) leaves their parameters without
-        # gradient. find_unused_parameters lets DDP finish such steps; a parameter unused on every rank keeps no
-        # gradient, so AdamW skips it exactly as it does in one process (a zero gradient would still move it).
+        # Every gap carries eta prompt slots, real or masked, so a batch with no prompt (n_t = 0 everywhere) still
+        # runs the temporal prompters and gives them a zero gradient, in one process as here. Single-frame videos skip
+        # them: find_unused_parameters lets DDP finish such steps, and a parameter unused on every rank keeps no
+        # gradient, so AdamW skips it exactly as it does in one process.
         encode = DistributedDataParallel(
             VideoTower(model), device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
         )
@@ -638,7 +639,7 @@ def register(task: str, help: str) -> None:
             given = {name for name in values if context.get_parameter_source(name).name != "DEFAULT"}
             train(run_config(task, values), resume=resume, overwrite=overwrite, given=given)
 
-    # Typer reads the options from here, and passes the click context (which options were given) as `context`.
+    # Typer reads the options from here, and passes the click context (which options were given) as ``context``.
     context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context, *inspect.signature(options).parameters.values()])
     app.command(task, help=help)(command)
