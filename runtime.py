@@ -260,7 +260,7 @@ def load_trained(
     ``clip``: where that CLIP is (``--clip``: the same weights elsewhere, checked by SHA256); ``None``: the name the
     checkpoint records. ``checkpoint``: ``path`` already read by ``read_checkpoint`` (under torchrun rank 0 alone
     reads a run folder, which other machines may not have). The configuration is the checkpoint's flat dict, read
-    by ``STOPConfig.from_dict``, so the first release's checkpoints load too.
+    by ``STOPConfig.from_dict``.
     """
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     backbone = load_backbone(clip or checkpoint["clip"]["name"])

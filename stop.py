@@ -552,9 +552,7 @@ class STOPModel(nn.Module):
         return self.prompters.state_dict(prefix="prompters.")
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``trainable_state_dict()`` output, or that of the first release (``upgrade_trainable_state``); a
-        state of another variant or shape raises ``ValueError``."""
-        state = upgrade_trainable_state(state)
+        """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ValueError``."""
         expected = self.trainable_state_dict()
         problems = [
             *(f"missing {key}" for key in sorted(expected.keys() - state.keys())),
@@ -585,38 +583,3 @@ class STOPModel(nn.Module):
         prompters = textwrap.indent(repr(self.prompters), "  ").lstrip()
         return f"STOPModel(\n  {self.extra_repr()}\n  (clip): {clip_summary}\n  (prompters): {prompters}\n)"
 
-
-# The first release's names of the generators' tensors, and this file's.
-RENAMED_IN_SECOND_RELEASE = {
-    "spatial.dynamics.": "spatial.dynamics_net.",
-    "spatial.prompter.0.": "spatial.prompt_net.conv_in.",
-    "spatial.prompter.2.": "spatial.prompt_net.conv_out.",
-    "spatial.project.": "spatial.prompt_net.mlp.",
-    "temporal.variation.": "temporal.variation_net.",
-    "temporal.local.": "temporal.prompt_net.local_conv.",
-    "temporal.position": "temporal.prompt_net.position",
-    "temporal.queries": "temporal.prompt_net.queries",
-    "temporal.project.": "temporal.prompt_net.mlp.",
-}
-
-
-def upgrade_trainable_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A trainable state of the first release in this release's form (others are returned as they are).
-
-    The first release named the generators' tensors after their role (``RENAMED_IN_SECOND_RELEASE``), gave ``N^t``
-    and ``P^t``'s convolution a temporal kernel of 1 (``Conv3d`` weights ``[C, d_r, 1, 3, 3]``, now ``Conv2d``) and
-    ``P^t``'s convolution a bias, which adds to every token as the position embedding does: it is folded in.
-    """
-    if not any(".temporal.local." in key or ".spatial.dynamics." in key for key in state):
-        return state
-    upgraded = {}
-    for key, value in state.items():
-        for old, new in RENAMED_IN_SECOND_RELEASE.items():
-            key = key.replace(f".{old}", f".{new}")
-        if key.endswith(("temporal.variation_net.weight", "temporal.prompt_net.local_conv.weight")):
-            value = value.squeeze(2)  # [C, d_r, 1, 3, 3] -> [C, d_r, 3, 3]
-        upgraded[key] = value
-    for key in [key for key in upgraded if key.endswith("temporal.prompt_net.local_conv.bias")]:
-        position = key.removesuffix("local_conv.bias") + "position"
-        upgraded[position] = upgraded[position] + upgraded.pop(key)  # [N, d_r] + [d_r]
-    return upgraded

@@ -257,7 +257,7 @@ def test_a_kill_at_any_save_is_repaired_by_resume(tiny_root, golden_clip, tmp_pa
 @pytest.mark.parametrize("prompt", ["static", "stop"])
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, golden_clip, tmp_path, prompt):
     """``static`` reaches the loss at once; ``stop``, the default, meets NaN first in ``n_t = ceil(eta W^t)`` and
-    in the prompt mask, which must carry it to the loss too (the first release crashed there in C++)."""
+    in the prompt mask, which must carry it to the loss too."""
     out = tmp_path / "run"
     code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 1e12, "--prompt", prompt, "--epochs", 3)
     assert code == 1 and "Traceback" not in output, output

@@ -442,17 +442,21 @@ def test_details_per_prompted_block(clip, prompt):
             assert torch.equal(block.counts, torch.ceil(4 * block.variation).long().masked_fill(noise, 0))
 
 
-def test_a_first_release_checkpoint_loads_and_computes_what_it_did(golden):
-    """The first release named the generators' tensors otherwise and kept a bias ``P^t``'s position embedding now
-    holds; its checkpoints load into this release and give the features its own code computed (fixture)."""
-    saved = torch.load(golden / "stop_checkpoint_v1.pt", weights_only=True)
-    reference = torch.load(golden / "stop_checkpoint_v1_outputs.pt", weights_only=True)
+@pytest.mark.parametrize("task", ["recognize", "retrieve"])
+def test_a_saved_checkpoint_computes_what_it_did(golden, task):
+    """Regression: checkpoints of this version (one epoch on the synthetic data, the tiny CLIP; see
+    ``tests/fixtures/README.md``) load and give, on a fixed video, the features, regions and prompt counts that
+    the code which trained them computed."""
+    saved = torch.load(golden / f"stop_checkpoint_{task}.pt", weights_only=True)
+    reference = torch.load(golden / "stop_checkpoint_outputs.pt", weights_only=True)
     model = STOPModel(clip_model.load(golden / "tiny_clip_state_dict.pt"), STOPConfig.from_dict(saved["config"]))
     model.load_trainable_state_dict(saved["stop"])
     video_features, details = features(model.eval(), reference["video"], return_details=True)
-    torch.testing.assert_close(video_features, reference["features"], rtol=0, atol=1e-6)
-    assert torch.equal(torch.stack([block.counts for block in details]), reference["counts"])
-    torch.testing.assert_close(torch.stack([block.variation for block in details]), reference["variation"])
+    expected = reference[task]
+    torch.testing.assert_close(video_features, expected["features"], rtol=0, atol=1e-6)
+    assert torch.equal(torch.stack([block.counts for block in details]), expected["counts"])
+    assert torch.equal(torch.stack([block.regions for block in details]), expected["regions"])
+    torch.testing.assert_close(torch.stack([block.variation for block in details]), expected["variation"])
 
 
 @pytest.mark.parametrize(("width", "patch"), [(192, 4), (64, 16)])  # 3 heads on an 8x8 grid; 1 head on 2x2
