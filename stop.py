@@ -582,4 +582,3 @@ class STOPModel(nn.Module):
         )
         prompters = textwrap.indent(repr(self.prompters), "  ").lstrip()
         return f"STOPModel(\n  {self.extra_repr()}\n  (clip): {clip_summary}\n  (prompters): {prompters}\n)"
-

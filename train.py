@@ -100,8 +100,8 @@ class TrainConfig:
     """A training run: ``train.py``'s options with every default filled in, saved in each checkpoint.
 
     Checkpoints store it flat (``asdict``), STOP's hyper-parameters among the rest: ``STOPConfig.from_dict`` reads
-    those back. The fields without a default are set per task and dataset (``run_config``): ``frames`` from ``default_frames``, ``epochs``
-    and ``lr`` from ``DEFAULT_SCHEDULE``, ``out`` from the task, dataset and prompt.
+    those back. The fields without a default are set per task and dataset (``run_config``): ``frames`` from
+    ``default_frames``, ``epochs`` and ``lr`` from ``DEFAULT_SCHEDULE``, ``out`` from the task, dataset and prompt.
     """
 
     dataset: str = "synthetic"
