@@ -1,4 +1,4 @@
-"""clip_model.py against OpenAI's reference outputs, plus loading, inference of shapes and every bad input."""
+"""clip_model.py against OpenAI's reference outputs, plus loading (clip_weights.py), shapes and every bad input."""
 
 import hashlib
 import http.server
@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import clip_model
+import clip_weights
 from clip_model import CLIPConfig, CLIPLoadError
 
 TINY = CLIPConfig(16, 32, 2, 64, 16, 77, 49408, 64, 1, 1)
-SHIPPED_VOCAB = clip_model.PACKAGED_VOCAB  # OpenAI's vocabulary beside clip_model.py, whatever a test patches
+SHIPPED_VOCAB = clip_weights.PACKAGED_VOCAB  # OpenAI's vocabulary beside the code, whatever a test patches
 
 
 # --------------------------------------------------------------------------- #
@@ -32,14 +33,14 @@ def tokenizer_cases(golden: Path) -> list[dict]:
 
 
 def test_bpe_ids_match_openai_for_every_case(tokenizer_cases):
-    tokenizer = clip_model.Tokenizer(clip_model.PACKAGED_VOCAB)
+    tokenizer = clip_model.Tokenizer(clip_weights.PACKAGED_VOCAB)
     mismatches = [case["text"] for case in tokenizer_cases if tokenizer.encode(case["text"]) != case["bpe_ids"]]
     assert mismatches == []
     assert len(tokenizer_cases) >= 50
 
 
 def test_decode_matches_openai(tokenizer_cases):
-    tokenizer = clip_model.Tokenizer(clip_model.PACKAGED_VOCAB)
+    tokenizer = clip_model.Tokenizer(clip_weights.PACKAGED_VOCAB)
     for case in tokenizer_cases:
         assert tokenizer.decode(case["bpe_ids"]) == case["decoded"], case["text"]
 
@@ -62,7 +63,7 @@ def no_network(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the vocabulary must be read without a download")
 
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(clip_weights.urllib.request, "urlopen", refuse)
 
 
 @pytest.fixture
@@ -75,45 +76,45 @@ def fresh_tokenizer() -> Iterator[None]:
 
 def test_shipped_vocabulary_is_used_offline(no_network, fresh_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert clip_model.PACKAGED_VOCAB == Path(clip_model.__file__).resolve().parent / clip_model.VOCAB_FILE
-    assert clip_model.vocab_path() == clip_model.PACKAGED_VOCAB
+    assert clip_weights.PACKAGED_VOCAB == Path(clip_weights.__file__).resolve().parent / clip_weights.VOCAB_FILE
+    assert clip_weights.vocab_path() == clip_weights.PACKAGED_VOCAB
     assert clip_model.tokenize("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert list(tmp_path.iterdir()) == []  # nothing downloaded, nothing cached
 
 
 def test_vocabulary_found_in_download_root_without_network(no_network, tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_model, "PACKAGED_VOCAB", tmp_path / "package" / clip_model.VOCAB_FILE)  # absent
-    shutil.copy(SHIPPED_VOCAB, tmp_path / clip_model.VOCAB_FILE)
-    assert clip_model.vocab_path(tmp_path) == tmp_path / clip_model.VOCAB_FILE
+    monkeypatch.setattr(clip_weights, "PACKAGED_VOCAB", tmp_path / "package" / clip_weights.VOCAB_FILE)  # absent
+    shutil.copy(SHIPPED_VOCAB, tmp_path / clip_weights.VOCAB_FILE)
+    assert clip_weights.vocab_path(tmp_path) == tmp_path / clip_weights.VOCAB_FILE
 
 
 def test_missing_shipped_vocabulary_is_downloaded_to_the_cache(fresh_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_model, "PACKAGED_VOCAB", tmp_path / "package" / clip_model.VOCAB_FILE)  # absent
-    monkeypatch.setattr(clip_model, "VOCAB_URL", SHIPPED_VOCAB.as_uri())
+    monkeypatch.setattr(clip_weights, "PACKAGED_VOCAB", tmp_path / "package" / clip_weights.VOCAB_FILE)  # absent
+    monkeypatch.setattr(clip_weights, "VOCAB_URL", SHIPPED_VOCAB.as_uri())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tokens = clip_model.tokenize("a photo of a cat")
-    cached = tmp_path / "cache" / "clip" / clip_model.VOCAB_FILE
+    cached = tmp_path / "cache" / "clip" / clip_weights.VOCAB_FILE
     assert cached.read_bytes() == SHIPPED_VOCAB.read_bytes()
     assert tokens[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_corrupted_shipped_vocabulary_is_replaced_by_a_verified_download(tmp_path, monkeypatch):
-    corrupted = tmp_path / "package" / clip_model.VOCAB_FILE
+    corrupted = tmp_path / "package" / clip_weights.VOCAB_FILE
     corrupted.parent.mkdir()
     corrupted.write_bytes(SHIPPED_VOCAB.read_bytes()[:-100])  # a truncated copy
-    monkeypatch.setattr(clip_model, "PACKAGED_VOCAB", corrupted)
-    monkeypatch.setattr(clip_model, "VOCAB_URL", SHIPPED_VOCAB.as_uri())
+    monkeypatch.setattr(clip_weights, "PACKAGED_VOCAB", corrupted)
+    monkeypatch.setattr(clip_weights, "VOCAB_URL", SHIPPED_VOCAB.as_uri())
     with pytest.warns(UserWarning, match=f"{corrupted} does not match its SHA256"):
-        path = clip_model.vocab_path(tmp_path / "cache")
-    assert path == tmp_path / "cache" / clip_model.VOCAB_FILE
-    assert clip_model.file_sha256(path) == clip_model.VOCAB_SHA256
+        path = clip_weights.vocab_path(tmp_path / "cache")
+    assert path == tmp_path / "cache" / clip_weights.VOCAB_FILE
+    assert clip_weights.file_sha256(path) == clip_weights.VOCAB_SHA256
 
 
 def test_missing_vocabulary_without_network_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_model, "PACKAGED_VOCAB", tmp_path / "package" / clip_model.VOCAB_FILE)  # absent
-    monkeypatch.setattr(clip_model, "VOCAB_URL", (tmp_path / "unreachable" / "vocab.gz").as_uri())
-    with pytest.raises(CLIPLoadError, match=f"place the file at {tmp_path / clip_model.VOCAB_FILE}"):
-        clip_model.vocab_path(tmp_path)
+    monkeypatch.setattr(clip_weights, "PACKAGED_VOCAB", tmp_path / "package" / clip_weights.VOCAB_FILE)  # absent
+    monkeypatch.setattr(clip_weights, "VOCAB_URL", (tmp_path / "unreachable" / "vocab.gz").as_uri())
+    with pytest.raises(CLIPLoadError, match=f"place the file at {tmp_path / clip_weights.VOCAB_FILE}"):
+        clip_weights.vocab_path(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,7 +203,7 @@ def test_torchscript_archive_round_trip(tmp_path, golden):
 def test_torchscript_archive_is_read_as_data_exactly_as_torch_jit_load_reads_it(golden):
     with pytest.warns(FutureWarning):  # torch.jit.load's deprecation notice
         expected = torch.jit.load(golden / "tiny_clip_jit.pt", map_location="cpu").state_dict()
-    read = clip_model.read_state_dict(golden / "tiny_clip_jit.pt")
+    read = clip_weights.read_state_dict(golden / "tiny_clip_jit.pt")
     assert list(read) == list(expected)
     for key, value in expected.items():
         assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
@@ -266,8 +267,8 @@ def test_random_clip_is_reproducible_from_its_seed():
 
 
 def _serve_as_known_model(monkeypatch, source: Path, sha256: str) -> None:
-    monkeypatch.setitem(clip_model.MODEL_URLS, "ViT-B/32", source.as_uri())
-    monkeypatch.setitem(clip_model.MODEL_SHA256, "ViT-B/32", sha256)
+    monkeypatch.setitem(clip_weights.MODEL_URLS, "ViT-B/32", source.as_uri())
+    monkeypatch.setitem(clip_weights.MODEL_SHA256, "ViT-B/32", sha256)
 
 
 def test_known_name_is_downloaded_verified_and_reused(golden, tmp_path, monkeypatch):
@@ -278,7 +279,7 @@ def test_known_name_is_downloaded_verified_and_reused(golden, tmp_path, monkeypa
     assert [p.name for p in cache.iterdir()] == ["ViT-B-32.pt"]
     assert model.config.image_resolution == 32
 
-    monkeypatch.setitem(clip_model.MODEL_URLS, "ViT-B/32", (tmp_path / "gone.pt").as_uri())
+    monkeypatch.setitem(clip_weights.MODEL_URLS, "ViT-B/32", (tmp_path / "gone.pt").as_uri())
     assert clip_model.load("ViT-B/32", download_root=cache).config == model.config  # no second download
 
 
@@ -317,7 +318,7 @@ def test_concurrent_first_downloads_all_succeed_and_fetch_the_file_once(tmp_path
     url = f"http://127.0.0.1:{server.server_address[1]}/ViT-B-32.pt"
     try:
         processes = [
-            multiprocessing.get_context("fork").Process(target=clip_model._download, args=(url, target, sha256))
+            multiprocessing.get_context("fork").Process(target=clip_weights._download, args=(url, target, sha256))
             for _ in range(4)
         ]
         for process in processes:
@@ -333,11 +334,19 @@ def test_concurrent_first_downloads_all_succeed_and_fetch_the_file_once(tmp_path
     assert server.requests == 1  # one process downloaded, the others waited for it
 
 
+def test_loading_names_stay_importable_from_clip_model():
+    """runtime.py and users reach these through ``clip_model``; they are ``clip_weights``' own objects."""
+    assert clip_model.CLIPLoadError is clip_weights.CLIPLoadError
+    assert clip_model.MODEL_SHA256 is clip_weights.MODEL_SHA256
+    assert clip_model.checkpoint_path is clip_weights.checkpoint_path
+    assert clip_model.file_sha256 is clip_weights.file_sha256
+
+
 def test_default_download_root_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert clip_model.default_download_root() == tmp_path / "clip"
+    assert clip_weights.default_download_root() == tmp_path / "clip"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert clip_model.default_download_root() == Path.home() / ".cache" / "clip"
+    assert clip_weights.default_download_root() == Path.home() / ".cache" / "clip"
 
 
 def test_checksum_mismatch_keeps_nothing(golden, tmp_path, monkeypatch):
