@@ -17,52 +17,37 @@ epoch) and the commands; what every command runs on (device, backbone, checkpoin
 sampler's padding, and computes the metrics on the whole set, so they are those of one process.
 """
 
-import inspect
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import typer
 from tqdm import tqdm
 
+import cli
 import data
 import explain
+from distributed import broken_over_ranks, gather_in_dataset_order, on_rank_zero, rank, rank_local_errors, shard
+from errors import RunError
+from runs import atomic_save, check_writable
 from runtime import (
-    RECOGNITION_FRAMES,
     Backbone,
-    RunError,
-    atomic_save,
     autocast,
-    broken_over_ranks,
     build_model,
     caption_tokenizer,
-    check_writable,
     class_prompts,
     dataset_location,
     default_frames,
-    gather_in_dataset_order,
+    default_workers,
     load_backbone,
     load_trained,
-    on_rank_zero,
-    process_group,
-    rank,
-    rank_local_errors,
-    reported_errors,
     resolve_device,
     resolve_precision,
-    shard,
     text_features,
 )
-from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
-
-Dataset = Literal[(*data.DATASETS, "synthetic")]
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Prompt = Literal[PROMPT_VARIANTS]
-
+from stop import STOPConfig, STOPModel
 
 # --------------------------------------------------------------------------- #
 # Metrics
@@ -208,65 +193,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 # Commands
 # --------------------------------------------------------------------------- #
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-
-DatasetOption = Annotated[Dataset, typer.Option(help="Which dataset; synthetic is generated on first use.")]
-RootOption = Annotated[Path | None, typer.Option(help="Dataset folder in its published layout.")]
-CheckpointOption = Annotated[Path | None, typer.Option(help="best.pt or last.pt of a train.py run.")]
-ClipOption = Annotated[
-    str | None, typer.Option(help="CLIP name (ViT-B/32, ...) or path; default: the checkpoint's, else the demo CLIP.")
-]
-PromptOption = Annotated[Prompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
-FramesOption = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help=f"Frames per video; default: the checkpoint's, else {RECOGNITION_FRAMES} / the dataset's for retrieval.",
-    ),
-]
-WordsOption = Annotated[
-    int | None,
-    typer.Option(min=3, help="Caption tokens (retrieval); default: the checkpoint's, else the dataset's (32 or 64)."),
-]
-ViewsOption = Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")]
-CropsOption = Annotated[
-    int, typer.Option(help="Spatial views: 1 (centre square) or 3 (squares along the long side, X-CLIP's test).")
-]
-SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
-BatchOption = Annotated[int, typer.Option(min=1)]
-WorkersOption = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")]
-DeviceOption = Annotated[Device, typer.Option(help="auto: CUDA when present.")]
-PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")]
-StrictOption = Annotated[bool, typer.Option(help="A broken video is an error instead of a warning.")]
-OutOption = Annotated[Path | None, typer.Option(help="Metrics JSON; default: beside the checkpoint, else runs/.")]
-
-
-@dataclass(frozen=True)
-class EvaluationOptions:
-    """The options of ``recognize`` and ``retrieve``: Typer reads them from this class's signature (``register``)."""
-
-    dataset: DatasetOption = "synthetic"
-    root: RootOption = None
-    checkpoint: CheckpointOption = None
-    clip: ClipOption = None
-    prompt: Annotated[
-        Prompt | None,
-        typer.Option(
-            help="Without --checkpoint only: 'none' (zero-shot CLIP4Clip, the default); a checkpoint has its own."
-        ),
-    ] = None
-    frames: FramesOption = None
-    words: WordsOption = None
-    views: ViewsOption = 1
-    crops: CropsOption = 1
-    split_id: SplitOption = 1
-    batch_size: BatchOption = 32
-    workers: WorkersOption = 4
-    device: DeviceOption = "auto"
-    precision: PrecisionOption = "auto"
-    strict: StrictOption = False
-    out: OutOption = None
-
 
 def check_output_file(out: Path) -> None:
     """``--out``: a file name whose folder can be written, checked before the evaluation runs."""
@@ -276,7 +202,7 @@ def check_output_file(out: Path) -> None:
 
 
 def evaluated_model(
-    task: str, options: EvaluationOptions, device: torch.device, precision: str
+    task: str, options: cli.EvaluationOptions, device: torch.device, precision: str
 ) -> tuple[STOPModel, Backbone, int, int | None]:
     """The model to evaluate, its backbone, the frames per video and the caption tokens (``None``: the dataset's):
     a checkpoint's, or zero-shot CLIP4Clip's."""
@@ -294,7 +220,7 @@ def evaluated_model(
     return model, backbone, options.frames or default_frames(task, options.dataset), options.words
 
 
-def run_evaluation(task: str, options: EvaluationOptions) -> None:
+def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
     """Check the options, build the model and the test loader, evaluate, and write (rank 0) the metrics JSON."""
     if options.crops not in (1, 3):
         raise RunError(f"--crops {options.crops}: expected 1 (the centre square) or 3 (left, centre, right squares)")
@@ -326,7 +252,7 @@ def run_evaluation(task: str, options: EvaluationOptions) -> None:
         test_set,
         batch_size=options.batch_size,
         shuffle=False,
-        workers=options.workers,
+        workers=default_workers() if options.workers is None else options.workers,
         sampler=shard(test_set, train=False),
     )
     with rank_local_errors():
@@ -362,21 +288,16 @@ def run_evaluation(task: str, options: EvaluationOptions) -> None:
     typer.echo(f"metrics written to {out}")
 
 
-def register(task: str, help: str) -> None:
-    def command(**given: Any) -> None:
-        with reported_errors(), process_group(given["device"]):
-            run_evaluation(task, EvaluationOptions(**given))
-
-    command.__signature__ = inspect.signature(EvaluationOptions)  # Typer reads the options from here
-    app.command(task, help=help)(command)
+def run_command(task: str, values: dict[str, Any], given: set[str]) -> None:
+    run_evaluation(task, cli.EvaluationOptions(**values))
 
 
-register("recognize", "Top-1 / top-5 action recognition on a dataset's test split.")
-register(
-    "retrieve",
-    "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: 1k-A; MSVD and VATEX: "
-    "every caption, CLIP4Clip's multi-sentence protocol).",
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+cli.add_command(app, "recognize", "Top-1 / top-5 action recognition on a dataset's test split.",
+                cli.EvaluationOptions, run_command)  # fmt: skip
+cli.add_command(app, "retrieve", "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: "
+                "1k-A; MSVD and VATEX: every caption, CLIP4Clip's multi-sentence protocol).",
+                cli.EvaluationOptions, run_command)  # fmt: skip
 explain.register(app)  # the explain command: its drawing is explain.py's
 
 if __name__ == "__main__":

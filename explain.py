@@ -39,16 +39,9 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
-from runtime import (
-    Backbone,
-    RunError,
-    class_prompts,
-    dataset_location,
-    load_trained,
-    reported_errors,
-    resolve_device,
-    text_features,
-)
+from cli import reported_errors
+from errors import RunError
+from runtime import Backbone, class_prompts, dataset_location, load_trained, resolve_device, text_features
 from stop import PromptDetails, STOPModel
 
 TILE = 128  # pixels per side of a frame tile, rounded to a multiple of the patch grid

@@ -2,8 +2,8 @@
 
 The baseline is CLIP4Clip "meanP" with a frozen CLIP: every frame goes through the image tower on its own
 and the video feature is the mean of the frame features, L2-normalised. STOP keeps every CLIP weight frozen
-and, in each prompted block ``l``, trains two small prompt generators (``../shared/design/STOP_SPEC.md``).
-This file follows the spec's steps in order:
+and, in each prompted block ``l``, trains two small prompt generators (``docs/method.md``). This file follows
+the method's steps in order:
 
 1. ``cls_attention_map``: the frozen CLS attention ``A`` of each frame;
 2. to 4. ``SpatialPrompter``: the temporal dynamics ``M`` (3-D conv ``N^s``) and ``A`` fused into ``W^s``, whose
@@ -18,12 +18,13 @@ shared prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 
 one batch through every block, and videos with different prompt counts share a batch through a key mask (never
 truncated, no Python loop over videos or frames).
 
-Readings of the spec made here (each is explained where it is implemented):
+Readings where the paper is silent (each is explained where it is implemented):
 
 - the prompt generators read ``ln_1(h)``, the block's own normalised tokens, rather than the raw residual
   stream, whose scale grows with depth;
-- the 3-D convolutions over frames pad by replicating the edge frame, so a video of identical frames gives
-  identical frames after spatial prompting, hence ``W^t = 0`` and no temporal prompts, for any weights;
+- the 3-D convolutions over frames pad by replicating the edge frame, and ``P^s``'s dropout draws one mask per
+  video, so a video of identical frames gives identical frames after spatial prompting, hence ``W^t = 0`` and no
+  temporal prompts, for any weights, in training as in evaluation;
 - ``N^t`` has a temporal kernel of 1, so ``W^t_t`` depends on gap ``t`` alone and a change between two
   frames prompts only the gap between them;
 - prompt tokens are keys/values of the block's attention only, so they are produced directly in the space
@@ -61,40 +62,49 @@ VARIATION_DEAD_ZONE = 1e-3  # tau: a gap whose W^t is at most this gets no promp
 
 @dataclass(frozen=True)
 class STOPConfig:
-    """STOP's hyper-parameters: spec defaults, and where the spec is silent the choice stated.
+    """STOP's hyper-parameters: the paper's where it gives them, else the authors' code's, else the choice stated.
 
     ``prompt``: the variant, one of ``PROMPT_VARIANTS``. ``alpha``: ``W^s = alpha A + (1 - alpha) M`` weighs the
-    frozen attention and the learned dynamics equally (spec silent). ``beta``: a region patch counts ``1 + beta``
-    times in ``W^t`` (spec silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``ceil(rho N)`` regions per
-    frame. ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first ``prompt_layers`` blocks, ``None`` for
-    every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (spec silent; VPT's prompt dropout).
+    frozen attention and the learned dynamics equally (paper silent). ``beta``: a region patch counts ``1 + beta``
+    times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
+    regions per frame (``region_count``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
+    ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
+    silent; VPT's prompt dropout).
     """
 
     prompt: str = "stop"
     alpha: float = 0.5
     beta: float = 1.0
     eta: int = 4
-    rho: float = 1 / 8
+    rho: float = 6 / 49  # the authors' 6 of ViT-B/32's 49 patches; the same fraction of any grid
     reduced_dim: int = 32
     prompt_layers: int | None = None
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        """Refuse a value of the wrong type or range (a checkpoint edited by hand, ``--beta inf``) with its name."""
+
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         checks = [
             (self.prompt in PROMPT_VARIANTS, f"prompt={self.prompt!r}: expected one of {PROMPT_VARIANTS}"),
-            (0 <= self.alpha <= 1, f"alpha={self.alpha}: expected a weight in [0, 1]"),
-            (self.beta >= 0, f"beta={self.beta}: expected beta >= 0"),
-            (isinstance(self.eta, int) and self.eta >= 1, f"eta={self.eta}: expected an integer >= 1"),
-            (0 < self.rho <= 1, f"rho={self.rho}: expected 0 < rho <= 1"),
+            (number(self.alpha) and 0 <= self.alpha <= 1, f"alpha={self.alpha!r}: expected a weight in [0, 1]"),
+            (number(self.beta) and self.beta >= 0, f"beta={self.beta!r}: expected a finite beta >= 0"),
+            (integer(self.eta) and self.eta >= 1, f"eta={self.eta!r}: expected an integer >= 1"),
+            (number(self.rho) and 0 < self.rho <= 1, f"rho={self.rho!r}: expected 0 < rho <= 1"),
             (
-                isinstance(self.reduced_dim, int) and self.reduced_dim >= 1,
-                f"reduced_dim={self.reduced_dim}: expected an integer >= 1",
+                integer(self.reduced_dim) and self.reduced_dim >= 1,
+                f"reduced_dim={self.reduced_dim!r}: expected an integer >= 1",
             ),
             (
-                self.prompt_layers is None or (isinstance(self.prompt_layers, int) and self.prompt_layers >= 1),
-                f"prompt_layers={self.prompt_layers}: expected an integer >= 1, or None for every block",
+                self.prompt_layers is None or (integer(self.prompt_layers) and self.prompt_layers >= 1),
+                f"prompt_layers={self.prompt_layers!r}: expected an integer >= 1, or None for every block",
             ),
-            (0 <= self.dropout < 1, f"dropout={self.dropout}: expected 0 <= dropout < 1"),
+            (number(self.dropout) and 0 <= self.dropout < 1, f"dropout={self.dropout!r}: expected 0 <= dropout < 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,8 +205,27 @@ def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor) -> to
 # --------------------------------------------------------------------------- #
 
 
+def region_count(rho: float, patches: int) -> int:
+    """``K_s = ceil(rho N)``, the regions per frame; rounded to 6 decimals first, so that ``rho = 6/49`` of 49
+    patches is 6 (and not 7 for the last bit of ``6/49 * 49``)."""
+    return math.ceil(round(rho * patches, 6))
+
+
+def video_dropout(x: torch.Tensor, batch: int, p: float, training: bool) -> torch.Tensor:
+    """Dropout of ``x`` ``[B*T, K, D]`` with one mask per video, shared by its ``T`` frames.
+
+    A mask drawn per frame would make identical frames differ after spatial prompting, and so give them temporal
+    prompts while training; one mask per video keeps the identical-frames invariant in both modes.
+    """
+    if not training or p == 0:
+        return x
+    keep = torch.empty(batch, 1, *x.shape[1:], device=x.device, dtype=x.dtype).bernoulli_(1 - p) / (1 - p)
+    return (x.unflatten(0, (batch, -1)) * keep).flatten(0, 1)
+
+
 class SpatialPromptNet(nn.Module):
-    """``P^s`` (Figure 2b): Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D) -> Dropout.
+    """``P^s`` (Figure 2b): Conv3d -> ReLU -> Conv3d -> Linear -> ReLU -> Linear(-> D) -> Dropout (one mask per
+    video, ``video_dropout``).
 
     Its first convolution sees frames t-1, t, t+1 of the reduced tokens ``u``; the second has a temporal kernel of
     1. The last Linear starts at zero, so at initialisation ``p^s = 0`` and ``h^s = h`` exactly.
@@ -208,9 +237,8 @@ class SpatialPromptNet(nn.Module):
         super().__init__()
         self.conv_in = frame_conv(reduced_dim, reduced_dim, (3, 3, 3))
         self.conv_out = frame_conv(reduced_dim, reduced_dim, (1, 3, 3))
-        self.mlp = nn.Sequential(
-            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
-        )
+        self.mlp = nn.Sequential(nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width))
+        self.dropout = dropout
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
@@ -220,9 +248,11 @@ class SpatialPromptNet(nn.Module):
         ``r p^s`` is zero off the regions, so the Linear layers run at the ``K_s`` regions only: ``N/K_s`` (8 for
         ViT-B/32) times less work and memory than projecting every patch to width ``D``. Returns ``[B*T, K_s, D]``.
         """
+        batch = first_conv.shape[0]
         features = from_volume(self.conv_out(F.relu(first_conv))).flatten(0, 1)  # [B*T, N, d_r]
         index = regions_index.unsqueeze(-1).expand(-1, -1, features.shape[-1])
-        return self.mlp(features.gather(1, index))  # [B*T, K_s, D]
+        p_s = self.mlp(features.gather(1, index))  # [B*T, K_s, D]
+        return video_dropout(p_s, batch, self.dropout, self.training)
 
 
 class SpatialPrompter(nn.Module):
@@ -235,7 +265,7 @@ class SpatialPrompter(nn.Module):
         super().__init__()
         self.grid = grid
         self.alpha = alpha
-        self.num_regions = math.ceil(rho * grid * grid)  # K_s
+        self.num_regions = region_count(rho, grid * grid)  # K_s
         self.reduce = nn.Linear(width, reduced_dim)  # W_u
         self.dynamics_net = frame_conv(reduced_dim, 1, (3, 3, 3))  # N^s
         self.prompt_net = SpatialPromptNet(width, reduced_dim, dropout)  # P^s
@@ -474,6 +504,9 @@ class STOPModel(nn.Module):
                 f"prompt_layers={config.prompt_layers}: expected an integer in 1..{num_layers} (this CLIP's vision "
                 "blocks)"
             )
+        width = clip.visual.conv1.out_channels
+        if config.reduced_dim > width:
+            raise ValueError(f"reduced_dim={config.reduced_dim}: expected at most this CLIP's width, {width}")
         self.clip = clip.requires_grad_(False).eval()
         self.config = config
         self.prompt = config.prompt
@@ -553,6 +586,8 @@ class STOPModel(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ValueError``."""
+        if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(f"not a trainable state: expected a dict of tensors, got {type(state).__name__}")
         expected = self.trainable_state_dict()
         problems = [
             *(f"missing {key}" for key in sorted(expected.keys() - state.keys())),

@@ -22,6 +22,7 @@ from torch.utils.data import DistributedSampler
 from typer.testing import CliRunner
 
 import data
+import distributed
 import evaluate
 import runtime
 import synthetic
@@ -286,7 +287,7 @@ def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
-        runtime.TIMEOUT_VARIABLE: "0.05",  # 3 seconds
+        distributed.TIMEOUT_VARIABLE: "0.05",  # 3 seconds
     }
     done = subprocess.run(
         [sys.executable, "train.py", "recognize", "--out", tmp_path / "run"],
@@ -302,7 +303,7 @@ def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch
     assert len(error_lines(done.stderr)) == 1 and not (tmp_path / "run").exists()
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(runtime.TIMEOUT_VARIABLE, "soon")
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
     result = CliRunner().invoke(evaluate.app, ["recognize", "--device", "cpu"])
     assert (
         result.exit_code == 1 and "STOP_TIMEOUT_MINUTES='soon': expected a positive number of minutes" in result.output

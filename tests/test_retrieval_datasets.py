@@ -378,9 +378,10 @@ def test_activitynet_evaluates_paragraphs_with_64_words_and_frames(activitynet_r
 def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path, tmp_path: Path) -> None:
     out = ["--root", str(msvd_root), "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(train.app, ["recognize", "--dataset", "msvd", *out])
-    assert result.exit_code == 1 and "--dataset msvd is not a recognize dataset" in result.output
+    assert result.exit_code == 2 and "'msvd' is not one of" in " ".join(result.output.split())
     result = CliRunner().invoke(train.app, ["retrieve", "--dataset", "ucf101", *out])
-    assert result.exit_code == 1 and "error: ucf101 is not a retrieval dataset" in result.output
+    assert result.exit_code == 2 and "'ucf101' is not one of" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Path, tmp_path: Path) -> None:

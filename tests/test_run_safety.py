@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import data
 import evaluate
 import prepare
-import runtime
+import runs
 import synthetic
 import train
 
@@ -130,16 +130,16 @@ def test_overwrite_replaces_a_run_and_nothing_else(tiny_root, golden_clip, tmp_p
 
     # Replaced again (another seed), killed between the new last.pt and best.pt: the old best.pt is also from
     # epoch 1, and --resume must still see that it belongs to the replaced run.
-    saves = []
+    saves, real_save = [], runs.atomic_save
 
     def dying_at_best_pt(obj, path):
         saves.append(path.name)
         if path.name == "best.pt":
             raise KeyboardInterrupt
-        runtime.atomic_save(obj, path)
+        real_save(obj, path)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "atomic_save", dying_at_best_pt)
+        patch.setattr(runs, "atomic_save", dying_at_best_pt)
         code, output = train_tiny(tiny_root, golden_clip, run_folder, "--overwrite", "--epochs", 1, "--seed", 1)
     assert code == 130 and saves == ["last.pt", "best.pt"], output
     assert not same_tensors(stop_tensors(run_folder / "best.pt"), stop_tensors(run_folder / "last.pt"))
@@ -221,7 +221,7 @@ def test_a_kill_at_any_save_is_repaired_by_resume(tiny_root, golden_clip, tmp_pa
     straight = tmp_path / "straight"
     assert train_tiny(tiny_root, golden_clip, straight)[0] == 0
     saves = []
-    real_save = train.atomic_save
+    real_save = runs.atomic_save
 
     # Epoch 2's saves are the 4th (last.pt), 5th (best.pt) and 6th (metrics.jsonl): die at each in turn.
     for kill_at in (4, 5, 6):
@@ -235,7 +235,7 @@ def test_a_kill_at_any_save_is_repaired_by_resume(tiny_root, golden_clip, tmp_pa
 
         saves.clear()
         with monkeypatch.context() as patch:
-            patch.setattr(train, "atomic_save", dying_save)
+            patch.setattr(runs, "atomic_save", dying_save)
             code, output = train_tiny(tiny_root, golden_clip, out)
         assert code == 130 and saves[3:] == ["last.pt", "best.pt", "metrics.jsonl"][: kill_at - 3], (kill_at, saves)
         code, output = train_tiny(tiny_root, golden_clip, out, "--resume")
@@ -354,7 +354,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
     target.mkdir()
     (target / "inside").write_text("x")  # os.replace cannot put a file over a non-empty folder
     with pytest.raises(OSError):
-        runtime.atomic_save("{}\n", target)
+        runs.atomic_save("{}\n", target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
 
 

@@ -1,0 +1,180 @@
+"""The commands' options and their error line: what ``train.py`` and ``evaluate.py`` declare for Typer.
+
+Machinery a learner may skip. Each command's options are the parameters of one function (``train_options``) or
+dataclass (``EvaluationOptions``), declared once here and shared by its ``recognize`` and ``retrieve`` commands;
+``add_command`` gives each command the options of its task alone (``retrieve`` has no ``--views``) and only its
+task's datasets. A command ends in one of three ways: done, one ``error:`` line with exit code 1 (bad input:
+``errors.EXPECTED_ERRORS``), or ``interrupted`` with exit code 130 (Ctrl-C or SIGTERM, the run folder left
+consistent).
+"""
+
+import contextlib
+import inspect
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+import data
+from distributed import TIMEOUT_VARIABLE, collective_minutes, first_line, lost_contact, process_group, rank
+from errors import EXPECTED_ERRORS, RankError, error_message
+from runtime import RECOGNITION_FRAMES, resolve_device
+from stop import PROMPT_VARIANTS, STOPConfig
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Prompt = Literal[PROMPT_VARIANTS]
+TASK_DATASETS = {
+    "recognize": Literal[(*data.RECOGNITION_DATASETS, "synthetic")],
+    "retrieve": Literal[(*data.RETRIEVAL_DATASETS, "synthetic")],
+}
+RECOGNITION_ONLY = ("split_id", "views", "crops")  # options that mean nothing to retrieval
+RETRIEVAL_ONLY = ("words",)
+
+DatasetOption = Annotated[str, typer.Option(help="Which dataset; synthetic is generated on first use.")]
+RootOption = Annotated[Path | None, typer.Option(help="Dataset folder in its published layout.")]
+ClipOption = Annotated[
+    str | None, typer.Option(help="CLIP name (ViT-B/32, ...) or path; default: the checkpoint's, else the demo CLIP.")
+]
+PromptOption = Annotated[Prompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
+SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
+WordsOption = Annotated[
+    int | None,
+    typer.Option(min=3, help="Caption tokens; default: the checkpoint's, else the dataset's (32 or 64)."),
+]
+WorkersOption = Annotated[
+    int | None, typer.Option(min=0, help="DataLoader worker processes; default: this machine's cores, at most 8.")
+]
+DeviceOption = Annotated[Device, typer.Option(help="auto: CUDA when present.")]
+PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")]
+StrictOption = Annotated[bool, typer.Option(help="A broken video is an error instead of a warning.")]
+
+
+def train_options(
+    dataset: DatasetOption = "synthetic",
+    root: RootOption = None,
+    split_id: SplitOption = 1,
+    clip: ClipOption = None,
+    prompt: PromptOption = STOPConfig.prompt,
+    alpha: Annotated[float, typer.Option(help="W^s = alpha*A + (1-alpha)*M.")] = STOPConfig.alpha,
+    beta: Annotated[float, typer.Option(help="Extra weight of region patches in W^t.")] = STOPConfig.beta,
+    eta: Annotated[int, typer.Option(help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")] = STOPConfig.eta,
+    rho: Annotated[float, typer.Option(help="Fraction of patches that are regions (6/49).")] = STOPConfig.rho,
+    reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOPConfig.reduced_dim,
+    prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
+    dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOPConfig.dropout,
+    frames: Annotated[
+        int | None, typer.Option(min=2, help=f"Frames per video; {RECOGNITION_FRAMES} recognition, else the dataset's.")
+    ] = None,
+    words: WordsOption = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="The batch the loss sees, split over torchrun's processes.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (README, Defaults).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.2,
+    warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
+    workers: WorkersOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    grad_checkpoint: Annotated[bool, typer.Option(help="Recompute frozen blocks in backward.")] = False,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seeds initialisation, shuffling, augmentation, dropout.")
+    ] = 0,
+    strict: StrictOption = False,
+    out: Annotated[Path | None, typer.Option(help="Run folder; default runs/<task>-<dataset>-<prompt>.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+) -> None:
+    """Never called: the options of ``train.py``'s commands, which Typer reads from this signature. ``None`` (and
+    ``--prompt-layers 0``) is filled in by ``train.run_config``."""
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """The options of ``evaluate.py``'s ``recognize`` and ``retrieve``: Typer reads them from this signature."""
+
+    dataset: DatasetOption = "synthetic"
+    root: RootOption = None
+    checkpoint: Annotated[Path | None, typer.Option(help="best.pt or last.pt of a train.py run.")] = None
+    clip: ClipOption = None
+    prompt: Annotated[
+        Prompt | None,
+        typer.Option(help="Without --checkpoint only: 'none' (zero-shot CLIP4Clip); a checkpoint has its own."),
+    ] = None
+    frames: Annotated[
+        int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else the dataset's.")
+    ] = None
+    words: WordsOption = None
+    views: Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")] = 1
+    crops: Annotated[
+        int, typer.Option(help="Spatial views: 1 (centre square) or 3 (squares along the long side, X-CLIP's test).")
+    ] = 1
+    split_id: SplitOption = 1
+    batch_size: Annotated[int, typer.Option(min=1, help="Videos per forward, split over torchrun's processes.")] = 32
+    workers: WorkersOption = None
+    device: DeviceOption = "auto"
+    precision: PrecisionOption = "auto"
+    strict: StrictOption = False
+    out: Annotated[Path | None, typer.Option(help="Metrics JSON; default: beside the checkpoint, else runs/.")] = None
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn the project's expected failures into ``error: <message>`` and exit code 1, never a traceback.
+
+    Under torchrun every rank runs the same setup and meets the same bad input, so rank 0 alone reports it. A
+    ``RankError`` is reported by the rank that met it, and so is a collective that failed because another rank
+    died, hung or never joined: each rank ends with at most one line. SIGTERM ends a command as Ctrl-C does.
+    """
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except EXPECTED_ERRORS as error:
+        if rank() == 0 or isinstance(error, RankError):
+            typer.echo(f"error: {error_message(error)}", err=True)
+        raise typer.Exit(1) from None
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        typer.echo(
+            f"error: rank {rank()}: a collective operation with the other processes failed (one of them died, was "
+            f"stopped, or did not answer within {TIMEOUT_VARIABLE}={collective_minutes():g} minutes; its own message "
+            f"or torchrun's report names it): {first_line(error)}",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if rank() == 0:
+            typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: Callable[..., None]) -> None:
+    """Add ``task`` to ``app``, with ``options``'s parameters for its task, calling ``run(task, values, given)``
+    inside ``reported_errors`` and, under torchrun, the process group; ``given`` names the options typed on the
+    command line (``--resume`` checks them against the run)."""
+    left_out = RETRIEVAL_ONLY if task == "recognize" else RECOGNITION_ONLY
+    parameters = inspect.signature(options).parameters.values()
+    defaults = {parameter.name: parameter.default for parameter in parameters if parameter.name in left_out}
+    dataset = Annotated[TASK_DATASETS[task], typer.Option(help="Which dataset; synthetic is generated on first use.")]
+    declared = [
+        parameter.replace(annotation=dataset) if parameter.name == "dataset" else parameter
+        for parameter in parameters
+        if parameter.name not in left_out
+    ]
+
+    def command(context: typer.Context, **values: Any) -> None:
+        with reported_errors(), process_group(resolve_device(values["device"])):
+            given = {name for name in values if context.get_parameter_source(name).name != "DEFAULT"}
+            run(task, {**values, **defaults}, given)
+
+    context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context, *declared])
+    app.command(task, help=help)(command)

@@ -1,0 +1,283 @@
+"""The run folder: one owner at a time, files written whole, and the rules of ``--resume`` and ``--overwrite``.
+
+Machinery a learner may skip. A run folder (``--out``) holds ``last.pt``, ``best.pt`` and ``metrics.jsonl``. The
+guarantees, each tested in ``tests/test_run_safety.py``:
+
+- **One owner.** A run holds an exclusive lock on ``run.lock`` in its folder for as long as it may write there: a
+  second run on the same folder (``--resume`` of a run still going included) is refused at once. The lock file goes
+  when the run ends, and so does a folder the run created but never wrote to.
+- **Nothing half-written.** Every file is written through a temporary file and renamed (``atomic_save``); a failed
+  write (a full disk) removes its temporary file and ends with one line naming the file.
+- **Nothing replaced by accident.** An existing run is continued only with ``--resume`` and replaced only with
+  ``--overwrite``, which deletes only the run's own files, and only once the new run has an epoch to replace them
+  with. A folder that is not empty and holds no run is never written to.
+- **Kills are repaired.** ``last.pt`` is written first and is the commit point: ``--resume`` brings ``best.pt`` and
+  ``metrics.jsonl`` up to date from it (``repair_run_folder``), and deletes the temporary files a killed run left.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from distributed import echo, on_rank_zero
+from errors import RunError
+from runtime import read_checkpoint
+
+try:
+    import fcntl  # POSIX file locks
+except ImportError:  # Windows: no lock, the other rules still hold
+    fcntl = None
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes, each through RUN_FILE + ".tmp"
+OWN_FILES = {*RUN_FILES, *(name + ".tmp" for name in RUN_FILES)}
+LOCK_FILE = "run.lock"
+# What --resume may change; anything else given must match the saved run. --clip may name the same weights
+# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run.
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "root", "clip")
+Config = TypeVar("Config")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` (text, or anything ``torch.save`` takes) through a temporary file and a rename: an interrupted
+    save never leaves a half-written file, and a failed one (a full disk, ``path`` a folder) leaves no temporary
+    file either. The checkpoint is serialised in memory first, so a full disk is the ``OSError`` of the write,
+    which names the file."""
+    temporary = path.with_name(path.name + ".tmp")
+    if isinstance(obj, str):
+        payload = obj.encode()
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        payload = buffer.getvalue()
+    try:
+        with open(temporary, "wb") as file:
+            file.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a scratch file in it, before any work: a read-only or missing location, or a file
+    in the way, fails now with one line instead of after an epoch or a whole evaluation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise RunError(f"{option}: cannot write in {folder}: {error.strerror or error}") from None
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+# --------------------------------------------------------------------------- #
+# Opening a run folder
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``out/run.lock`` exclusively, or refuse at once: another process is writing this run folder."""
+    if fcntl is None:
+        yield
+        return
+    lock = out / LOCK_FILE
+    while True:
+        handle = open(lock, "a+b")  # held open, and locked, for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunError(
+                f"{out} is in use by another run (it holds {lock}): wait for it to end, or choose another --out"
+            ) from None
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # the lock file was not removed by its previous owner between our open and our lock
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held, so that no one locks the old file after us
+        handle.close()
+
+
+def others_in(out: Path) -> list[str]:
+    """The files in ``out`` that no run of this project wrote there."""
+    return sorted(path.name for path in out.iterdir() if path.name not in {*OWN_FILES, LOCK_FILE})
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file()
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless ``--resume`` (continue it) or ``--overwrite`` (start it afresh), and
+    any other non-empty folder in every case: only a run's own files are ever replaced."""
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
+        return
+    if holds_run(out):
+        if not overwrite:
+            raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        return
+    if others_in(out):
+        raise RunError(
+            f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
+            "choose a new or empty folder for --out"
+        )
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """``last.pt`` of a run to resume, checked to hold what ``--resume`` reads."""
+    checkpoint = read_checkpoint(out / "last.pt")
+    needed = {"records", "best_epoch", "best", "epoch", "optimizer", "scheduler", "scaler"}
+    missing = sorted(needed - checkpoint.keys()) + [f"config['{key}']" for key in ("task", "out", "epochs")
+                                                       if key not in checkpoint["config"]]  # fmt: skip
+    if missing:
+        raise RunError(
+            f"{out / 'last.pt'} cannot be resumed: it lacks {', '.join(missing)} (a checkpoint written by train.py "
+            "holds them); evaluate it with evaluate.py, or start a new run"
+        )
+    return checkpoint
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[dict[str, Any] | None]:
+    """Own the run folder ``out`` for the whole run; with ``--resume``, its ``last.pt``, the folder repaired from it.
+
+    Rank 0 alone checks, locks, reads and repairs; every rank receives the checkpoint (``on_rank_zero``).
+    """
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; the run folder must be a folder")
+    with contextlib.ExitStack() as stack:
+
+        def open_run() -> dict[str, Any] | None:
+            created = not out.exists()
+            check_writable(out, "--out")
+            if created:  # a run that ends before writing anything leaves no empty folder behind
+                stack.callback(lambda: out.rmdir() if out.is_dir() and not any(out.iterdir()) else None)
+            stack.enter_context(locked(out))
+            check_run_folder(out, resume, overwrite)
+            for name in OWN_FILES - set(RUN_FILES):  # a killed save's leftovers; ours, since we hold the lock
+                (out / name).unlink(missing_ok=True)
+            if not resume:
+                return None
+            checkpoint = read_run(out)
+            repair_run_folder(out, checkpoint)
+            return checkpoint
+
+        yield on_rank_zero(open_run)
+
+
+def resumed_config(saved: Mapping[str, Any], requested: Config, given: set[str]) -> Config:
+    """The saved run's configuration with the options ``--resume`` may change, and the folder it was resumed from
+    (a moved run folder carries its old path in ``config["out"]``); options given that conflict are refused."""
+    if requested.task != saved["task"]:
+        raise RunError(f"--resume: {requested.out} holds a {saved['task']} run, not {requested.task}")
+    options = asdict(requested)
+    conflicts = [
+        f"--{name.replace('_', '-')} {options[name]} (the run has {saved.get(name)})"
+        for name in sorted(given - {"out", *RESUME_MAY_CHANGE})
+        if options[name] != saved.get(name, options[name])
+    ]
+    if conflicts:
+        raise RunError(
+            f"--resume: {', '.join(conflicts)}: a run continues with the options it started with; leave them out, "
+            f"or start a new run in another --out (--resume may change {', '.join(RESUME_MAY_CHANGE)})"
+        )
+    changed = {name: options[name] for name in RESUME_MAY_CHANGE if name in given}
+    known = {field.name for field in fields(requested)}
+    return type(requested)(**{key: value for key, value in {**saved, "out": requested.out, **changed}.items()
+                              if key in known})  # fmt: skip
+
+
+def progress(
+    checkpoint: Mapping[str, Any] | None, config: Config, given: set[str]
+) -> tuple[Config, int, float, int, list[dict[str, Any]]]:
+    """Where a run starts: its configuration, first epoch, best score and epoch so far, and metric records; a
+    resumed run's from its ``last.pt`` (``resumed_config``), a new run's from nothing."""
+    if checkpoint is None:
+        return config, 0, -math.inf, -1, []
+    config = resumed_config(checkpoint["config"], config, given)
+    first = checkpoint["epoch"] + 1
+    if first < config.epochs:
+        echo(f"resuming {config.out} at epoch {first + 1} of {config.epochs}")
+    else:
+        echo(f"{config.out} has trained {first} of --epochs {config.epochs}: nothing left to do (pass a larger "
+             "--epochs to train on)")  # fmt: skip
+    return config, first, checkpoint["best"], checkpoint["best_epoch"], checkpoint["records"]
+
+
+# --------------------------------------------------------------------------- #
+# Writing and repairing it
+# --------------------------------------------------------------------------- #
+
+
+def delete_replaced_run(out: Path) -> None:
+    """``--overwrite``, just before the new run's first ``save_epoch``, which replaces the earlier run's
+    ``last.pt``, ``best.pt`` and ``metrics.jsonl``: delete its evaluations (``eval-*.json``), nothing else. Until
+    then the earlier run stays whole, so a new run that fails in its first epoch loses nothing."""
+    for path in out.glob("eval-*.json"):
+        path.unlink(missing_ok=True)
+
+
+def metrics_lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def save_epoch(out: Path, state: dict[str, Any]) -> None:
+    """Write the run folder after an epoch, so that a kill at any point leaves it consistent or repairable.
+
+    ``last.pt`` goes first and is the commit point: it holds everything, every epoch's metric record included.
+    Then ``best.pt`` when this epoch is the best so far (the same state) and ``metrics.jsonl`` (all records), each
+    written whole through a temporary file. A kill before ``last.pt`` is renamed loses the epoch, which
+    ``--resume`` runs again exactly; a kill after it leaves ``best.pt`` or ``metrics.jsonl`` one epoch behind, and
+    ``repair_run_folder`` brings them up to date from ``last.pt`` when the run is resumed.
+    """
+    atomic_save(state, out / "last.pt")
+    if state["best_epoch"] == state["epoch"]:
+        atomic_save(state, out / "best.pt")
+    atomic_save(metrics_lines(state["records"]), out / "metrics.jsonl")
+
+
+def holds_state(path: Path, state: dict[str, Any]) -> bool:
+    """Whether the checkpoint at ``path`` is ``state``: the same epoch and STOP tensors (not merely the same epoch
+    number: ``best.pt`` may still be the replaced run's, after ``--overwrite``)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        same_tensors = saved["stop"].keys() == state["stop"].keys() and all(
+            torch.equal(saved["stop"][name], tensor) for name, tensor in state["stop"].items()
+        )
+        return saved["epoch"] == state["epoch"] and same_tensors
+    except Exception:  # missing, truncated, not a checkpoint: rewritten from last.pt all the same
+        return False
+
+
+def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
+    """Finish what ``save_epoch`` had not when the run was killed: ``best.pt`` and ``metrics.jsonl`` as ``last.pt``
+    says they are."""
+    if checkpoint["best_epoch"] == checkpoint["epoch"] and not holds_state(out / "best.pt", checkpoint):
+        atomic_save(checkpoint, out / "best.pt")
+    lines = metrics_lines(checkpoint["records"])
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file() or metrics.read_text() != lines:
+        atomic_save(lines, metrics)
