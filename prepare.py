@@ -8,7 +8,9 @@ likewise re-encodes at 3 fps and 224 px), with the split and label files copied 
 reads it through ``data.py`` like the original, with ``--root PREPARED``; ``python bench.py data`` measures how
 much faster it decodes.
 
-A run can be killed and rerun: finished videos are kept, and no file is ever half written.
+A run can be killed and rerun: finished videos are kept, and no file is ever half written. ``prepare`` writes only
+into its own output: a new or empty folder, which it marks as the copy of that source with those settings, or a
+folder it marked so before, which it resumes.
 """
 
 from __future__ import annotations
@@ -89,14 +91,14 @@ PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".3gp": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mpg": ("mpeg2video", {"qmin": "3", "qmax": "3"}, 2),
 }
-PREPARE_SETTINGS_FILE = "prepare.json"
+PREPARE_MARKER_FILE = "prepare.json"  # marks a prepared copy: its source root and settings
 PREPARE_FAILURES_FILE = "prepare_failures.txt"
 PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies are kept
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """How a prepared copy is encoded; stored in ``prepare.json`` so that a rerun cannot mix two settings.
+    """How a prepared copy is encoded; stored in its marker (``prepare.json``) so that a rerun cannot mix two.
 
     ``fps`` frames per second (the authors' code uses 3), raised for a short video to give it ``min_frames``
     frames, never above the source's rate; ``short_side`` pixels at most (never upscaled); a keyframe every
@@ -202,23 +204,51 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
-    """Record ``settings`` in ``out``, or refuse when ``out`` was prepared with others (its videos would mix)."""
-    path = out / PREPARE_SETTINGS_FILE
-    wanted = dataclasses.asdict(settings)
-    if path.exists():
+def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
+    """Mark ``out`` as the copy of ``root`` with ``settings``, or check that it is; refuse any other folder.
+
+    ``prepare`` only ever writes into its own output: the marker (PREPARE_MARKER_FILE) it writes into a new or
+    empty ``out`` records the source root and the settings, and a rerun resumes only a folder whose marker names
+    the same. A folder with another marker, or holding anything without one (another dataset, someone's files), is
+    refused, so none of its files is overwritten, deleted or counted as a video already done.
+    """
+    marker = out / PREPARE_MARKER_FILE
+    wanted = {"source": str(root.resolve()), "settings": dataclasses.asdict(settings)}
+    if out.exists() and not out.is_dir():
+        raise DataError(f"prepare: --out {out} is a file; expected a new or empty folder, or a copy to resume")
+    if marker.is_file():
         try:
-            found = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            found = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             found = None
-        if found != wanted:
+        if not isinstance(found, dict) or set(found) != set(wanted):
             raise DataError(
-                f"{out} was prepared with other settings ({path}: {found}); asked for {wanted}. "
-                "Use another --out, or the same settings to resume it"
+                f"prepare: --out {out} holds a {PREPARE_MARKER_FILE} that is no prepared copy's marker; "
+                "choose another folder"
+            )
+        if found["source"] != wanted["source"]:
+            raise DataError(
+                f"prepare: --out {out} is a copy of {found['source']}, not of --root {root}; "
+                "use another --out, or that --root to resume it"
+            )
+        if found["settings"] != wanted["settings"]:
+            raise DataError(
+                f"prepare: --out {out} was prepared with other settings ({found['settings']}); asked for "
+                f"{wanted['settings']}. Use another --out, or the same settings to resume it"
             )
         return
+    partial = out / f".{PREPARE_MARKER_FILE}.partial"  # all that a run killed while marking ``out`` leaves in it
+    if out.is_dir() and any(entry != partial for entry in out.iterdir()):
+        raise DataError(
+            f"prepare: --out {out} is not empty and is no copy made by prepare (it has no {PREPARE_MARKER_FILE}); "
+            "choose a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    try:
+        partial.write_text(json.dumps(wanted, indent=2) + "\n")
+        os.replace(partial, marker)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def prepare_dataset(
@@ -235,7 +265,8 @@ def prepare_dataset(
     Every video under the layout's video folder (suffixes of PREPARED_CODECS) is re-encoded by
     ``prepare_video`` to the same relative path, name and container, so the split files, which are copied
     unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
-    in ``out`` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
+    in ``out`` is skipped, so a rerun only does what is left; ``out`` must be new, empty, or a copy of the same
+    ``root`` with the same settings (``_claim_out``). A broken source does not stop the run: it is
     listed in ``out/prepare_failures.txt`` (rewritten by each run) and in the report, and stays absent from the
     copy, where the loaders report it as they would in the original.
     """
@@ -256,7 +287,7 @@ def prepare_dataset(
     if out.resolve().is_relative_to(video_dir.resolve()):
         raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
     metadata_dir = _require(root / METADATA_FOLDERS[name], name, root)
-    _check_prepare_settings(out, settings)
+    _claim_out(out, root, settings)
 
     shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)
     if (root / NO_FLIP_MARKER).exists():
