@@ -112,6 +112,20 @@ class PrepareSettings:
     short_side: int = 256
     keyframe_interval: int | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse a setting no copy can be made with, named as the command's option, before anything is written."""
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise DataError(f"prepare: --fps {self.fps:g}: expected a finite number of frames per second above 0")
+        if self.min_frames < 1:
+            raise DataError(f"prepare: --min-frames {self.min_frames}: expected 1 or more")
+        if self.short_side < 2:
+            raise DataError(f"prepare: --short-side {self.short_side}: expected 2 pixels or more")
+        if self.keyframe_interval is not None and self.keyframe_interval < 1:
+            raise DataError(
+                f"prepare: --keyframe-interval {self.keyframe_interval}: expected 1 frame or more "
+                "(0 in the command: the container's choice)"
+            )
+
 
 @dataclass
 class PrepareReport:
@@ -275,8 +289,6 @@ def prepare_dataset(
     settings = settings or PrepareSettings(name)
     if settings.dataset != name:
         raise DataError(f"prepare: settings are for {settings.dataset!r}, not {name!r}")
-    if settings.fps <= 0 or settings.min_frames < 1 or settings.short_side < 2 or (settings.keyframe_interval or 1) < 1:
-        raise DataError(f"prepare: fps, min_frames, short_side and keyframe_interval must be positive: {settings}")
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
@@ -339,6 +351,8 @@ def prepare(
 ) -> None:
     """Re-encode a dataset's videos once into a small, seek-friendly copy; rerun to resume."""
     with reported_errors():
+        if workers < 0:
+            raise DataError(f"prepare: --workers {workers}: expected 0 (one per core) or more")
         settings = PrepareSettings(dataset, fps, min_frames, short_side, keyframe_interval or None)
         start = time.perf_counter()
         report = prepare_dataset(dataset, root, out, settings, workers=workers or available_cores())

@@ -215,6 +215,30 @@ def test_an_out_folder_that_is_not_this_copy_is_refused_and_left_as_it_was(ucf10
         assert (out / prepare.PREPARE_MARKER_FILE).is_file()
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--fps", "nan"),
+        ("--fps", "inf"),
+        ("--fps", "0"),
+        ("--fps", "-3"),
+        ("--min-frames", "0"),
+        ("--short-side", "1"),
+        ("--keyframe-interval", "-1"),
+        ("--workers", "-1"),
+    ],
+)
+def test_an_impossible_number_is_refused_before_anything_is_written(
+    ucf101_root: Path, tmp_path: Path, option: tuple[str, str]
+) -> None:
+    out = tmp_path / "prepared"
+    code, output = run_prepare(ucf101_root, out, *option)
+    assert code == 1
+    assert output.startswith(f"error: prepare: {option[0]} {option[1]}: expected "), output
+    assert len(output.strip().splitlines()) == 1, output
+    assert not out.exists()
+
+
 def _children(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (from /proc/PID/stat: state and parent follow the name)."""
     found = []
