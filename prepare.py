@@ -3,10 +3,12 @@
 Training STOP (CVPR 2025) decodes a few frames of every clip in every epoch. The published videos are long,
 large and rarely keyframed (UCF101's AVIs every 300 frames, MSR-VTT's 15-second MP4s), so most of that time goes
 to decoding frames that are never used. ``python prepare.py --dataset D --root RAW --out PREPARED`` writes a
-copy in the same layout: a few frames per second, short side 256 px, frequent keyframes (the authors' code
-likewise re-encodes at 3 fps and 224 px), with the split and label files copied as they are. Training then
+copy in the same layout: 3 frames per second, as the authors' preprocessing (their ``preprocess/compress_video.py``)
+keeps, short side 256 px and frequent keyframes, with the split and label files copied as they are. Training then
 reads it through ``data.py`` like the original, with ``--root PREPARED``; ``python bench.py data`` measures how
-much faster it decodes.
+much faster it decodes. The short side is 256 px, not the authors' 224, because training's random resized crop
+takes 40-100% of the frame's area and resizes it to 224, so a 256-pixel source keeps more real pixels in the crop;
+evaluation resizes the short side to 224 anyway.
 
 A run can be killed and rerun: finished videos are kept, and no file is ever half written. ``prepare`` writes only
 into its own output: a new or empty folder, which it marks as the copy of that source with those settings, or a
@@ -78,8 +80,8 @@ METADATA_FOLDERS = {
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
 # AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
 # held at 3 (like FFmpeg's ``-q:v 3``), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
-# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s at 4 fps,
-# once per SSv2 clip) decodes fastest.
+# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (measured at 4 fps:
+# 4 s, once per SSv2 clip) decodes fastest.
 PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
@@ -100,14 +102,14 @@ PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies
 class PrepareSettings:
     """How a prepared copy is encoded; stored in its marker (``prepare.json``) so that a rerun cannot mix two.
 
-    ``fps`` frames per second (the authors' code uses 3), raised for a short video to give it ``min_frames``
+    ``fps`` frames per second (the authors' preprocessing keeps 3), raised for a short video to give it ``min_frames``
     frames, never above the source's rate; ``short_side`` pixels at most (never upscaled); a keyframe every
     ``keyframe_interval`` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
     that many frames.
     """
 
     dataset: str
-    fps: float = 4.0
+    fps: float = 3.0
     min_frames: int = 16
     short_side: int = 256
     keyframe_interval: int | None = None
@@ -343,9 +345,17 @@ def prepare(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
     root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
     out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
-    fps: Annotated[float, typer.Option(help="frames per second kept")] = PrepareSettings.fps,
+    fps: Annotated[
+        float, typer.Option(help="frames per second kept; 3 as in the authors' preprocessing")
+    ] = PrepareSettings.fps,
     min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
-    short_side: Annotated[int, typer.Option(help="pixels; never upscaled")] = PrepareSettings.short_side,
+    short_side: Annotated[
+        int,
+        typer.Option(
+            help="pixels; never upscaled. 256, not 224: training's random resized crop takes 40-100% of the area "
+            "and resizes it to 224, so a larger source keeps more real pixels; evaluation resizes to 224 anyway"
+        ),
+    ] = PrepareSettings.short_side,
     keyframe_interval: Annotated[int, typer.Option(help="frames; 0: the container's choice")] = 0,
     workers: Annotated[int, typer.Option(help="processes; 0: one per core")] = 0,
 ) -> None:

@@ -20,7 +20,7 @@ import data
 import prepare
 
 SOURCE_FPS = 10
-SECONDS = 4  # 40 frames at 10 fps: prepared at 4 fps to 16 frames (min_frames)
+SECONDS = 4  # 40 frames at 10 fps: prepared at 3 fps to 16 frames (min_frames)
 
 
 def brightening(num_frames: int = SOURCE_FPS * SECONDS, height: int = 40, width: int = 60) -> torch.Tensor:
@@ -151,7 +151,7 @@ def test_other_settings_for_the_same_copy_are_refused(ucf101_root: Path, tmp_pat
     out = tmp_path / "prepared"
     prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     with pytest.raises(data.DataError, match="was prepared with other settings"):
-        prepare.prepare_dataset("ucf101", ucf101_root, out, prepare.PrepareSettings("ucf101", fps=3.0), progress=False)
+        prepare.prepare_dataset("ucf101", ucf101_root, out, prepare.PrepareSettings("ucf101", fps=2.0), progress=False)
     with pytest.raises(data.DataError, match="dataset root itself"):
         prepare.prepare_dataset("ucf101", ucf101_root, ucf101_root, progress=False)
 
@@ -237,6 +237,16 @@ def test_an_impossible_number_is_refused_before_anything_is_written(
     assert output.startswith(f"error: prepare: {option[0]} {option[1]}: expected "), output
     assert len(output.strip().splitlines()) == 1, output
     assert not out.exists()
+
+
+def test_the_command_defaults_to_the_authors_3_fps_and_a_256_pixel_short_side(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    data.write_video(root / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(70, 300, 400), SOURCE_FPS)  # 7 s
+    (root / "ucfTrainTestlist").mkdir()
+    assert run_prepare(root, tmp_path / "prepared")[0] == 0
+    metadata = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi").metadata
+    assert (metadata.num_frames, metadata.average_fps) == (21, 3)  # 7 s at 3 fps, above min_frames
+    assert (metadata.height, metadata.width) == (256, 342)
 
 
 def _children(pid: int) -> list[int]:
