@@ -344,7 +344,13 @@ app = typer.Typer(add_completion=False)
 def prepare(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
     root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
-    out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="where the prepared copy goes (same layout): a new or empty folder, or this copy to resume; "
+            "pass it as --root later"
+        ),
+    ],
     fps: Annotated[
         float, typer.Option(help="frames per second kept; 3 as in the authors' preprocessing")
     ] = PrepareSettings.fps,
