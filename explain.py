@@ -150,12 +150,21 @@ def draw_tiles(pictures: torch.Tensor, details: PromptDetails, layout: Layout) -
 
 
 def fitted(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, text: str, width: int) -> str:
-    """``text``, cut short with an ellipsis if it is wider than ``width`` pixels."""
+    """``text``, cut short with an ellipsis if it is wider than ``width`` pixels.
+
+    The cut keeps the longest beginning that fits with the ellipsis, found by bisection over its length (a line
+    grows wider with every character): ``log2(len(text)) + 2`` measurements at most, however long the text.
+    """
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    fits, too_wide = 0, len(text)  # text[:too_wide] + "…" is too wide; text[:fits] + "…" fits, or fits is 0
+    while too_wide - fits > 1:
+        middle = (fits + too_wide) // 2
+        if draw.textlength(text[:middle] + "…", font=font) <= width:
+            fits = middle
+        else:
+            too_wide = middle
+    return text[:fits] + "…"
 
 
 def render(frames: torch.Tensor, rows: list[tuple[int, PromptDetails]], eta: int, header: list[str]) -> torch.Tensor:
