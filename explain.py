@@ -25,6 +25,7 @@ needs no font file on the machine.
 """
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -142,12 +143,21 @@ def draw_tiles(pictures: torch.Tensor, details: PromptDetails, layout: Layout) -
 
 
 def fitted(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, text: str, width: int) -> str:
-    """``text``, cut short with an ellipsis if it is wider than ``width`` pixels."""
+    """``text``, cut short with an ellipsis if it is wider than ``width`` pixels.
+
+    The cut keeps the longest beginning that fits with the ellipsis, found by bisection over its length (a line
+    grows wider with every character): ``log2(len(text)) + 2`` measurements at most, however long the text.
+    """
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    fits, too_wide = 0, len(text)  # text[:too_wide] + "…" is too wide; text[:fits] + "…" fits, or fits is 0
+    while too_wide - fits > 1:
+        middle = (fits + too_wide) // 2
+        if draw.textlength(text[:middle] + "…", font=font) <= width:
+            fits = middle
+        else:
+            too_wide = middle
+    return text[:fits] + "…"
 
 
 def render(frames: torch.Tensor, rows: list[tuple[int, PromptDetails]], eta: int, header: list[str]) -> torch.Tensor:
@@ -192,6 +202,22 @@ def render(frames: torch.Tensor, rows: list[tuple[int, PromptDetails]], eta: int
 # --------------------------------------------------------------------------- #
 # The command
 # --------------------------------------------------------------------------- #
+
+
+def write_png(figure: torch.Tensor, out: Path) -> None:
+    """Write the uint8 ``[3, H, W]`` figure to ``out`` whole or not at all.
+
+    It is encoded into a temporary file beside ``out`` and renamed over it (``os.replace``, atomic on one file
+    system), so a write that fails (a full disk) leaves an earlier ``out`` as it was, and the temporary is deleted.
+    """
+    partial = out.with_name(f".{out.stem}.partial.png")
+    try:
+        PngEncoder(figure).to_file(partial, compression_level=9)
+        os.replace(partial, out)
+    except (OSError, RuntimeError) as error:
+        raise RunError(f"--out {out}: cannot write it: {error}") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def describe_scores(
@@ -284,10 +310,7 @@ def explain_video(
     mean, std = (torch.tensor(values)[:, None, None] for values in (data.CLIP_MEAN, data.CLIP_STD))
     pictures = (clip_input * std + mean).clamp(0, 1)  # [T, 3, R, R]: what the model saw, unnormalised
     figure = render(pictures, [(number, details[number - 1]) for number in blocks], eta, header)
-    try:
-        PngEncoder(figure).to_file(out, compression_level=9)
-    except (OSError, RuntimeError) as error:
-        raise RunError(f"--out {out}: cannot write it: {error}") from None
+    write_png(figure, out)
     for line in header[:2]:
         typer.echo(line)
     for number in blocks:

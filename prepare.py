@@ -3,12 +3,16 @@
 Training STOP (CVPR 2025) decodes a few frames of every clip in every epoch. The published videos are long,
 large and rarely keyframed (UCF101's AVIs every 300 frames, MSR-VTT's 15-second MP4s), so most of that time goes
 to decoding frames that are never used. ``python prepare.py --dataset D --root RAW --out PREPARED`` writes a
-copy in the same layout: a few frames per second, short side 256 px, frequent keyframes (the authors' code
-likewise re-encodes at 3 fps and 224 px), with the split and label files copied as they are. Training then
+copy in the same layout: 3 frames per second, as the authors' preprocessing (their ``preprocess/compress_video.py``)
+keeps, short side 256 px and frequent keyframes, with the split and label files copied as they are. Training then
 reads it through ``data.py`` like the original, with ``--root PREPARED``; ``python bench.py data`` measures how
-much faster it decodes.
+much faster it decodes. The short side is 256 px, not the authors' 224, because training's random resized crop
+takes 40-100% of the frame's area and resizes it to 224, so a 256-pixel source keeps more real pixels in the crop;
+evaluation resizes the short side to 224 anyway.
 
-A run can be killed and rerun: finished videos are kept, and no file is ever half written.
+A run can be killed and rerun: finished videos are kept, and no file is ever half written. ``prepare`` writes only
+into its own output: a new or empty folder, which it marks as the copy of that source with those settings, or a
+folder it marked so before, which it resumes.
 """
 
 from __future__ import annotations
@@ -76,8 +80,8 @@ METADATA_FOLDERS = {
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
 # AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
 # held at 3 (like FFmpeg's ``-q:v 3``), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
-# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s at 4 fps,
-# once per SSv2 clip) decodes fastest.
+# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (measured at 4 fps:
+# 4 s, once per SSv2 clip) decodes fastest.
 PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
@@ -89,26 +93,40 @@ PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".3gp": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mpg": ("mpeg2video", {"qmin": "3", "qmax": "3"}, 2),
 }
-PREPARE_SETTINGS_FILE = "prepare.json"
+PREPARE_MARKER_FILE = "prepare.json"  # marks a prepared copy: its source root and settings
 PREPARE_FAILURES_FILE = "prepare_failures.txt"
 PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies are kept
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """How a prepared copy is encoded; stored in ``prepare.json`` so that a rerun cannot mix two settings.
+    """How a prepared copy is encoded; stored in its marker (``prepare.json``) so that a rerun cannot mix two.
 
-    ``fps`` frames per second (the authors' code uses 3), raised for a short video to give it ``min_frames``
+    ``fps`` frames per second (the authors' preprocessing keeps 3), raised for a short video to give it ``min_frames``
     frames, never above the source's rate; ``short_side`` pixels at most (never upscaled); a keyframe every
     ``keyframe_interval`` frames (None: the container's choice in PREPARED_CODECS), so a seek decodes at most
     that many frames.
     """
 
     dataset: str
-    fps: float = 4.0
+    fps: float = 3.0
     min_frames: int = 16
     short_side: int = 256
     keyframe_interval: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a setting no copy can be made with, named as the command's option, before anything is written."""
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise DataError(f"prepare: --fps {self.fps:g}: expected a finite number of frames per second above 0")
+        if self.min_frames < 1:
+            raise DataError(f"prepare: --min-frames {self.min_frames}: expected 1 or more")
+        if self.short_side < 2:
+            raise DataError(f"prepare: --short-side {self.short_side}: expected 2 pixels or more")
+        if self.keyframe_interval is not None and self.keyframe_interval < 1:
+            raise DataError(
+                f"prepare: --keyframe-interval {self.keyframe_interval}: expected 1 frame or more "
+                "(0 in the command: the container's choice)"
+            )
 
 
 @dataclass
@@ -202,23 +220,51 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _check_prepare_settings(out: Path, settings: PrepareSettings) -> None:
-    """Record ``settings`` in ``out``, or refuse when ``out`` was prepared with others (its videos would mix)."""
-    path = out / PREPARE_SETTINGS_FILE
-    wanted = dataclasses.asdict(settings)
-    if path.exists():
+def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
+    """Mark ``out`` as the copy of ``root`` with ``settings``, or check that it is; refuse any other folder.
+
+    ``prepare`` only ever writes into its own output: the marker (PREPARE_MARKER_FILE) it writes into a new or
+    empty ``out`` records the source root and the settings, and a rerun resumes only a folder whose marker names
+    the same. A folder with another marker, or holding anything without one (another dataset, someone's files), is
+    refused, so none of its files is overwritten, deleted or counted as a video already done.
+    """
+    marker = out / PREPARE_MARKER_FILE
+    wanted = {"source": str(root.resolve()), "settings": dataclasses.asdict(settings)}
+    if out.exists() and not out.is_dir():
+        raise DataError(f"prepare: --out {out} is a file; expected a new or empty folder, or a copy to resume")
+    if marker.is_file():
         try:
-            found = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            found = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             found = None
-        if found != wanted:
+        if not isinstance(found, dict) or set(found) != set(wanted):
             raise DataError(
-                f"{out} was prepared with other settings ({path}: {found}); asked for {wanted}. "
-                "Use another --out, or the same settings to resume it"
+                f"prepare: --out {out} holds a {PREPARE_MARKER_FILE} that is no prepared copy's marker; "
+                "choose another folder"
+            )
+        if found["source"] != wanted["source"]:
+            raise DataError(
+                f"prepare: --out {out} is a copy of {found['source']}, not of --root {root}; "
+                "use another --out, or that --root to resume it"
+            )
+        if found["settings"] != wanted["settings"]:
+            raise DataError(
+                f"prepare: --out {out} was prepared with other settings ({found['settings']}); asked for "
+                f"{wanted['settings']}. Use another --out, or the same settings to resume it"
             )
         return
+    partial = out / f".{PREPARE_MARKER_FILE}.partial"  # all that a run killed while marking ``out`` leaves in it
+    if out.is_dir() and any(entry != partial for entry in out.iterdir()):
+        raise DataError(
+            f"prepare: --out {out} is not empty and is no copy made by prepare (it has no {PREPARE_MARKER_FILE}); "
+            "choose a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    try:
+        partial.write_text(json.dumps(wanted, indent=2) + "\n")
+        os.replace(partial, marker)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def prepare_dataset(
@@ -235,7 +281,8 @@ def prepare_dataset(
     Every video under the layout's video folder (suffixes of PREPARED_CODECS) is re-encoded by
     ``prepare_video`` to the same relative path, name and container, so the split files, which are copied
     unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
-    in ``out`` is skipped, so a rerun only does what is left. A broken source does not stop the run: it is
+    in ``out`` is skipped, so a rerun only does what is left; ``out`` must be new, empty, or a copy of the same
+    ``root`` with the same settings (``_claim_out``). A broken source does not stop the run: it is
     listed in ``out/prepare_failures.txt`` (rewritten by each run) and in the report, and stays absent from the
     copy, where the loaders report it as they would in the original.
     """
@@ -244,8 +291,6 @@ def prepare_dataset(
     settings = settings or PrepareSettings(name)
     if settings.dataset != name:
         raise DataError(f"prepare: settings are for {settings.dataset!r}, not {name!r}")
-    if settings.fps <= 0 or settings.min_frames < 1 or settings.short_side < 2 or (settings.keyframe_interval or 1) < 1:
-        raise DataError(f"prepare: fps, min_frames, short_side and keyframe_interval must be positive: {settings}")
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
@@ -256,7 +301,7 @@ def prepare_dataset(
     if out.resolve().is_relative_to(video_dir.resolve()):
         raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
     metadata_dir = _require(root / METADATA_FOLDERS[name], name, root)
-    _check_prepare_settings(out, settings)
+    _claim_out(out, root, settings)
 
     shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)
     if (root / NO_FLIP_MARKER).exists():
@@ -299,15 +344,31 @@ app = typer.Typer(add_completion=False)
 def prepare(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
     root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
-    out: Annotated[Path, typer.Option(help="where the prepared copy goes (same layout); pass it as --root later")],
-    fps: Annotated[float, typer.Option(help="frames per second kept")] = PrepareSettings.fps,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="where the prepared copy goes (same layout): a new or empty folder, or this copy to resume; "
+            "pass it as --root later"
+        ),
+    ],
+    fps: Annotated[
+        float, typer.Option(help="frames per second kept; 3 as in the authors' preprocessing")
+    ] = PrepareSettings.fps,
     min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
-    short_side: Annotated[int, typer.Option(help="pixels; never upscaled")] = PrepareSettings.short_side,
+    short_side: Annotated[
+        int,
+        typer.Option(
+            help="pixels; never upscaled. 256, not 224: training's random resized crop takes 40-100% of the area "
+            "and resizes it to 224, so a larger source keeps more real pixels; evaluation resizes to 224 anyway"
+        ),
+    ] = PrepareSettings.short_side,
     keyframe_interval: Annotated[int, typer.Option(help="frames; 0: the container's choice")] = 0,
     workers: Annotated[int, typer.Option(help="processes; 0: one per core")] = 0,
 ) -> None:
     """Re-encode a dataset's videos once into a small, seek-friendly copy; rerun to resume."""
     with reported_errors():
+        if workers < 0:
+            raise DataError(f"prepare: --workers {workers}: expected 0 (one per core) or more")
         settings = PrepareSettings(dataset, fps, min_frames, short_side, keyframe_interval or None)
         start = time.perf_counter()
         report = prepare_dataset(dataset, root, out, settings, workers=workers or available_cores())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torchcodec.decoders import decode_png
 from torchvision import tv_tensors
 from typer.testing import CliRunner
@@ -213,3 +214,56 @@ def test_bad_input_gets_one_clear_message(golden_clip, tmp_path, background, cor
         assert code == 1, output
         assert output.startswith("error: ") and message in output and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_failed_write_keeps_the_earlier_figure_and_leaves_no_temporary_file(
+    golden_clip, tmp_path, background, corner_video, monkeypatch
+):
+    checkpoint = tmp_path / "best.pt"
+    write_checkpoint(checkpoint, golden_clip, background, [-1.0, 2.0, -1.0])
+    out = tmp_path / "figures" / "explain.png"
+    out.parent.mkdir()
+    code, output = run(corner_video, "--checkpoint", checkpoint, "--out", out)
+    assert code == 0, output
+    earlier = out.read_bytes()
+    encoder = explain.PngEncoder
+
+    class FullDisk:
+        """The PNG encoder on a disk that fills up halfway through the file."""
+
+        def __init__(self, figure: torch.Tensor) -> None:
+            self.png = encoder(figure).to_tensor()
+
+        def to_file(self, dest: Path, **options) -> None:
+            Path(dest).write_bytes(self.png[: len(self.png) // 2].numpy().tobytes())
+            raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(explain, "PngEncoder", FullDisk)
+    code, output = run(corner_video, "--checkpoint", checkpoint, "--out", out)
+    assert code == 1
+    assert output.startswith("error: ") and str(out) in output and len(output.strip().splitlines()) == 1, output
+    assert out.read_bytes() == earlier
+    assert [path.name for path in out.parent.iterdir()] == ["explain.png"]
+
+
+def test_a_long_caption_is_cut_to_the_width_in_few_measurements():
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = ImageFont.load_default(size=explain.FONT_SIZE)
+    measure = draw.textlength
+    calls = 0
+
+    def counted(text: str, **options) -> float:
+        nonlocal calls
+        calls += 1
+        assert calls <= 20, "too many measurements"
+        return measure(text, **options)
+
+    draw.textlength = counted
+    caption = " ".join(f"word{i}" for i in range(10_000))
+    width = explain.Layout(frames=8, grid=4, rows=1).width - 2 * explain.GAP
+
+    text = explain.fitted(draw, font, caption, width)
+
+    assert text.endswith("…") and caption.startswith(text[:-1])
+    assert measure(text, font=font) <= width < measure(caption[: len(text)] + "…", font=font)  # the longest that fits
+    assert explain.fitted(draw, font, "a bar jumps", width) == "a bar jumps"

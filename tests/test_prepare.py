@@ -4,6 +4,7 @@ Real (tiny) videos in the published layouts, prepared into temporary folders and
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import data
 import prepare
 
 SOURCE_FPS = 10
-SECONDS = 4  # 40 frames at 10 fps: prepared at 4 fps to 16 frames (min_frames)
+SECONDS = 4  # 40 frames at 10 fps: prepared at 3 fps to 16 frames (min_frames)
 
 
 def brightening(num_frames: int = SOURCE_FPS * SECONDS, height: int = 40, width: int = 60) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_the_copy_keeps_the_layout_the_split_files_and_what_the_loader_lists(ucf
     report = prepare.prepare_dataset("ucf101", ucf101_root, out, workers=2, progress=False)
     assert (report.written, report.skipped) == (3, 0)
     raw_files = relative_files(ucf101_root) - {"UCF-101/YoYo/v_YoYo_g09_c01.avi"}
-    assert relative_files(out) == raw_files | {prepare.PREPARE_SETTINGS_FILE, prepare.PREPARE_FAILURES_FILE}
+    assert relative_files(out) == raw_files | {prepare.PREPARE_MARKER_FILE, prepare.PREPARE_FAILURES_FILE}
     for name in ("classInd.txt", "trainlist01.txt", "testlist01.txt"):
         assert (out / "ucfTrainTestlist" / name).read_bytes() == (ucf101_root / "ucfTrainTestlist" / name).read_bytes()
     for split in ("train", "test"):
@@ -149,8 +150,8 @@ def test_a_broken_source_is_listed_and_the_rest_is_prepared(ucf101_root: Path, t
 def test_other_settings_for_the_same_copy_are_refused(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
-    with pytest.raises(data.DataError, match="prepared with other settings"):
-        prepare.prepare_dataset("ucf101", ucf101_root, out, prepare.PrepareSettings("ucf101", fps=3.0), progress=False)
+    with pytest.raises(data.DataError, match="was prepared with other settings"):
+        prepare.prepare_dataset("ucf101", ucf101_root, out, prepare.PrepareSettings("ucf101", fps=2.0), progress=False)
     with pytest.raises(data.DataError, match="dataset root itself"):
         prepare.prepare_dataset("ucf101", ucf101_root, ucf101_root, progress=False)
 
@@ -168,6 +169,84 @@ def test_the_command_reports_broken_sources_and_bad_input_in_one_message(ucf101_
     assert result.exit_code == 1
     assert "videos not found" in result.output and "Expected layout" in result.output
     assert "Traceback" not in result.output
+
+
+def file_contents(root: Path) -> dict[str, bytes]:
+    return {path: (root / path).read_bytes() for path in relative_files(root)}
+
+
+def run_prepare(root: Path, out: Path, *options: str) -> tuple[int, str]:
+    arguments = ["--dataset", "ucf101", "--root", str(root), "--out", str(out), "--workers", "1", *options]
+    result = CliRunner().invoke(prepare.app, arguments)
+    return result.exit_code, result.output
+
+
+def test_an_out_folder_that_is_not_this_copy_is_refused_and_left_as_it_was(ucf101_root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other_dataset"  # another dataset's folder: its own split files, failures list and videos
+    data.write_video(other / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(8), SOURCE_FPS)
+    (other / "ucfTrainTestlist").mkdir()
+    (other / "ucfTrainTestlist/classInd.txt").write_text("1 YoYo\n")
+    (other / prepare.PREPARE_FAILURES_FILE).write_text("the user's own notes\n")
+    before = file_contents(other)
+    code, output = run_prepare(ucf101_root, other)
+    assert code == 1
+    assert output.startswith("error: ") and len(output.strip().splitlines()) == 1 and str(other) in output, output
+    assert file_contents(other) == before
+
+    # a copy of another source, or with other settings, is not resumed either
+    copy = tmp_path / "copy"
+    assert run_prepare(ucf101_root, copy)[0] == 0
+    before = file_contents(copy)
+    second_source = tmp_path / "raw2"
+    shutil.copytree(ucf101_root, second_source)
+    for root, options in [(second_source, ()), (ucf101_root, ("--short-side", "128"))]:
+        code, output = run_prepare(root, copy, *options)
+        assert code == 1
+        assert output.startswith("error: ") and len(output.strip().splitlines()) == 1 and str(copy) in output, output
+        assert file_contents(copy) == before
+
+    # its own copy is resumed, and a new or empty folder is started
+    code, output = run_prepare(ucf101_root, copy)
+    assert code == 0 and "0 videos written, 3 already done" in output, output
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new/nested"):
+        code, output = run_prepare(ucf101_root, out)
+        assert code == 0 and "3 videos written" in output, output
+        assert (out / prepare.PREPARE_MARKER_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--fps", "nan"),
+        ("--fps", "inf"),
+        ("--fps", "0"),
+        ("--fps", "-3"),
+        ("--min-frames", "0"),
+        ("--short-side", "1"),
+        ("--keyframe-interval", "-1"),
+        ("--workers", "-1"),
+    ],
+)
+def test_an_impossible_number_is_refused_before_anything_is_written(
+    ucf101_root: Path, tmp_path: Path, option: tuple[str, str]
+) -> None:
+    out = tmp_path / "prepared"
+    code, output = run_prepare(ucf101_root, out, *option)
+    assert code == 1
+    assert output.startswith(f"error: prepare: {option[0]} {option[1]}: expected "), output
+    assert len(output.strip().splitlines()) == 1, output
+    assert not out.exists()
+
+
+def test_the_command_defaults_to_the_authors_3_fps_and_a_256_pixel_short_side(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    data.write_video(root / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(70, 300, 400), SOURCE_FPS)  # 7 s
+    (root / "ucfTrainTestlist").mkdir()
+    assert run_prepare(root, tmp_path / "prepared")[0] == 0
+    metadata = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi").metadata
+    assert (metadata.num_frames, metadata.average_fps) == (21, 3)  # 7 s at 3 fps, above min_frames
+    assert (metadata.height, metadata.width) == (256, 342)
 
 
 def _children(pid: int) -> list[int]:
