@@ -209,6 +209,11 @@ def evaluated_model(
     if options.checkpoint is not None:
         model, backbone, checkpoint = load_trained(options.checkpoint, options.clip, device, precision)
         config = checkpoint["config"]
+        if config.get("task", task) != task:
+            raise RunError(
+                f"{options.checkpoint} is a {config['task']} checkpoint: evaluate it with "
+                f"'evaluate.py {config['task']}', or give a {task} checkpoint"
+            )
         return model, backbone, options.frames or config["frames"], options.words or config.get("words")
     if options.prompt not in (None, "none"):
         raise RunError(

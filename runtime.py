@@ -115,14 +115,19 @@ def tensors_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_backbone(name: str | None) -> Backbone:
-    """``--clip``: an OpenAI model name or a checkpoint path; none (or ``random-demo-clip``) gives the demo CLIP."""
+def load_backbone(name: str | None, trained_on: bool = False) -> Backbone:
+    """``--clip``: an OpenAI model name or a checkpoint path; none (or ``random-demo-clip``) gives the demo CLIP.
+
+    ``trained_on``: the CLIP a checkpoint names, which the message then says (rather than that none was given)."""
     if name in (None, DEMO_CLIP_NAME):
-        echo(
-            f"no --clip given: using a small randomly initialised ViT-CLIP ({DEMO_CLIP.image_resolution} px, "
-            f"{DEMO_CLIP.vision_layers} layers, width {DEMO_CLIP.vision_width}) sized for a CPU; "
-            "its text tower reads UTF-8 bytes, so nothing is downloaded"
-        )
+        size = f"{DEMO_CLIP.image_resolution} px, {DEMO_CLIP.vision_layers} layers, width {DEMO_CLIP.vision_width}"
+        if trained_on:
+            echo(f"CLIP: the checkpoint's, the small demo ViT-CLIP it was trained on ({size}; nothing downloaded)")
+        else:
+            echo(
+                f"no --clip given: using a small randomly initialised ViT-CLIP ({size}) sized for a CPU; "
+                "its text tower reads UTF-8 bytes, so nothing is downloaded"
+            )
         clip = clip_model.random_clip(DEMO_CLIP, seed=0)
         # Random towers give nearly parallel features (cosines above 0.9); at the initial temperature 1/0.07 their
         # differences vanish in the softmax. Use a trained CLIP's scale instead: OpenAI's models sit at the cap, 100.
@@ -199,7 +204,7 @@ def load_trained(
     by ``STOPConfig.from_dict``.
     """
     checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
-    backbone = load_backbone(clip or checkpoint["clip"]["name"])
+    backbone = load_backbone(clip or checkpoint["clip"]["name"], trained_on=clip is None)
     check_same_backbone(checkpoint, backbone, path)
     config = checkpoint["config"]
     stop_config = STOPConfig.from_dict(config)

@@ -226,6 +226,7 @@ def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path
     except OSError as error:
         raise DataError(f"synthetic: cannot create the dataset at {root}: {os_error_message(error)}") from None
     retired = scratch.with_name(scratch.name + "-old")
+    typer.echo(f"writing the synthetic dataset to {root} (once, about 20 s on 2 cores)")
     try:
         with single_threaded():
             generator = torch.Generator().manual_seed(seed)
