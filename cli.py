@@ -51,6 +51,12 @@ WorkersOption = Annotated[
 DeviceOption = Annotated[Device, typer.Option(help="auto: CUDA when present.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")]
 StrictOption = Annotated[bool, typer.Option(help="A broken video is an error instead of a warning.")]
+CompileOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile", help="torch.compile the video encoder; default: on with CUDA, off on the CPU."
+    ),
+]
 
 
 def train_options(
@@ -82,6 +88,7 @@ def train_options(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     grad_checkpoint: Annotated[bool, typer.Option(help="Recompute frozen blocks in backward.")] = False,
+    compile: CompileOption = None,
     seed: Annotated[
         int, typer.Option(min=0, max=2**32 - 1, help="Seeds initialisation, shuffling, augmentation, dropout.")
     ] = 0,
@@ -115,10 +122,11 @@ class EvaluationOptions:
         int, typer.Option(help="Spatial views: 1 (centre square) or 3 (squares along the long side, X-CLIP's test).")
     ] = 1
     split_id: SplitOption = 1
-    batch_size: Annotated[int, typer.Option(min=1, help="Videos per forward, split over torchrun's processes.")] = 32
+    batch_size: Annotated[int, typer.Option(min=1, help="Videos per forward in each process.")] = 32
     workers: WorkersOption = None
     device: DeviceOption = "auto"
     precision: PrecisionOption = "auto"
+    compile: CompileOption = None
     strict: StrictOption = False
     out: Annotated[Path | None, typer.Option(help="Metrics JSON; default: beside the checkpoint, else runs/.")] = None
 

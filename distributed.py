@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 from data import DataError
 from errors import EXPECTED_ERRORS, RankError, RunError, error_message
-from stop import STOPModel
 
 TIMEOUT_VARIABLE = "STOP_TIMEOUT_MINUTES"  # how long a collective (joining included) waits for every rank
 DEFAULT_TIMEOUT_MINUTES = 10.0
@@ -216,25 +215,13 @@ def broken_over_ranks(*datasets: data.VideoDataset) -> int:
     return sum(len({item for share in shares for item in share[number]}) for number in range(len(datasets)))
 
 
-class VideoTower(nn.Module):
-    """What DistributedDataParallel wraps: STOP's video encoder as a ``forward``, STOP's prompters as its parameters.
+def data_parallel(tower: nn.Module, device: torch.device) -> nn.Module:
+    """``tower`` (``runtime.VideoTower``), under torchrun wrapped so that DDP averages the prompters' gradients.
 
     DDP averages gradients only for what runs through its ``forward``, and at the start broadcasts every parameter
-    of the module it wraps from rank 0. Registering ``model.prompters`` as the only submodule, and calling the model
-    through a bound method, keeps both to what trains: the frozen CLIP, the same on every rank, is never sent.
-    """
-
-    def __init__(self, model: STOPModel):
-        super().__init__()
-        self.prompters = model.prompters
-        self.encode_video = model.encode_video  # a method, not a submodule: CLIP stays out of DDP's view
-
-    def forward(self, videos: torch.Tensor) -> torch.Tensor:
-        return self.encode_video(videos)
-
-
-def data_parallel(model: STOPModel, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model.encode_video``, under torchrun wrapped so that DDP averages the prompters' gradients over the ranks.
+    of the module it wraps from rank 0: the tower's are the prompters' alone, so the frozen CLIP, the same on every
+    rank, is never sent. A compiled tower compiles its inner function, as PyTorch advises for DDP (compile the module
+    DDP wraps, not the wrapper).
 
     Every gap carries eta prompt slots, real or masked, so a batch with no prompt (n_t = 0 everywhere) still runs the
     temporal prompters and gives them a zero gradient, in one process as here. Single-frame videos skip them:
@@ -242,6 +229,6 @@ def data_parallel(model: STOPModel, device: torch.device) -> Callable[[torch.Ten
     AdamW skips it exactly as it does in one process.
     """
     if not distributed():
-        return model.encode_video
+        return tower
     device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(VideoTower(model), device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(tower, device_ids=device_ids, find_unused_parameters=True)

@@ -19,6 +19,7 @@ sampler's padding, and computes the metrics on the whole set, so they are those 
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from errors import RunError
 from runs import atomic_save, check_writable
 from runtime import (
     Backbone,
+    VideoTower,
     autocast,
     build_model,
     caption_tokenizer,
@@ -43,6 +45,7 @@ from runtime import (
     default_workers,
     load_backbone,
     load_trained,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     text_features,
@@ -123,24 +126,27 @@ def multi_caption_retrieval_metrics(similarity: torch.Tensor, video_of_caption: 
 # --------------------------------------------------------------------------- #
 
 
-def encode_videos(model: STOPModel, videos: torch.Tensor) -> torch.Tensor:
+def encode_videos(encode: Callable[[torch.Tensor], torch.Tensor], videos: torch.Tensor) -> torch.Tensor:
     """``[B, T, 3, R, R]`` or, with K views (temporal x spatial), ``[B, K, T, 3, R, R]`` -> ``[B, E]``: the views'
-    features averaged, then L2-normalised again."""
+    features averaged, then L2-normalised again. ``encode``: ``model.encode_video``, or a ``VideoTower`` of it."""
     if videos.ndim == 5:
-        return model.encode_video(videos)
+        return encode(videos)
     batch, views = videos.shape[:2]
-    features = model.encode_video(videos.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
+    features = encode(videos.flatten(0, 1)).view(batch, views, -1).mean(dim=1)
     return torch.nn.functional.normalize(features, dim=-1)
 
 
 @torch.no_grad()
-def evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs=False) -> dict[str, float]:
+def evaluate_recognition(
+    model, loader, class_features, device, precision, reversed_pairs=False, encode=None
+) -> dict[str, float]:
     """Top-1/top-5; with ``reversed_pairs`` (the synthetic classes) also the direction accuracy."""
     model.eval()
+    encode = encode or model.encode_video
     logits, labels = [], []
     for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
         with autocast(device, precision):
-            features = encode_videos(model, videos.to(device, non_blocking=True))
+            features = encode_videos(encode, videos.to(device, non_blocking=True))
             logits.append(model.similarity(features, class_features).float().cpu())
         labels.append(batch_labels)
     logits, labels = gather_in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
@@ -151,7 +157,7 @@ def evaluate_recognition(model, loader, class_features, device, precision, rever
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, loader, tokenize, device, precision) -> dict[str, dict[str, float]]:
+def evaluate_retrieval(model, loader, tokenize, device, precision, encode=None) -> dict[str, dict[str, float]]:
     """The whole test set's ``[N_text, N_video]`` similarity; under torchrun every rank gathers all of it.
 
     One (video, caption) pair per item (MSR-VTT, LSMDC, the paragraphs of ActivityNet and DiDeMo): a square matrix,
@@ -159,10 +165,11 @@ def evaluate_retrieval(model, loader, tokenize, device, precision) -> dict[str, 
     video) encodes each video once and all its captions: ``multi_caption_retrieval_metrics``.
     """
     model.eval()
+    encode = encode or model.encode_video
     video_features, targets = [], []
     for videos, batch_targets in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
         with autocast(device, precision):
-            video_features.append(encode_videos(model, videos.to(device, non_blocking=True)).float())
+            video_features.append(encode_videos(encode, videos.to(device, non_blocking=True)).float())
         targets.extend(batch_targets)
     video_features, targets = gather_in_dataset_order(loader, torch.cat(video_features), targets)
     caption_groups = loader.dataset.dataset.caption_groups
@@ -260,15 +267,17 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
         workers=default_workers() if options.workers is None else options.workers,
         sampler=shard(test_set, train=False),
     )
+    tower = VideoTower(model, resolve_compile(options.compile, device))
     with rank_local_errors():
         if task == "recognize":
             with autocast(device, precision):
                 prompts = class_prompts(dataset, test_set.classes)
                 class_features = text_features(model, backbone.tokenize, prompts, device)
-            metrics = evaluate_recognition(model, loader, class_features, device, precision, dataset == "synthetic")
+            reversed_pairs = dataset == "synthetic"
+            metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower)
         else:
             words = words or data.retrieval_protocol(dataset).words
-            metrics = evaluate_retrieval(model, loader, caption_tokenizer(backbone, words), device, precision)
+            metrics = evaluate_retrieval(model, loader, caption_tokenizer(backbone, words), device, precision, tower)
     broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result

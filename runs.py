@@ -42,8 +42,9 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes, each t
 OWN_FILES = {*RUN_FILES, *(name + ".tmp" for name in RUN_FILES)}
 LOCK_FILE = "run.lock"
 # What --resume may change; anything else given must match the saved run. --clip may name the same weights
-# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run.
-RESUME_MAY_CHANGE = ("epochs", "workers", "device", "strict", "root", "clip")
+# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run; the others
+# change how the run computes, not what.
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "compile", "strict", "root", "clip")
 Config = TypeVar("Config")
 
 

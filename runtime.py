@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import clip_model
 import data
@@ -236,6 +238,46 @@ def default_frames(task: str, dataset: str) -> int:
     """Frames per video when none are given: 8 for recognition, the dataset's protocol's for retrieval (the
     synthetic set's are MSR-VTT's)."""
     return RECOGNITION_FRAMES if task == "recognize" else data.retrieval_protocol(dataset).frames
+
+
+def resolve_compile(compile: bool | None, device: torch.device) -> bool:
+    """``--compile`` not given: on with CUDA, off on the CPU (README, Performance: what each costs and brings)."""
+    return device.type == "cuda" if compile is None else compile
+
+
+class VideoTower(nn.Module):
+    """``model.encode_video`` as a module whose parameters are the prompters' alone, compiled when asked.
+
+    What DistributedDataParallel wraps (``distributed.data_parallel``) and what the loops call. With ``compile``,
+    the encoder runs through ``torch.compile(fullgraph=True)``: one graph for training and one for evaluation, each
+    compiled on its first batch (the log says so, and how long it took). A batch smaller than the first (the last
+    one of an evaluation) is padded to the first's size with copies of its first video and the padding dropped
+    after, so the graph is never compiled again for it.
+    """
+
+    def __init__(self, model: STOPModel, compile: bool = False):
+        super().__init__()
+        self.prompters = model.prompters  # the only submodule: CLIP stays out of DDP's view
+        self.compiled = compile
+        self.encode_video = torch.compile(model.encode_video, fullgraph=True) if compile else model.encode_video
+        self.batch_sizes: dict[bool, int] = {}  # the compiled batch size, per grad mode (training, evaluation)
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.encode_video(videos)
+        training, batch = torch.is_grad_enabled(), len(videos)
+        if training in self.batch_sizes:
+            missing = self.batch_sizes[training] - batch
+            if missing > 0:
+                videos = torch.cat([videos, videos[:1].expand(missing, *videos.shape[1:])])
+            return self.encode_video(videos)[:batch]
+        mode = "training" if training else "evaluation"
+        echo(f"compiling the video encoder for {mode} (torch.compile, once per run: its first batch waits for it)")
+        started = time.perf_counter()
+        features = self.encode_video(videos)
+        echo(f"compiled the video encoder for {mode} in {time.perf_counter() - started:.0f} s")
+        self.batch_sizes[training] = batch
+        return features
 
 
 def default_workers() -> int:

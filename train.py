@@ -49,6 +49,7 @@ from errors import RankError, RunError
 from evaluate import evaluate_recognition, evaluate_retrieval, format_metrics
 from runtime import (
     Backbone,
+    VideoTower,
     autocast,
     build_model,
     caption_tokenizer,
@@ -58,6 +59,7 @@ from runtime import (
     default_workers,
     load_backbone,
     load_trained,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     text_features,
@@ -100,6 +102,7 @@ class TrainConfig(STOPConfig):
     device: str = "auto"
     precision: str = "auto"
     grad_checkpoint: bool = False
+    compile: bool | None = None  # None: on with CUDA (runtime.resolve_compile)
     seed: int = 0
     strict: bool = False
     out: str
@@ -137,7 +140,8 @@ class Run:
     backbone: Backbone
     tokenize: Callable[[list[str]], torch.Tensor]  # captions to tokens, cut to --words (retrieval)
     model: STOPModel
-    encode: Callable[[torch.Tensor], torch.Tensor]  # model.encode_video, or its DDP wrapper under torchrun
+    tower: VideoTower  # model.encode_video as a module, compiled with --compile: what the evaluation calls
+    encode: Callable[[torch.Tensor], torch.Tensor]  # the tower, or its DDP wrapper under torchrun
     train_set: data.VideoDataset
     test_set: data.VideoDataset
     train_loader: data.VideoLoader
@@ -198,7 +202,8 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
     tokenize = caption_tokenizer(backbone, config.words or data.retrieval_protocol("msrvtt").words)
-    return Run(config, device, precision, backbone, tokenize, model, data_parallel(model, device), train_set,
+    tower = VideoTower(model, resolve_compile(config.compile, device))
+    return Run(config, device, precision, backbone, tokenize, model, tower, data_parallel(tower, device), train_set,
                test_set, train_loader, test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
 
 
@@ -225,9 +230,9 @@ def evaluate_epoch(run: Run) -> tuple[dict[str, Any], float]:
     model, loader, device, precision = run.model, run.test_loader, run.device, run.precision
     if run.config.task == "recognize":
         reversed_pairs = run.config.dataset == "synthetic"
-        metrics = evaluate_recognition(model, loader, run.class_features, device, precision, reversed_pairs)
+        metrics = evaluate_recognition(model, loader, run.class_features, device, precision, reversed_pairs, run.tower)
         return metrics, metrics["top1"]
-    metrics = evaluate_retrieval(model, loader, run.tokenize, device, precision)
+    metrics = evaluate_retrieval(model, loader, run.tokenize, device, precision, run.tower)
     return metrics, metrics["text_to_video"]["R@1"]
 
 
