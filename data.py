@@ -40,7 +40,6 @@ import math
 import os
 import pickle
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1202,12 +1201,4 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
-    )
-
-
-if __name__ == "__main__":
-    # data.py is a library: its two commands moved to their own modules, and an old command line says where.
-    sys.exit(
-        "error: data.py has no commands: `python data.py synthetic` is now `python synthetic.py`, and "
-        "`python data.py prepare ...` is now `python prepare.py ...` (same options)"
     )
