@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import data
 import evaluate
+import layouts
 import prepare
 import runtime
 import train
@@ -54,9 +55,10 @@ def test_msvd_training_takes_every_caption_of_the_crlf_listed_videos(msvd_root: 
 
 
 def test_msvd_test_groups_captions_by_video_and_leaves_out_the_missing_one(msvd_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning) as caught:
+    with pytest.warns(layouts.MissingVideosWarning) as caught:
         test_set = build("msvd", msvd_root, "test")
     assert len(caught) == 1  # listed once
+    assert caught[0].filename == __file__  # it points at the line that built the dataset
     message = str(caught[0].message)
     assert "zzLq_missing_1_4" in message and str(msvd_root / "YouTubeClips") in message
     assert "the test set has 3 videos and 6 captions instead of 4 and 8" in message and "--strict" in message
@@ -203,7 +205,7 @@ def activitynet_root(tmp_path_factory) -> Path:
 
 
 def test_activitynet_paragraphs_and_v_v_keys(activitynet_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning, match=r"1 without captions: v_no_captions"):
+    with pytest.warns(layouts.MissingVideosWarning, match=r"1 without captions: v_no_captions"):
         train_set = build("activitynet", activitynet_root, "train")
     assert [path.name for path in train_set.paths] == ["QOlSCBRmfWY.mp4", "v_UmAH95xls.mp4"]
     assert train_set.targets == ["A young woman is seen standing. She then dances.", "A man rides a bike."]
@@ -249,7 +251,7 @@ def didemo_root(tmp_path_factory) -> Path:
 
 
 def test_didemo_names_with_at_signs_and_extensions_and_joined_descriptions(didemo_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning, match=re.escape(DIDEMO_MPG)):
+    with pytest.warns(layouts.MissingVideosWarning, match=re.escape(DIDEMO_MPG)):
         test_set = build("didemo", didemo_root, "test")
     assert [path.name for path in test_set.paths] == [DIDEMO_MOV, f"{DIDEMO_3GP}.mp4"]
     assert test_set.targets == ["a girl waves she smiles", "the camera pans"]
@@ -291,7 +293,8 @@ def vatex_root(tmp_path_factory) -> Path:
 def test_vatex_multi_caption_test_set_without_its_missing_video(vatex_root: Path) -> None:
     train_set = build("vatex", vatex_root, "train")
     assert train_set.targets == VATEX_CAPTIONS["Ptf_2VRj-V0_000122_000132"]
-    with pytest.warns(data.MissingVideosWarning, match="the test set has 2 videos and 5 captions instead of 3 and 6"):
+    expected = "the test set has 2 videos and 5 captions instead of 3 and 6"
+    with pytest.warns(layouts.MissingVideosWarning, match=expected):
         test_set = build("vatex", vatex_root, "test")
     assert [path.stem for path in test_set.paths] == ["-0ifG6oNDQ4_000035_000045", "vJdLpY3CkIM_000001_000011"]
     assert test_set.caption_groups == [VATEX_CAPTIONS[path.stem] for path in test_set.paths]
@@ -386,7 +389,7 @@ def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path, tmp_pat
 def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Path, tmp_path: Path) -> None:
     report = prepare.prepare_dataset("didemo", didemo_root, tmp_path / "prepared", progress=False)
     assert (report.written, report.failures) == (3, [])
-    with pytest.warns(data.MissingVideosWarning):
+    with pytest.warns(layouts.MissingVideosWarning):
         original, prepared = build("didemo", didemo_root, "test"), build("didemo", tmp_path / "prepared", "test")
     assert [path.relative_to(tmp_path / "prepared") for path in prepared.paths] == [
         path.relative_to(didemo_root) for path in original.paths
