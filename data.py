@@ -16,17 +16,16 @@ a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/
    shown here as worked examples, UCF101 and MSR-VTT 1k-A; ``layouts.py`` reads the other eight the same way.
    ``RETRIEVAL_PROTOCOLS`` says how each retrieval benchmark is read and scored.
 6. ``build_loader``: each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
-   resumed run continues exactly with any number of worker processes.
+   resumed run continues exactly with any number of worker processes (``video_loader.py``).
 
 Machinery a first reading may skip lives beside it: ``dataset_files.py`` (``DataError``, ``SplitListing`` and the
-readers of split and caption files) sits below this module; ``layouts.py`` (the other eight layouts, and
-``LISTERS``, the table of all ten) builds on this one and is imported by ``build_dataset`` when it runs.
+readers of split and caption files) and ``video_loader.py`` sit below this module; ``layouts.py`` (the other eight
+layouts, and ``LISTERS``, the table of all ten) builds on this one and is imported by ``build_dataset`` when it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import re
@@ -39,7 +38,7 @@ import torch
 import torchcodec
 import typer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import Dataset, Sampler
 from torchcodec import transforms as decoder_transforms
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
@@ -47,6 +46,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dataset_files import LAYOUTS, DataError, SplitListing, read_csv, read_json, read_lines, require_path, video_in
+from video_loader import LoaderItems, VideoLoader, collate_or_failure
 
 DATASETS = ("ucf101", "hmdb51", "ssv2", "msrvtt", "kinetics400", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
 RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2", "kinetics400")
@@ -557,75 +557,6 @@ def build_dataset(
         first_seconds=RETRIEVAL_PROTOCOLS[name].first_seconds if name in RETRIEVAL_PROTOCOLS else None,
         left_out=listing.left_out,
     )
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The 64-bit seed of item ``index``'s random draws in ``epoch``: unrelated streams for distinct triples."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-@dataclass
-class WorkerFailure:
-    """A DataError met in a DataLoader worker, carried to the main process in place of a batch.
-
-    PyTorch would send only the error's type and traceback text and rebuild it from that text, so the user would
-    read "Caught DataError in DataLoader worker process 0. Original Traceback ..." (or a RuntimeError, for a
-    BrokenVideoError, whose constructor takes two arguments). The error itself pickles, so it travels as it is.
-    """
-
-    error: DataError
-
-
-class LoaderItems(Dataset):
-    """``dataset`` as ``VideoLoader`` reads it: item ``i`` of epoch ``e`` draws from its own random stream.
-
-    Each item seeds torch's random number generator with ``item_seed(seed, e, i)`` (frame sampling and the
-    crop and flip use it), inside ``torch.random.fork_rng`` so the calling process's own stream is untouched. The
-    draws are then the same whichever worker process (or the main one, with no workers) loads the item, whatever
-    that worker loaded before it in earlier epochs, and however many workers there are: ``--resume``, which starts
-    fresh workers, continues exactly. ``epoch`` lives in shared memory: persistent workers see ``set_epoch``.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int | str] | WorkerFailure:
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, int(self.epoch), index))
-                return self.dataset[index]
-        except DataError as error:
-            if get_worker_info() is None:
-                raise  # no workers: it reaches the caller as it is anyway
-            return WorkerFailure(error)
-
-
-def collate_or_failure(items: list) -> object:
-    """``default_collate``, or the batch's first ``WorkerFailure`` (to be raised by ``VideoLoader``)."""
-    failures = [item for item in items if isinstance(item, WorkerFailure)]
-    return failures[0] if failures else default_collate(items)
-
-
-class VideoLoader(DataLoader):
-    """A DataLoader over ``LoaderItems``: raises a worker's DataError in the main process as the same error (one
-    ``error:`` line, as with no workers), and ``set_epoch`` gives the sampler and the items' random draws the epoch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch.fill_(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator:
-        for batch in super().__iter__():
-            if isinstance(batch, WorkerFailure):
-                raise batch.error
-            yield batch
 
 
 def build_loader(
