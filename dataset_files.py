@@ -104,20 +104,40 @@ def read_json(path: Path, dataset: str) -> object:
 
 
 def read_csv(path: Path, columns: tuple[str, ...], root: Path, dataset: str) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a csv file of ``dataset``, which must have a header naming ``columns``."""
+    """(line number, row) of a csv file of ``dataset``, which must have a header naming ``columns`` (a UTF-8
+    byte-order mark before it is fine), then one row per line with a value for each field of the header.
+
+    A row that does not parse is a DataError naming the file and line: one with a field too many or too few, or one
+    that runs on over several lines (a stray ``"`` opens a quoted field that swallows the line end and the next
+    row, so that rows would merge and a label would hold a newline).
+    """
+    rows = []
     try:
-        with require_path(path, dataset, root).open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            if not set(columns) <= set(reader.fieldnames or ()):
+        with require_path(path, dataset, root).open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = next(reader, [])
+            if not set(columns) <= set(header):
                 raise DataError(f"{dataset}: {path} should start with the header {','.join(columns)}")
-            rows = [(reader.line_num, row) for row in reader]
+            last_line = reader.line_num
+            for fields in reader:
+                number, last_line = last_line + 1, reader.line_num
+                if not fields:
+                    continue  # a blank line
+                if last_line != number:
+                    raise DataError(
+                        f"{dataset}: {path}, line {number}: the row runs on to line {last_line} (a stray '\"'?), "
+                        "expected one row per line"
+                    )
+                if len(fields) != len(header):
+                    raise DataError(
+                        f"{dataset}: {path}, line {number}: {len(fields)} fields, expected {len(header)} "
+                        f"({','.join(header)})"
+                    )
+                rows.append((number, dict(zip(header, fields))))
     except UnicodeDecodeError as error:
         raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     except csv.Error as error:
         raise DataError(f"{dataset}: {path}, line {reader.line_num}: {error}") from None
-    for number, row in rows:
-        if any(row[column] is None for column in columns):
-            raise DataError(f"{dataset}: {path}, line {number}: expected the columns {','.join(columns)}")
     return rows
 
 

@@ -163,6 +163,37 @@ def test_a_row_without_label_is_one_error_naming_file_and_line(kinetics_root, tm
         build(root, "test")
 
 
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [
+        ('"abseiling,aaaaaaaaaa1,0,10,x,0\n"air drumming",bbbbbbbbbb2,0,10,x,0\n', "runs on to line 3"),
+        ("abseiling,aaaaaaaaaa1,0,10,x\n", "5 fields, expected 6"),
+        ("abseiling,aaaaaaaaaa1,0,10,x,0,1\n", "7 fields, expected 6"),
+    ],
+    ids=["stray-quote", "a-field-short", "a-field-over"],
+)
+def test_a_row_that_does_not_parse_is_one_error_naming_file_and_line(
+    kinetics_root, tmp_path: Path, rows: str, problem: str
+) -> None:
+    """A stray quote would merge two rows into one whose label holds a newline; a short row would lose its fields."""
+    root = Path(shutil.copytree(kinetics_root / "annotations", tmp_path / "annotations")).parent
+    (root / "annotations" / "val.csv").write_text(HEADER + rows)
+    with pytest.raises(data.DataError) as error:
+        build(root, "test")
+    message = str(error.value)
+    assert message.startswith(f"kinetics400: {root / 'annotations' / 'val.csv'}, line 2: ") and problem in message
+    assert "\n" not in message
+
+
+def test_an_annotation_file_with_a_byte_order_mark_reads_as_without(kinetics_root, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(kinetics_root, tmp_path / "k400"))
+    val = root / "annotations" / "val.csv"
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
+    with pytest.warns(layouts.MissingVideosWarning, match="P4ss1ng_val"):
+        dataset = build(root, "test")
+    assert dataset.classes == CLASSES and dataset.targets == [CLASSES.index("air drumming"), CLASSES.index("abseiling")]
+
+
 # ---------------------------------------------------------------- three crops and several views
 
 
