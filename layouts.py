@@ -57,7 +57,13 @@ def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
 
 
 def list_ssv2(root: Path, split: str) -> SplitListing:
-    """Something-Something v2: class = labels.json[template without brackets]."""
+    """Something-Something v2: class = labels.json[template without brackets].
+
+    The class ids must be 0 to C-1, one per template, as in the published file (174 templates, 0 to 173). Any other
+    numbering is refused rather than renumbered: a gap would make a target past the classifier's C outputs (an
+    IndexError in training, wrong scores in evaluation), and renumbering would silently give classes numbers other
+    than the file's own.
+    """
     video_dir = require_path(root / "20bn-something-something-v2", "ssv2", root)
     label_file = require_path(root / "labels" / "labels.json", "ssv2", root)
     split_file = require_path(root / "labels" / ("train.json" if split == "train" else "validation.json"), "ssv2", root)
@@ -65,6 +71,11 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
     if not isinstance(labels_read, dict) or not all(str(label).isdigit() for label in labels_read.values()):
         raise DataError(f'ssv2: {label_file} should map each template to its class number: {{"<template>": "0", ...}}')
     label_of_template = {template: int(label) for template, label in labels_read.items()}
+    ids = sorted(label_of_template.values())
+    gap = next((position for position, label in enumerate(ids) if label != position), None)
+    if gap is not None:  # at the first id out of sequence, one is given twice or one is missing
+        fault = f"the class id {ids[gap]} is given twice" if ids[gap] < gap else f"no template has the class id {gap}"
+        raise DataError(f"ssv2: {label_file}: {fault}, expected the ids 0 to {len(ids) - 1}, each once")
     classes = [template.lower() for template in sorted(label_of_template, key=label_of_template.get)]
     clips = read_json(split_file, "ssv2")
     if not isinstance(clips, list):
