@@ -11,6 +11,7 @@ imports it inside ``build_dataset``, where the table is needed, rather than at i
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from collections.abc import Callable
@@ -315,6 +316,10 @@ def list_activitynet(root: Path, split: str, strict: bool) -> SplitListing:
     val_1. Keys are ``v_<youtube id>``, the video file is named by the id (exactly two characters stripped)."""
     ids_file, caption_file = _annotation_files("activitynet", root, split)
     listed = _read_json_of(ids_file, "activitynet", list, '["v_<youtube id>", ...]')
+    for number, key in enumerate(listed, 1):
+        if not isinstance(key, str):
+            entry = f"entry {number}, {json.dumps(key):.100}"
+            raise DataError(f'activitynet: {ids_file}: {entry}, is not a video id, expected "v_<youtube id>"')
     videos = _read_json_of(caption_file, "activitynet", dict, '{"v_<youtube id>": {"sentences": [...], ...}, ...}')
     pairs = []
     for key in listed:

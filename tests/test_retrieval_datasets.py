@@ -4,6 +4,7 @@ video files in temporary folders; and ``train.py`` / ``evaluate.py retrieve`` on
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,22 @@ def test_activitynet_paragraphs_and_v_v_keys(activitynet_root: Path) -> None:
     assert caption == "People play polo." and abs(mean_level(clip) - 230) < 3
     protocol = data.retrieval_protocol("activitynet")
     assert (protocol.words, protocol.frames, protocol.paragraph) == (64, 64, True)
+
+
+@pytest.mark.parametrize("bad", [42, ["v_jTMdMnbW9OI"]], ids=["number", "list"])
+def test_activitynet_an_id_that_is_not_a_string_is_one_error_naming_it(
+    activitynet_root: Path, tmp_path: Path, bad: object
+) -> None:
+    root = tmp_path / "activitynet"
+    shutil.copytree(activitynet_root / "captions", root / "captions")
+    (root / "videos").symlink_to(activitynet_root / "videos")
+    ids_file = root / "captions" / "val_ids.json"
+    ids_file.write_text(json.dumps(["v_ehGHCYKzyZ8", bad]))
+    with pytest.raises(data.DataError) as error:
+        build("activitynet", root, "test")
+    message = str(error.value)
+    assert message.startswith(f"activitynet: {ids_file}: entry 2, {json.dumps(bad)}, is not a video id, expected ")
+    assert '"v_<youtube id>"' in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- DiDeMo
