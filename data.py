@@ -40,7 +40,7 @@ import typer
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchcodec import transforms as decoder_transforms
-from torchcodec.decoders import VideoDecoder
+from torchcodec.decoders import VideoDecoder, get_container_metadata
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -150,7 +150,12 @@ def bounded_size(height: int, width: int) -> tuple[int, int] | None:
 def open_video(path: Path, seek_mode: str) -> VideoDecoder:
     """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
     (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
-    decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    try:
+        decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    except ValueError:  # TorchCodec asks for a bug report when a file has no video stream (audio only): say so
+        if get_container_metadata(path).best_video_stream_index is None:
+            raise BrokenVideoError(path, "the file has no video stream") from None
+        raise
     height, width = decoder.metadata.height, decoder.metadata.width
     size = bounded_size(height, width) if height and width else None
     if size is None:

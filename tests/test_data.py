@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchcodec.decoders import VideoDecoder
+from torchcodec.encoders import AudioEncoder
 
 import data
 
@@ -500,6 +501,15 @@ def test_strict_mode_makes_a_broken_video_an_error(videos_with_broken_ones) -> N
     assert dataset[0][1] == 0
     with pytest.raises(data.DataError, match=re.escape(str(paths[1]))):
         dataset[1]
+
+
+def test_strict_mode_says_an_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "audio_only.mp4"
+    AudioEncoder(torch.zeros(1, 16000), sample_rate=16000).to_file(path)  # one second of silence, AAC
+    dataset = data.VideoDataset([path], [0], num_frames=2, resolution=RESOLUTION, train=True, strict=True)
+    with pytest.raises(data.BrokenVideoError) as error:
+        dataset[0]
+    assert str(error.value) == f"cannot decode video {path}: the file has no video stream"
 
 
 def test_broken_count_is_shared_by_loader_workers(videos_with_broken_ones) -> None:
