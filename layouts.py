@@ -239,18 +239,22 @@ def _retrieval_listing(
     missing = [video_id for video_id in dict.fromkeys(listed) if video_id in path_of and path_of[video_id] is None]
     kept = [(path_of[video_id], caption) for video_id, caption in pairs if path_of[video_id] is not None]
     if missing and strict:
+        one = len(missing) == 1
         raise DataError(
-            f"{name}: {len(missing)} {split} videos listed in {list_file} are not under {video_dir}: "
-            f"{_some(missing)} (without --strict they are left out)"
+            f"{name}: {_count(len(missing), f'{split} video')} listed in {list_file} {'is' if one else 'are'} not "
+            f"under {video_dir}: {_some(missing)} (without --strict {'it is' if one else 'they are'} left out)"
         )
     if missing or no_captions:
         videos = len(dict.fromkeys(path for path, _ in kept))
         lost = [f"{len(missing)} not under {video_dir}: {_some(missing)}"] if missing else []
         lost += [f"{len(no_captions)} without captions: {_some(no_captions)}"] if no_captions else []
+        lost_count = len(missing) + len(no_captions)
+        # a video without captions never counted in the split, so only missing files change its counts
+        counts_before = f" instead of {videos + len(missing)} and {len(pairs)}" if missing else ""
         warnings.warn(
-            f"{name}: {len(missing) + len(no_captions)} of the {len(dict.fromkeys(listed))} {split} videos listed in "
-            f"{list_file} are left out ({'; '.join(lost)}): the {split} set has {videos} videos and {len(kept)} "
-            f"captions instead of {videos + len(missing)} and {len(pairs)}"
+            f"{name}: {lost_count} of the {len(dict.fromkeys(listed))} {split} videos listed in {list_file} "
+            f"{'is' if lost_count == 1 else 'are'} left out ({'; '.join(lost)}): the {split} set has "
+            f"{_count(videos, 'video')} and {_count(len(kept), 'caption')}{counts_before}"
             + ("; --strict makes a missing video an error" if missing else ""),
             MissingVideosWarning,
             stacklevel=5,
@@ -263,6 +267,11 @@ def _retrieval_listing(
         paths, captions = list(groups), list(groups.values())
         return SplitListing(paths, list(range(len(paths))), caption_groups=captions, left_out=left_out)
     return SplitListing([path for path, _ in kept], [caption for _, caption in kept], left_out=left_out)
+
+
+def _count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, in the plural unless it is 1: "1 video", "2 videos"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _some(ids: list[str], shown: int = 10) -> str:

@@ -73,7 +73,8 @@ def test_msvd_test_groups_captions_by_video_and_leaves_out_the_missing_one(msvd_
 
 
 def test_msvd_strict_makes_a_missing_video_an_error(msvd_root: Path) -> None:
-    with pytest.raises(data.DataError, match=r"msvd: 1 test videos listed in .* are not under .*: zzLq_missing_1_4"):
+    expected = r"msvd: 1 test video listed in .* is not under .*: zzLq_missing_1_4 \(without --strict it is left out\)"
+    with pytest.raises(data.DataError, match=expected):
         build("msvd", msvd_root, "test", strict=True)
     assert len(build("msvd", msvd_root, "train", strict=True)) == 3  # nothing missing there
 
@@ -233,6 +234,32 @@ def test_activitynet_an_id_that_is_not_a_string_is_one_error_naming_it(
     message = str(error.value)
     assert message.startswith(f"activitynet: {ids_file}: entry 2, {json.dumps(bad)}, is not a video id, expected ")
     assert '"v_<youtube id>"' in message and "\n" not in message
+
+
+@pytest.mark.parametrize("lost", ["no captions", "no video"])
+def test_activitynet_one_video_left_out_is_told_in_the_singular(activitynet_root: Path, tmp_path: Path, lost) -> None:
+    """Only the videos whose files are missing change the counts the split would have had."""
+    root = tmp_path / "activitynet"
+    shutil.copytree(activitynet_root / "captions", root / "captions")
+    (root / "videos").symlink_to(activitynet_root / "videos")
+    ids_file = root / "captions" / "val_ids.json"
+    ids_file.write_text(json.dumps(["v_jTMdMnbW9OI", "v_gone"]))
+    if lost == "no video":
+        captions = json.loads((root / "captions" / "val_1.json").read_text())
+        captions["v_gone"] = {"duration": 10.0, "timestamps": [[0, 10]], "sentences": ["Nobody is there."]}
+        (root / "captions" / "val_1.json").write_text(json.dumps(captions))
+    with pytest.warns(layouts.MissingVideosWarning) as caught:
+        build("activitynet", root, "test")
+    (warning,) = caught
+    if lost == "no captions":
+        why, counts_before = "1 without captions: v_gone", ""
+    else:
+        why = f"1 not under {root / 'videos'}: v_gone"
+        counts_before = " instead of 2 and 2; --strict makes a missing video an error"
+    assert str(warning.message) == (
+        f"activitynet: 1 of the 2 test videos listed in {ids_file} is left out ({why}): "
+        f"the test set has 1 video and 1 caption{counts_before}"
+    )
 
 
 # ---------------------------------------------------------------- DiDeMo
@@ -422,6 +449,6 @@ def test_strict_evaluation_of_msvd_ends_with_one_error_line(msvd_root: Path, gol
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert (
         len(lines) == 1
-        and lines[0].startswith("error: msvd: 1 test videos listed in ")
+        and lines[0].startswith("error: msvd: 1 test video listed in ")
         and "zzLq_missing_1_4" in lines[0]
     )
