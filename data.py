@@ -1,89 +1,56 @@
-"""Video data for STOP, the reading path: decoding, frame sampling, transforms, datasets, loaders.
+"""Video data for STOP, the reading path: video files on disk -> the clips CLIP sees.
 
 STOP (CVPR 2025) adapts a frozen CLIP to video, so every model in this project eats the same thing: ``T`` frames of
 a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/std, as a float tensor
-``[T, 3, R, R]`` (the paper's video ``x``, batched to ``[B, T, 3, R, R]``). This module turns video files on disk
-into those tensors:
+``[T, 3, R, R]`` (the paper's video ``x``, batched to ``[B, T, 3, R, R]``). In order:
 
-1. Decoding with TorchCodec (FFmpeg underneath). Only the frames asked for are decoded: ``VideoDecoder.get_frames_at``
-   seeks to them in one call.
+1. Decoding with TorchCodec (FFmpeg underneath): only the sampled frames are decoded, by one seek per call.
 2. Sampling ``T`` frames (TSN style): training picks one random frame in each of ``T`` equal segments, evaluation
    the segment centres, optionally ``K`` evenly offset temporal views.
-3. Transforms (``torchvision.transforms.v2``, one set of random parameters for the whole clip): training = random
-   resized crop + horizontal flip (never for SSv2 or the synthetic set, where left and right are the label);
-   evaluation = resize the short side + centre crop, or the three squares along the long side (``three_crops``,
-   X-CLIP's multi-view test).
-4. The paper's benchmarks read from their published layouts and split files: UCF101, HMDB51, Something-Something v2
-   (action recognition: items ``(video, label)``) and MSR-VTT 1k-A (text-video retrieval: items
-   ``(video, caption)``); Kinetics-400 (recognition), as the anchors use; and MSVD, LSMDC, ActivityNet Captions,
-   DiDeMo and VATEX, the other retrieval benchmarks of CLIP4Clip and the STOP authors, each read and scored by its
-   protocol (``RETRIEVAL_PROTOCOLS``).
-5. Loaders in which each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
-   resumed run continues exactly, with any number of worker processes.
+3. Transforms (one set of random parameters per clip): training = random resized crop + horizontal flip (never for
+   SSv2 or the synthetic set, where left and right are the label); evaluation = resize + centre crop, or the three
+   squares along the long side (``three_crops``, X-CLIP's multi-view test).
+4. ``VideoDataset``: items ``(video, label)`` for action recognition, ``(video, caption)`` for text-video
+   retrieval. A broken video is reported with its path, replaced and counted, or with ``strict`` an error.
+5. Layouts: ``build_dataset`` reads each of the ten benchmarks from its published folders and split files. Two are
+   shown here as worked examples, UCF101 and MSR-VTT 1k-A; ``layouts.py`` reads the other eight the same way.
+   ``RETRIEVAL_PROTOCOLS`` says how each retrieval benchmark is read and scored.
+6. ``build_loader``: each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
+   resumed run continues exactly with any number of worker processes (``video_loader.py``).
 
-A broken video never ends an epoch with a traceback: it is reported with its path, replaced by the next sample and
-counted (``dataset.broken_count()``); ``strict=True`` makes it an error instead.
-
-Two modules write datasets in these same layouts for this one to read, and import it: ``synthetic.py`` (classes told
-apart only by temporal order, the first run's data) and ``prepare.py`` (a dataset re-encoded once into a small,
-seek-friendly copy). ``write_video`` here encodes the synthetic clips and the tests' videos.
+Machinery a first reading may skip lives beside it: ``dataset_files.py`` (``DataError``, ``SplitListing`` and the
+readers of split and caption files) and ``video_loader.py`` sit below this module; ``layouts.py`` (the other eight
+layouts, and ``LISTERS``, the table of all ten) builds on this one and is imported by ``build_dataset`` when it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import pickle
 import re
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import NoReturn
+from pathlib import Path
 
 import torch
 import torchcodec
 import typer
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import Dataset, Sampler
 from torchcodec import transforms as decoder_transforms
-from torchcodec.decoders import VideoDecoder
+from torchcodec.decoders import VideoDecoder, get_container_metadata
 from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-DATASETS = (
-    "ucf101",
-    "hmdb51",
-    "ssv2",
-    "msrvtt",
-    "kinetics400",
-    "msvd",
-    "lsmdc",
-    "activitynet",
-    "didemo",
-    "vatex",
-)
-RECOGNITION_DATASETS = (
-    "ucf101",
-    "hmdb51",
-    "ssv2",
-    "kinetics400",
-)
-RETRIEVAL_DATASETS = (
-    "msrvtt",
-    "msvd",
-    "lsmdc",
-    "activitynet",
-    "didemo",
-    "vatex",
-)
+from dataset_files import LAYOUTS, DataError, SplitListing, read_csv, read_json, read_lines, require_path, video_in
+from video_loader import LoaderItems, VideoLoader, collate_or_failure
+
+DATASETS = ("ucf101", "hmdb51", "ssv2", "msrvtt", "kinetics400", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
+RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2", "kinetics400")
+RETRIEVAL_DATASETS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
 SPLITS = ("train", "test")
 
 # OpenAI CLIP's pixel statistics (RGB, for pixel values scaled to [0, 1]).
@@ -104,66 +71,6 @@ MAX_DECODED_LONG_SIDE = 2880
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
 
-LAYOUTS = {
-    "ucf101": """\
-ROOT/UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi
-ROOT/ucfTrainTestlist/classInd.txt      "1 ApplyEyeMakeup"
-ROOT/ucfTrainTestlist/trainlist01.txt   "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1"
-ROOT/ucfTrainTestlist/testlist01.txt    "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi" (no label)""",
-    "hmdb51": """\
-ROOT/videos/brush_hair/<video name>.avi
-ROOT/testTrainMulti_7030_splits/brush_hair_test_split1.txt   "<video name>.avi 1"  (1 train, 2 test, 0 unused)""",
-    "ssv2": """\
-ROOT/20bn-something-something-v2/<id>.webm
-ROOT/labels/labels.json       {"Approaching something with your camera": "0", ...}
-ROOT/labels/train.json        [{"id": "78687", "template": "Holding [something] next to [something]", ...}, ...]
-ROOT/labels/validation.json   same form (the test split)""",
-    "msrvtt": """\
-ROOT/MSRVTT_Videos/video0.mp4 ... video9999.mp4
-ROOT/msrvtt_data/MSRVTT_data.json           {"videos": [...], "sentences": [{"caption": ..., "video_id": ...}, ...]}
-ROOT/msrvtt_data/MSRVTT_train.9k.csv        one column: video_id
-ROOT/msrvtt_data/MSRVTT_JSFUSION_test.csv   key,vid_key,video_id,sentence""",
-    "kinetics400": """\
-ROOT/annotations/train.csv   "label,youtube_id,time_start,time_end,split,is_cc"   (val.csv alike: the test split)
-ROOT/train/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4      (CVDF's k400_extractor.sh; val/ alike)
-  or ROOT/videos/train/<label>/<the same name>.mp4                (CVDF's arrange_by_classes.py)
-ROOT/replacement/replacement_for_corrupted_k400/<the same name>.mp4   (optional: CVDF's replacements, read first)""",
-    "msvd": """\
-ROOT/YouTubeClips/<id>.avi                        e.g. -4wsuPCjDBc_5_15.avi
-ROOT/msvd_data/{train,val,test}_list.txt          one id per line
-ROOT/msvd_data/raw-captions.pkl                   {id: [[word, ...], ...]}""",
-    "lsmdc": """\
-ROOT/videos/**/<CLIP_ID>.avi                      any depth, e.g. 3086_UGLY_TRUTH_00.23.23.000-00.23.28.886.avi
-ROOT/annotations/LSMDC16_annos_training.csv       CLIP_ID<tab>4 times<tab>SENTENCE
-ROOT/annotations/LSMDC16_challenge_1000_publictect.csv   the same form (the 1,000-clip test)""",
-    "activitynet": """\
-ROOT/videos/**/<ytid>.mp4                         any depth and container; key v_<ytid> -> <ytid>
-ROOT/captions/{train,val_1}.json                  {"v_<ytid>": {"duration": ..., "sentences": [...]}}
-ROOT/captions/{train_ids,val_ids}.json            ["v_<ytid>", ...]  (val_1 is the test split)""",
-    "didemo": """\
-ROOT/videos/**/<name as listed>                   e.g. 54153313@N00_5138457779_cd6d1b0637.mov (or .mov.mp4)
-ROOT/annotations/{train,test}_list.txt            one video file name per line
-ROOT/annotations/{train,test}_data.json           [{"video": <file name>, "description": ..., "times": ...}, ...]""",
-    "vatex": """\
-ROOT/videos/**/<id>.mp4                           any depth and container
-ROOT/annotations/{train,test}_list.txt            one id per line
-ROOT/annotations/ref_captions.json                {id: [caption, ...]}""",
-}
-
-FFMPEG_MISSING = """\
-TorchCodec could not load FFmpeg's libraries, which it needs to read and write
-video. Install FFmpeg (major version 4 to 8) and run again:
-  Debian/Ubuntu:  sudo apt-get install ffmpeg
-  macOS:          brew install ffmpeg
-  conda:          conda install -c conda-forge ffmpeg"""
-
-
-class DataError(Exception):
-    """Bad input: a missing file or folder, an unknown name, a broken video in strict mode.
-
-    Picklable (its one argument is the message), so a DataLoader worker can send it to the main process as it is.
-    """
-
 
 class BrokenVideoError(DataError):
     """A video file that cannot be decoded (missing, empty, truncated, not a video)."""
@@ -177,46 +84,16 @@ class BrokenVideoError(DataError):
         return BrokenVideoError, (self.path, self.reason)  # rebuilt from both arguments, not the message
 
 
-def os_error_message(error: OSError) -> str:
-    """A file-system error as ``<path>: <reason>`` ("/data/run: Permission denied"); its text if it names no path."""
-    if error.filename is None:
-        return str(error)
-    target = f" -> {error.filename2}" if error.filename2 is not None else ""
-    return f"{error.filename}{target}: {error.strerror or error}"
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as error:
-        typer.echo(f"error: {os_error_message(error)}", err=True)
-        raise typer.Exit(1) from None
-
-
 class BrokenVideoWarning(UserWarning):
     """A broken video was skipped and replaced by another sample."""
 
 
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
-    more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+FFMPEG_MISSING = """\
+TorchCodec could not load FFmpeg's libraries, which it needs to read and write
+video. Install FFmpeg (major version 4 to 8) and run again:
+  Debian/Ubuntu:  sudo apt-get install ffmpeg
+  macOS:          brew install ffmpeg
+  conda:          conda install -c conda-forge ffmpeg"""
 
 
 def require_ffmpeg() -> None:
@@ -226,31 +103,8 @@ def require_ffmpeg() -> None:
 
 
 # --------------------------------------------------------------------------
-# Writing and reading video files
+# Reading video files: decoding, frame sampling, transforms
 # --------------------------------------------------------------------------
-
-# Codec per container: what the benchmarks use (UCF101/HMDB51, MSR-VTT, SSv2).
-CODECS = {
-    ".avi": ("mpeg4", {}),  # MPEG-4 Part 2, FFmpeg's built-in encoder
-    ".mp4": ("libx264", {}),  # H.264
-    ".webm": ("libvpx-vp9", {"deadline": 1, "cpu-used": 8}),  # VP9, realtime speed
-}
-
-
-def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
-    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
-
-    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
-    """
-    require_ffmpeg()
-    path = Path(path)
-    if path.suffix not in CODECS:
-        raise ValueError(f"write_video: unknown suffix {path.suffix!r}; use one of {sorted(CODECS)}")
-    codec, options = CODECS[path.suffix]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    VideoEncoder(frames, frame_rate=fps).to_file(
-        path, codec=codec, pixel_format="yuv420p", extra_options=options or None
-    )
 
 
 def sample_indices(
@@ -296,7 +150,12 @@ def bounded_size(height: int, width: int) -> tuple[int, int] | None:
 def open_video(path: Path, seek_mode: str) -> VideoDecoder:
     """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
     (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
-    decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    try:
+        decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    except ValueError:  # TorchCodec asks for a bug report when a file has no video stream (audio only): say so
+        if get_container_metadata(path).best_video_stream_index is None:
+            raise BrokenVideoError(path, "the file has no video stream") from None
+        raise
     height, width = decoder.metadata.height, decoder.metadata.width
     size = bounded_size(height, width) if height and width else None
     if size is None:
@@ -511,7 +370,7 @@ class VideoDataset(Dataset):
 
 
 # --------------------------------------------------------------------------
-# The published layouts
+# Two published layouts, as worked examples (the other eight are in layouts.py)
 # --------------------------------------------------------------------------
 
 
@@ -522,69 +381,26 @@ def readable_class_name(folder_name: str) -> str:
     return " ".join(words.lower().split())
 
 
-@dataclass
-class SplitListing:
-    """What a split file says: video paths and targets, plus class names for recognition."""
-
-    paths: list[Path]
-    targets: list[int] | list[str]
-    classes: list[str] | None = None
-    caption_groups: list[list[str]] | None = None  # multi-caption test sets: the captions of each video
-    left_out: list[str] = dataclasses.field(default_factory=list)  # listed videos the split lost
-
-
-def _require(path: Path, dataset: str, root: Path) -> Path:
-    """``path`` itself, or a DataError naming it and showing the expected layout."""
-    if not path.exists():
-        raise DataError(f"{dataset}: {path} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[dataset]}")
-    return path
-
-
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, line) of the non-empty lines, without line ends or trailing blanks (names may contain spaces)."""
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # odd bytes in names round-trip to the path
-    return [(number, line.rstrip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
-def _read_json(path: Path, dataset: str) -> object:
-    """The JSON in ``path``, or one DataError naming the file and what is wrong with it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{dataset}: {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
-
-
-def _video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
-    """``video_dir / entry``, or a DataError naming ``where`` (file and line) when ``entry``, a video id read from a
-    dataset file, would leave the dataset's video folder (an absolute path, a ``..`` part)."""
-    relative = PurePosixPath(entry)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
-    return video_dir / entry
-
-
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     """UCF101: ``classInd.txt`` gives the classes (1-based); paths in the lists are matched case-insensitively
     (``HandStandPushups`` vs ``HandstandPushups``). A listed video missing on disk is reported as broken when it is
     loaded."""
-    video_dir = _require(root / "UCF-101", "ucf101", root)
+    video_dir = require_path(root / "UCF-101", "ucf101", root)
     list_dir = root / "ucfTrainTestlist"
-    class_file = _require(list_dir / "classInd.txt", "ucf101", root)
+    class_file = require_path(list_dir / "classInd.txt", "ucf101", root)
     folder_names = []
-    for number, line in _read_lines(class_file):
+    for number, line in read_lines(class_file):
         fields = line.split(maxsplit=1)
         if len(fields) != 2:
             raise DataError(f"ucf101: {class_file}, line {number}: expected '<index> <ClassName>', found {line!r}")
         folder_names.append(fields[1])
     label_of_folder = {name.lower(): label for label, name in enumerate(folder_names)}
-    split_file = _require(list_dir / f"{split}list{split_id:02d}.txt", "ucf101", root)
+    split_file = require_path(list_dir / f"{split}list{split_id:02d}.txt", "ucf101", root)
     video_of_entry = {path.relative_to(video_dir).as_posix().lower(): path for path in video_dir.glob("*/*")}
     paths, labels = [], []
-    for number, line in _read_lines(split_file):
+    for number, line in read_lines(split_file):
         entry = line.split()[0]  # a train line ends with its 1-based label; the folder says it too
-        path = _video_in(video_dir, entry, "ucf101", f"{split_file}, line {number}")
+        path = video_in(video_dir, entry, "ucf101", f"{split_file}, line {number}")
         folder = entry.split("/")[0].lower()
         if folder not in label_of_folder:
             raise DataError(f"ucf101: class {folder!r} of {entry} ({split_file}) is not in classInd.txt")
@@ -593,96 +409,23 @@ def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
 
 
-HMDB_SPLIT_CODES = {"train": "1", "test": "2"}
-
-
-def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
-    """HMDB51: one split file per class, ``<video name> <code>``, 1 = train, 2 = test, 0 = unused.
-    Video names contain spaces, brackets and ``&``: only the last space separates."""
-    video_dir = _require(root / "videos", "hmdb51", root)
-    split_dir = _require(root / "testTrainMulti_7030_splits", "hmdb51", root)
-    suffix = f"_test_split{split_id}.txt"
-    split_files = sorted(split_dir.glob(f"*{suffix}"))
-    if not split_files:
-        _require(split_dir / f"brush_hair{suffix}", "hmdb51", root)
-    folder_names = [file.name[: -len(suffix)] for file in split_files]
-    paths, labels = [], []
-    for label, (folder, split_file) in enumerate(zip(folder_names, split_files)):
-        for number, line in _read_lines(split_file):
-            if " " not in line:
-                raise DataError(f"hmdb51: {split_file}, line {number}: expected '<video name> <code>', found {line!r}")
-            name, code = line.rsplit(" ", 1)
-            path = _video_in(video_dir, f"{folder}/{name}", "hmdb51", f"{split_file}, line {number}")
-            if code == HMDB_SPLIT_CODES[split]:
-                paths.append(path)
-                labels.append(label)
-    return SplitListing(paths, labels, [readable_class_name(name) for name in folder_names])
-
-
-def list_ssv2(root: Path, split: str) -> SplitListing:
-    """Something-Something v2: class = labels.json[template without brackets]."""
-    video_dir = _require(root / "20bn-something-something-v2", "ssv2", root)
-    label_file = _require(root / "labels" / "labels.json", "ssv2", root)
-    split_file = _require(root / "labels" / ("train.json" if split == "train" else "validation.json"), "ssv2", root)
-    labels_read = _read_json(label_file, "ssv2")
-    if not isinstance(labels_read, dict) or not all(str(label).isdigit() for label in labels_read.values()):
-        raise DataError(f'ssv2: {label_file} should map each template to its class number: {{"<template>": "0", ...}}')
-    label_of_template = {template: int(label) for template, label in labels_read.items()}
-    classes = [template.lower() for template in sorted(label_of_template, key=label_of_template.get)]
-    clips = _read_json(split_file, "ssv2")
-    if not isinstance(clips, list):
-        raise DataError(f'ssv2: {split_file} should be a list of clips: [{{"id": "78687", "template": ...}}, ...]')
-    paths, labels = [], []
-    for number, clip in enumerate(clips, 1):
-        if not isinstance(clip, dict) or not isinstance(clip.get("template"), str) or "id" not in clip:
-            raise DataError(
-                f"ssv2: {split_file}, clip {number}: expected an 'id' and a 'template', found {clip!r:.200}"
-            )
-        template = clip["template"].replace("[", "").replace("]", "")
-        if template not in label_of_template:
-            raise DataError(f"ssv2: template {template!r} of clip {clip['id']} ({split_file}) is not in {label_file}")
-        paths.append(_video_in(video_dir, f"{clip['id']}.webm", "ssv2", f"{split_file}, clip {number}"))
-        labels.append(label_of_template[template])
-    return SplitListing(paths, labels, classes)
-
-
-def _read_csv(
-    path: Path, columns: tuple[str, ...], root: Path, dataset: str = "msrvtt"
-) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a csv file of ``dataset``, which must have a header naming ``columns``."""
-    try:
-        with _require(path, dataset, root).open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            if not set(columns) <= set(reader.fieldnames or ()):
-                raise DataError(f"{dataset}: {path} should start with the header {','.join(columns)}")
-            rows = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as error:
-        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
-    except csv.Error as error:
-        raise DataError(f"{dataset}: {path}, line {reader.line_num}: {error}") from None
-    for number, row in rows:
-        if any(row[column] is None for column in columns):
-            raise DataError(f"{dataset}: {path}, line {number}: expected the columns {','.join(columns)}")
-    return rows
-
-
 def list_msrvtt(root: Path, split: str) -> SplitListing:
     """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k videos, in MSRVTT_data.json order. Test: the
     1,000 JSFusion (video, sentence) rows in file order, so item i is the i-th ground-truth pair."""
-    video_dir = _require(root / "MSRVTT_Videos", "msrvtt", root)
+    video_dir = require_path(root / "MSRVTT_Videos", "msrvtt", root)
     data_dir = root / "msrvtt_data"
     if split == "test":
         test_file = data_dir / "MSRVTT_JSFUSION_test.csv"
-        rows = _read_csv(test_file, ("video_id", "sentence"), root)
-        paths = [_video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{test_file}, line {n}") for n, row in rows]
+        rows = read_csv(test_file, ("video_id", "sentence"), root, "msrvtt")
+        paths = [video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{test_file}, line {n}") for n, row in rows]
         return SplitListing(paths, [row["sentence"] for _, row in rows])
     train_file = data_dir / "MSRVTT_train.9k.csv"
     train_videos = set()  # the captions' video ids are taken only when listed here, so checking these is enough
-    for number, row in _read_csv(train_file, ("video_id",), root):
-        _video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{train_file}, line {number}")
+    for number, row in read_csv(train_file, ("video_id",), root, "msrvtt"):
+        video_in(video_dir, f"{row['video_id']}.mp4", "msrvtt", f"{train_file}, line {number}")
         train_videos.add(row["video_id"])
-    data_file = _require(data_dir / "MSRVTT_data.json", "msrvtt", root)
-    sentences = _read_json(data_file, "msrvtt")
+    data_file = require_path(data_dir / "MSRVTT_data.json", "msrvtt", root)
+    sentences = read_json(data_file, "msrvtt")
     sentences = sentences.get("sentences") if isinstance(sentences, dict) else None
     well_formed = isinstance(sentences, list) and all(
         isinstance(s, dict) and isinstance(s.get("video_id"), str) and isinstance(s.get("caption"), str)
@@ -697,76 +440,8 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
     return SplitListing([video_dir / f"{video}.mp4" for video, _ in pairs], [caption for _, caption in pairs])
 
 
-class MissingVideosWarning(UserWarning):
-    """Videos listed in a split that are not on disk (or, for retrieval, have no captions) were left out of it,
-    counted and named once, when the split is listed."""
-
-
-KINETICS_FOLDERS = {"train": "train", "test": "val"}  # the papers' test split is the validation set
-KINETICS_REPLACEMENTS = "replacement/replacement_for_corrupted_k400"
-YOUTUBE_ID_LENGTH = 11
-
-
-def _kinetics_rows(csv_file: Path, root: Path) -> list[tuple[str, str]]:
-    """(youtube_id, label) of each row of a Kinetics annotation file, in file order."""
-    rows = []
-    for number, row in _read_csv(csv_file, ("label", "youtube_id"), root, "kinetics400"):
-        video_id, label = row["youtube_id"].strip(), row["label"].strip()
-        if not video_id or not label:
-            raise DataError(f"kinetics400: {csv_file}, line {number}: expected a youtube_id and a label")
-        rows.append((video_id, label))
-    return rows
-
-
-def _videos_by_youtube_id(folder: Path, pattern: str) -> dict[str, Path]:
-    """The ``.mp4`` files matching ``pattern`` under ``folder``, keyed by YouTube id: the first 11 characters of the
-    file name, as CVDF's arrange_by_classes.py matches them (ids hold ``_`` and ``-``, so a name is never split on
-    them)."""
-    if not folder.is_dir():
-        return {}
-    return {path.name[:YOUTUBE_ID_LENGTH]: path for path in folder.glob(pattern)}
-
-
-def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
-    """Kinetics-400 as CVDF publishes it: ``annotations/<split>.csv`` gives each clip's YouTube id and label, the
-    test split being ``val`` (where X-CLIP and ViFi-CLIP report top-1/top-5).
-
-    Classes are the labels of train.csv and val.csv (whichever exist) in sorted order, ``abseiling`` first as in
-    X-CLIP's and mmaction2's label lists, so both splits number them alike; the labels are already words ("air
-    drumming") and are used as they are. A clip's video is looked up by YouTube id, first among CVDF's
-    replacements for corrupted videos, then in ``ROOT/<split>/``, then in the class folders ``arrange_by_classes.py``
-    makes, ``ROOT/videos/<split>/<label>/``. Ids may start with ``-`` (643 val clips do): they are ids like any other.
-    Rows whose video is in none of these places (videos gone from YouTube before CVDF's copy: about 3% of train)
-    are left out with one MissingVideosWarning that counts them; with ``strict`` they are a DataError instead.
-    """
-    folder = KINETICS_FOLDERS[split]
-    csv_file = _require(root / "annotations" / f"{folder}.csv", "kinetics400", root)
-    rows = _kinetics_rows(csv_file, root)
-    labels = {label for _, label in rows}
-    for other in KINETICS_FOLDERS.values():
-        other_file = root / "annotations" / f"{other}.csv"
-        if other != folder and other_file.is_file():
-            labels |= {label for _, label in _kinetics_rows(other_file, root)}
-    label_of_name = {name: label for label, name in enumerate(sorted(labels))}
-    videos = _videos_by_youtube_id(root / "videos" / folder, "*/*.mp4")
-    videos.update(_videos_by_youtube_id(root / folder, "*.mp4"))  # later lookups win
-    videos.update(_videos_by_youtube_id(root / KINETICS_REPLACEMENTS, "*.mp4"))
-    missing = [video_id for video_id, _ in rows if video_id not in videos]
-    if missing:
-        message = (
-            f"kinetics400: {len(missing):,} of the {len(rows):,} clips of {csv_file} have no video under {root} "
-            f"({folder}/, videos/{folder}/<label>/ or {KINETICS_REPLACEMENTS}/): {', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}"
-        )
-        if strict:
-            raise DataError(f"{message}; without --strict they are left out with a warning")
-        warnings.warn(f"{message}; left out of the {folder} split", MissingVideosWarning, stacklevel=3)
-    found = [(videos[video_id], label_of_name[label]) for video_id, label in rows if video_id in videos]
-    return SplitListing([path for path, _ in found], [label for _, label in found], sorted(labels))
-
-
 # --------------------------------------------------------------------------
-# More retrieval benchmarks: MSVD, LSMDC, ActivityNet Captions, DiDeMo, VATEX
+# How each retrieval benchmark is read and scored
 # --------------------------------------------------------------------------
 
 
@@ -832,220 +507,9 @@ def retrieval_protocol(name: str) -> RetrievalProtocol:
     return RETRIEVAL_PROTOCOLS["msrvtt" if name == "synthetic" else name]
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
-    """Reads a pickle as plain data: no class or function is ever looked up, so nothing in the file can run.
-
-    A pickle calls code only through objects it names (``GLOBAL``, ``STACK_GLOBAL`` and the extension-registry
-    opcodes, all resolved by ``find_class``) or persistent ids (``persistent_load``, which by default refuses).
-    """
-
-    def find_class(self, module: str, name: str) -> NoReturn:
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only dicts, lists and strings are read")
-
-
-def _read_caption_pickle(path: Path, dataset: str) -> dict[str, list[str]]:
-    """MSVD's ``raw-captions.pkl``: {id: [caption, ...]}, each caption a list of words (joined with spaces)."""
-    try:
-        with path.open("rb") as file:
-            loaded = _DataOnlyUnpickler(file).load()
-    except OSError:
-        raise
-    except Exception as error:  # anything a malformed or crafted pickle raises
-        raise DataError(f"{dataset}: {path} cannot be read as data: {type(error).__name__}: {error}") from None
-
-    def caption(words: object) -> str | None:
-        if isinstance(words, str):
-            return words
-        if isinstance(words, list) and all(isinstance(word, str) for word in words):
-            return " ".join(words)
-        return None
-
-    captions = {}
-    if isinstance(loaded, dict):
-        for video_id, entries in loaded.items():
-            joined = [caption(words) for words in entries] if isinstance(entries, list) else [None]
-            if not isinstance(video_id, str) or None in joined:
-                break
-            captions[video_id] = joined
-        else:
-            return captions
-    raise DataError(f"{dataset}: {path} should hold {{id: [[word, ...], ...]}}: a dict of lists of word lists")
-
-
-def _read_ids(path: Path) -> list[str]:
-    """One id per line; CRLF line ends and a missing final newline (MSVD's lists) are both fine."""
-    return [line.strip() for _, line in _read_lines(path)]
-
-
-def _videos_by(video_dir: Path, key: Callable[[Path], str]) -> dict[str, Path]:
-    """Every video file under ``video_dir``, at any depth (hidden files aside), by ``key`` of its path."""
-    files = sorted(path for path in video_dir.rglob("*") if not path.name.startswith(".") and path.is_file())
-    return {key(path): path for path in reversed(files)}  # the first in sorted order wins a clash
-
-
-def _retrieval_listing(
-    name: str,
-    split: str,
-    root: Path,
-    list_file: Path,
-    listed: list[str],
-    pairs: list[tuple[str, str]],
-    find_video: Callable[[str], Path | None],
-    strict: bool,
-) -> SplitListing:
-    """The split's items from the ids ``list_file`` lists and their (id, caption) ``pairs``, in order.
-
-    Listed ids without captions and videos not on disk are left out and named in one MissingVideosWarning, which
-    says how the split shrank; with ``strict`` a missing video is a DataError instead. Training: one item per
-    caption. Test: one item per caption too (a square text x video matrix), except for a multi-caption protocol,
-    whose test set has one item per video and its captions in ``caption_groups``.
-    """
-    protocol = RETRIEVAL_PROTOCOLS[name]
-    video_dir = root / protocol.videos
-    with_captions = {video_id for video_id, _ in pairs}
-    no_captions = [video_id for video_id in dict.fromkeys(listed) if video_id not in with_captions]
-    path_of = {video_id: find_video(video_id) for video_id in with_captions}
-    missing = [video_id for video_id in dict.fromkeys(listed) if video_id in path_of and path_of[video_id] is None]
-    kept = [(path_of[video_id], caption) for video_id, caption in pairs if path_of[video_id] is not None]
-    if missing and strict:
-        raise DataError(
-            f"{name}: {len(missing)} {split} videos listed in {list_file} are not under {video_dir}: "
-            f"{_some(missing)} (without --strict they are left out)"
-        )
-    if missing or no_captions:
-        videos = len(dict.fromkeys(path for path, _ in kept))
-        lost = [f"{len(missing)} not under {video_dir}: {_some(missing)}"] if missing else []
-        lost += [f"{len(no_captions)} without captions: {_some(no_captions)}"] if no_captions else []
-        warnings.warn(
-            f"{name}: {len(missing) + len(no_captions)} of the {len(dict.fromkeys(listed))} {split} videos listed in "
-            f"{list_file} are left out ({'; '.join(lost)}): the {split} set has {videos} videos and {len(kept)} "
-            f"captions instead of {videos + len(missing)} and {len(pairs)}"
-            + ("; --strict makes a missing video an error" if missing else ""),
-            MissingVideosWarning,
-            stacklevel=4,
-        )
-    left_out = missing + no_captions
-    if split == "test" and protocol.multi_caption:
-        groups: dict[Path, list[str]] = {}
-        for path, caption in kept:
-            groups.setdefault(path, []).append(caption)
-        paths, captions = list(groups), list(groups.values())
-        return SplitListing(paths, list(range(len(paths))), caption_groups=captions, left_out=left_out)
-    return SplitListing([path for path, _ in kept], [caption for _, caption in kept], left_out=left_out)
-
-
-def _some(ids: list[str], shown: int = 10) -> str:
-    """The first ``shown`` ids, and how many more."""
-    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-    return ", ".join(ids[:shown]) + more
-
-
-def _annotation_files(name: str, root: Path, split: str) -> list[Path]:
-    protocol = RETRIEVAL_PROTOCOLS[name]
-    _require(root / protocol.videos, name, root)
-    return [_require(root / protocol.annotations / file, name, root) for file in protocol.files[split]]
-
-
-def _videos_by_id(name: str, root: Path) -> Callable[[str], Path | None]:
-    """Id -> video file: the file whose name minus its last extension is the id (ids may contain dots)."""
-    return _videos_by(root / RETRIEVAL_PROTOCOLS[name].videos, lambda path: path.stem).get
-
-
-def list_msvd(root: Path, split: str, strict: bool = False) -> SplitListing:
-    """MSVD with CLIP4Clip's files: a list of ids per split, every video's captions in a pickle (read as data)."""
-    list_file, caption_file = _annotation_files("msvd", root, split)
-    listed = _read_ids(list_file)
-    captions = _read_caption_pickle(caption_file, "msvd")
-    pairs = [(video_id, caption) for video_id in listed for caption in captions.get(video_id, [])]
-    return _retrieval_listing("msvd", split, root, list_file, listed, pairs, _videos_by_id("msvd", root), strict)
-
-
-def list_lsmdc(root: Path, split: str, strict: bool = False) -> SplitListing:
-    """LSMDC 2016: tab-separated ``CLIP_ID, 4 times, SENTENCE`` lines, one per sentence (ids repeat in training)."""
-    (csv_file,) = _annotation_files("lsmdc", root, split)
-    pairs = []
-    for number, line in _read_lines(csv_file):
-        fields = line.split("\t", 5)
-        if len(fields) != 6:
-            raise DataError(f"lsmdc: {csv_file}, line {number}: expected 6 tab-separated fields, found {len(fields)}")
-        pairs.append((fields[0], fields[5].strip()))
-    listed = [video_id for video_id, _ in pairs]
-    return _retrieval_listing("lsmdc", split, root, csv_file, listed, pairs, _videos_by_id("lsmdc", root), strict)
-
-
-def _read_json_of(path: Path, dataset: str, expected_type: type, form: str) -> dict | list:
-    loaded = _read_json(path, dataset)
-    if not isinstance(loaded, expected_type):
-        raise DataError(f"{dataset}: {path} should hold {form}")
-    return loaded
-
-
-def list_activitynet(root: Path, split: str, strict: bool = False) -> SplitListing:
-    """ActivityNet Captions, paragraph retrieval: a video's sentences joined into one caption; the test split is
-    val_1. Keys are ``v_<youtube id>``, the video file is named by the id (exactly two characters stripped)."""
-    ids_file, caption_file = _annotation_files("activitynet", root, split)
-    listed = _read_json_of(ids_file, "activitynet", list, '["v_<youtube id>", ...]')
-    videos = _read_json_of(caption_file, "activitynet", dict, '{"v_<youtube id>": {"sentences": [...], ...}, ...}')
-    pairs = []
-    for key in listed:
-        sentences = videos[key].get("sentences") if isinstance(videos.get(key), dict) else None
-        if key in videos and not (isinstance(sentences, list) and all(isinstance(s, str) for s in sentences)):
-            raise DataError(f'activitynet: {caption_file}: video {key!r} should have "sentences": [...]')
-        if sentences:
-            pairs.append((key, " ".join(sentence.strip() for sentence in sentences)))
-    by_id = _videos_by_id("activitynet", root)
-    return _retrieval_listing("activitynet", split, root, ids_file, listed, pairs, lambda key: by_id(key[2:]), strict)
-
-
-def list_didemo(root: Path, split: str, strict: bool = False) -> SplitListing:
-    """DiDeMo, paragraph retrieval: a video's descriptions joined in file order. Videos are named as listed (the
-    Flickr file name with its extension, ``@`` included), or with a 4-character suffix more (``….3gp.mp4``)."""
-    list_file, caption_file = _annotation_files("didemo", root, split)
-    listed = _read_ids(list_file)
-    moments = _read_json_of(caption_file, "didemo", list, '[{"video": ..., "description": ...}, ...]')
-    descriptions: dict[str, list[str]] = {}
-    for number, moment in enumerate(moments, 1):
-        if not (isinstance(moment, dict) and isinstance(moment.get("video"), str)) or not isinstance(
-            moment.get("description"), str
-        ):
-            raise DataError(f"didemo: {caption_file}, moment {number}: expected a 'video' and a 'description'")
-        descriptions.setdefault(moment["video"], []).append(moment["description"].strip())
-    pairs = [(entry, " ".join(descriptions[entry])) for entry in listed if entry in descriptions]
-    video_dir = root / RETRIEVAL_PROTOCOLS["didemo"].videos
-    by_name, by_name_less_suffix = _videos_by(video_dir, lambda p: p.name), _videos_by(video_dir, lambda p: p.name[:-4])
-    return _retrieval_listing(
-        "didemo",
-        split,
-        root,
-        list_file,
-        listed,
-        pairs,
-        lambda entry: by_name.get(entry) or by_name_less_suffix.get(entry),
-        strict,
-    )
-
-
-def list_vatex(root: Path, split: str, strict: bool = False) -> SplitListing:
-    """VATEX with the HGR split files: ids per split, ``ref_captions.json`` {id: [caption, ...]} (10 English each)."""
-    list_file, caption_file = _annotation_files("vatex", root, split)
-    listed = _read_ids(list_file)
-    captions = _read_json_of(caption_file, "vatex", dict, '{"<id>": ["caption", ...], ...}')
-    pairs = []
-    for video_id in listed:
-        entries = captions.get(video_id, [])
-        if not (isinstance(entries, list) and all(isinstance(caption, str) for caption in entries)):
-            raise DataError(f"vatex: {caption_file}: the captions of {video_id!r} should be a list of strings")
-        pairs += [(video_id, caption) for caption in entries]
-    return _retrieval_listing("vatex", split, root, list_file, listed, pairs, _videos_by_id("vatex", root), strict)
-
-
-RETRIEVAL_LISTERS: dict[str, Callable[[Path, str, bool], SplitListing]] = {
-    "msvd": list_msvd,
-    "lsmdc": list_lsmdc,
-    "activitynet": list_activitynet,
-    "didemo": list_didemo,
-    "vatex": list_vatex,
-}
+# --------------------------------------------------------------------------
+# Datasets and loaders
+# --------------------------------------------------------------------------
 
 
 def build_dataset(
@@ -1077,18 +541,9 @@ def build_dataset(
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
     require_ffmpeg()
-    if name == "ucf101":
-        listing = list_ucf101(root, split, split_id)
-    elif name == "hmdb51":
-        listing = list_hmdb51(root, split, split_id)
-    elif name == "ssv2":
-        listing = list_ssv2(root, split)
-    elif name == "kinetics400":
-        listing = list_kinetics400(root, split, strict)
-    elif name == "msrvtt":
-        listing = list_msrvtt(root, split)
-    else:
-        listing = RETRIEVAL_LISTERS[name](root, split, strict)
+    from layouts import LISTERS  # it imports this module, so it is imported here, when a dataset is built
+
+    listing = LISTERS[name](root, split, split_id, strict)
     if not listing.paths:
         raise DataError(f"{name}: the {split} split under {root} lists no videos")
     return VideoDataset(
@@ -1107,75 +562,6 @@ def build_dataset(
         first_seconds=RETRIEVAL_PROTOCOLS[name].first_seconds if name in RETRIEVAL_PROTOCOLS else None,
         left_out=listing.left_out,
     )
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The 64-bit seed of item ``index``'s random draws in ``epoch``: unrelated streams for distinct triples."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-@dataclass
-class WorkerFailure:
-    """A DataError met in a DataLoader worker, carried to the main process in place of a batch.
-
-    PyTorch would send only the error's type and traceback text and rebuild it from that text, so the user would
-    read "Caught DataError in DataLoader worker process 0. Original Traceback ..." (or a RuntimeError, for a
-    BrokenVideoError, whose constructor takes two arguments). The error itself pickles, so it travels as it is.
-    """
-
-    error: DataError
-
-
-class LoaderItems(Dataset):
-    """``dataset`` as ``VideoLoader`` reads it: item ``i`` of epoch ``e`` draws from its own random stream.
-
-    Each item seeds torch's random number generator with ``item_seed(seed, e, i)`` (frame sampling and the
-    crop and flip use it), inside ``torch.random.fork_rng`` so the calling process's own stream is untouched. The
-    draws are then the same whichever worker process (or the main one, with no workers) loads the item, whatever
-    that worker loaded before it in earlier epochs, and however many workers there are: ``--resume``, which starts
-    fresh workers, continues exactly. ``epoch`` lives in shared memory: persistent workers see ``set_epoch``.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int | str] | WorkerFailure:
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, int(self.epoch), index))
-                return self.dataset[index]
-        except DataError as error:
-            if get_worker_info() is None:
-                raise  # no workers: it reaches the caller as it is anyway
-            return WorkerFailure(error)
-
-
-def collate_or_failure(items: list) -> object:
-    """``default_collate``, or the batch's first ``WorkerFailure`` (to be raised by ``VideoLoader``)."""
-    failures = [item for item in items if isinstance(item, WorkerFailure)]
-    return failures[0] if failures else default_collate(items)
-
-
-class VideoLoader(DataLoader):
-    """A DataLoader over ``LoaderItems``: raises a worker's DataError in the main process as the same error (one
-    ``error:`` line, as with no workers), and ``set_epoch`` gives the sampler and the items' random draws the epoch."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch.fill_(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator:
-        for batch in super().__iter__():
-            if isinstance(batch, WorkerFailure):
-                raise batch.error
-            yield batch
 
 
 def build_loader(
@@ -1205,9 +591,67 @@ def build_loader(
     )
 
 
-if __name__ == "__main__":
-    # data.py is a library: its two commands moved to their own modules, and an old command line says where.
-    sys.exit(
-        "error: data.py has no commands: `python data.py synthetic` is now `python synthetic.py`, and "
-        "`python data.py prepare ...` is now `python prepare.py ...` (same options)"
+# --------------------------------------------------------------------------
+# Not the reading path: shared with synthetic.py, prepare.py and the tests, which import them from here
+# --------------------------------------------------------------------------
+
+# Codec per container: what the benchmarks use (UCF101/HMDB51, MSR-VTT, SSv2).
+CODECS = {
+    ".avi": ("mpeg4", {}),  # MPEG-4 Part 2, FFmpeg's built-in encoder
+    ".mp4": ("libx264", {}),  # H.264
+    ".webm": ("libvpx-vp9", {"deadline": 1, "cpu-used": 8}),  # VP9, realtime speed
+}
+
+
+def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
+    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
+
+    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
+    """
+    require_ffmpeg()
+    path = Path(path)
+    if path.suffix not in CODECS:
+        raise ValueError(f"write_video: unknown suffix {path.suffix!r}; use one of {sorted(CODECS)}")
+    codec, options = CODECS[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    VideoEncoder(frames, frame_rate=fps).to_file(
+        path, codec=codec, pixel_format="yuv420p", extra_options=options or None
     )
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
+    more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def os_error_message(error: OSError) -> str:
+    """A file-system error as ``<path>: <reason>`` ("/data/run: Permission denied"); its text if it names no path."""
+    if error.filename is None:
+        return str(error)
+    target = f" -> {error.filename2}" if error.filename2 is not None else ""
+    return f"{error.filename}{target}: {error.strerror or error}"
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
+    try:
+        yield
+    except DataError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"error: {os_error_message(error)}", err=True)
+        raise typer.Exit(1) from None

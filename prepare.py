@@ -44,12 +44,12 @@ from data import (
     NO_FLIP_MARKER,
     BrokenVideoError,
     DataError,
-    _require,
     available_cores,
     reported_errors,
     require_ffmpeg,
     single_threaded,
 )
+from dataset_files import require_path
 
 # Where each layout keeps its videos, and the folders of split and label files, copied as they are.
 VIDEO_FOLDERS = {
@@ -297,10 +297,10 @@ def prepare_dataset(
     if out.resolve() == root.resolve():
         raise DataError(f"prepare: --out {out} is the dataset root itself; choose another folder")
     require_ffmpeg()
-    video_dir = _require(root / VIDEO_FOLDERS[name], name, root)
+    video_dir = require_path(root / VIDEO_FOLDERS[name], name, root)
     if out.resolve().is_relative_to(video_dir.resolve()):
         raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
-    metadata_dir = _require(root / METADATA_FOLDERS[name], name, root)
+    metadata_dir = require_path(root / METADATA_FOLDERS[name], name, root)
     _claim_out(out, root, settings)
 
     shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchcodec.decoders import VideoDecoder
+from torchcodec.encoders import AudioEncoder
 
 import data
 
@@ -391,6 +392,12 @@ def layouts(ucf101_root, hmdb51_root, ssv2_root, msrvtt_root, tmp_path) -> dict[
 SSV2_CLIP = '"template": "Pushing [something] from left to right"'
 
 
+def ssv2_labels(*ids: int) -> bytes:
+    """A labels.json that numbers the two templates of ``ssv2_root`` with ``ids``."""
+    templates = ("Approaching something with your camera", "Pushing something from left to right")
+    return json.dumps({template: str(label) for template, label in zip(templates, ids)}).encode()
+
+
 @pytest.mark.parametrize(
     ("name", "split", "file", "content", "where"),
     [
@@ -421,9 +428,14 @@ def test_a_video_id_outside_the_root_is_refused_with_its_file_and_line(
         ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"videos": []}', "should hold"),
         ("ssv2", "train", "labels/labels.json", b'{"Approaching": 0,}', "is not valid JSON"),
         ("ssv2", "train", "labels/train.json", b'[{"label": "no id, no template"}]', "clip 1: expected an 'id' and"),
+        ("ssv2", "train", "labels/labels.json", ssv2_labels(0, 7),
+         ": no template has the class id 1, expected the ids 0 to 1, each once"),
+        ("ssv2", "test", "labels/labels.json", ssv2_labels(0, 0),
+         ": the class id 0 is given twice, expected the ids 0 to 1, each once"),
         ("ucf101", "train", "ucfTrainTestlist/classInd.txt", b"1 ApplyEyeMakeup\r\n2\r\n", "line 2: expected '<index>"),
     ],
-    ids=["csv-not-utf8", "json-malformed", "json-no-sentences", "labels-malformed", "clip-no-id", "classind-no-name"],
+    ids=["csv-not-utf8", "json-malformed", "json-no-sentences", "labels-malformed", "clip-no-id", "labels-gap",
+         "labels-twice", "classind-no-name"],
 )  # fmt: skip
 def test_a_malformed_dataset_file_is_one_error_naming_it(
     layouts: dict[str, Path], name: str, split: str, file: str, content: bytes, message: str
@@ -489,6 +501,15 @@ def test_strict_mode_makes_a_broken_video_an_error(videos_with_broken_ones) -> N
     assert dataset[0][1] == 0
     with pytest.raises(data.DataError, match=re.escape(str(paths[1]))):
         dataset[1]
+
+
+def test_strict_mode_says_an_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "audio_only.mp4"
+    AudioEncoder(torch.zeros(1, 16000), sample_rate=16000).to_file(path)  # one second of silence, AAC
+    dataset = data.VideoDataset([path], [0], num_frames=2, resolution=RESOLUTION, train=True, strict=True)
+    with pytest.raises(data.BrokenVideoError) as error:
+        dataset[0]
+    assert str(error.value) == f"cannot decode video {path}: the file has no video stream"
 
 
 def test_broken_count_is_shared_by_loader_workers(videos_with_broken_ones) -> None:

@@ -110,9 +110,17 @@ def error_lines(output: str) -> list[str]:
 
 def no_traceback_of_ours(output: str) -> bool:
     """torchrun prints its own traceback when a worker fails; none may come from this project's files."""
-    return not any(
-        f'{name}", line' in output for name in ("train.py", "evaluate.py", "runtime.py", "stop.py", "data.py")
+    ours = (
+        "train.py",
+        "evaluate.py",
+        "runtime.py",
+        "stop.py",
+        "data.py",
+        "layouts.py",
+        "dataset_files.py",
+        "video_loader.py",
     )
+    return not any(f'{name}", line' in output for name in ours)
 
 
 def stop_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import bench
 import data
 import evaluate
+import layouts
 import prepare
 import runtime
 import train
@@ -75,8 +76,8 @@ def kinetics_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if level is not None:
                 data.write_video(root / split / file_name(video_id, start, end), grey(level), 30)
     replaced = root / "train" / file_name("R3placed_v1", 0, 10)
-    (root / data.KINETICS_REPLACEMENTS).mkdir(parents=True)
-    shutil.move(replaced, root / data.KINETICS_REPLACEMENTS / replaced.name)
+    (root / layouts.KINETICS_REPLACEMENTS).mkdir(parents=True)
+    shutil.move(replaced, root / layouts.KINETICS_REPLACEMENTS / replaced.name)
     replaced.write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated by the download")
     return root
 
@@ -90,7 +91,7 @@ def arranged_root(kinetics_root: Path, tmp_path_factory: pytest.TempPathFactory)
         for label, video_id, start, end, level in rows:
             source = kinetics_root / split / file_name(video_id, start, end)
             if video_id == "R3placed_v1":
-                source = kinetics_root / data.KINETICS_REPLACEMENTS / source.name  # the script links the replacement
+                source = kinetics_root / layouts.KINETICS_REPLACEMENTS / source.name  # the script links the replacement
             if level is not None:
                 (root / "videos" / split / label).mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, root / "videos" / split / label / source.name)
@@ -103,7 +104,7 @@ def build(root: Path, split: str, **options) -> data.VideoDataset:
 
 
 def missing_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(warning.message) for warning in caught if warning.category is data.MissingVideosWarning]
+    return [str(warning.message) for warning in caught if warning.category is layouts.MissingVideosWarning]
 
 
 # ---------------------------------------------------------------- the layout
@@ -132,10 +133,11 @@ def test_clips_are_the_csv_rows_found_on_disk_with_their_labels(kinetics_root, a
 
 
 def test_cvdf_replacements_are_read_before_the_corrupted_originals(kinetics_root) -> None:
-    with pytest.warns(data.MissingVideosWarning, match="M1ss1ng_id0"):
+    with pytest.warns(layouts.MissingVideosWarning, match="M1ss1ng_id0") as caught:
         dataset = build(kinetics_root, "train")
+    assert caught[0].filename == __file__  # it points at the line that built the dataset
     replaced = dataset.paths[3]
-    assert replaced == kinetics_root / data.KINETICS_REPLACEMENTS / file_name("R3placed_v1", 0, 10)
+    assert replaced == kinetics_root / layouts.KINETICS_REPLACEMENTS / file_name("R3placed_v1", 0, 10)
     assert dataset.broken_count() == 0
 
 
@@ -159,6 +161,37 @@ def test_a_row_without_label_is_one_error_naming_file_and_line(kinetics_root, tm
     )
     with pytest.raises(data.DataError, match=re.escape(f"{root / 'annotations' / 'val.csv'}, line 3: expected a")):
         build(root, "test")
+
+
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [
+        ('"abseiling,aaaaaaaaaa1,0,10,x,0\n"air drumming",bbbbbbbbbb2,0,10,x,0\n', "runs on to line 3"),
+        ("abseiling,aaaaaaaaaa1,0,10,x\n", "5 fields, expected 6"),
+        ("abseiling,aaaaaaaaaa1,0,10,x,0,1\n", "7 fields, expected 6"),
+    ],
+    ids=["stray-quote", "a-field-short", "a-field-over"],
+)
+def test_a_row_that_does_not_parse_is_one_error_naming_file_and_line(
+    kinetics_root, tmp_path: Path, rows: str, problem: str
+) -> None:
+    """A stray quote would merge two rows into one whose label holds a newline; a short row would lose its fields."""
+    root = Path(shutil.copytree(kinetics_root / "annotations", tmp_path / "annotations")).parent
+    (root / "annotations" / "val.csv").write_text(HEADER + rows)
+    with pytest.raises(data.DataError) as error:
+        build(root, "test")
+    message = str(error.value)
+    assert message.startswith(f"kinetics400: {root / 'annotations' / 'val.csv'}, line 2: ") and problem in message
+    assert "\n" not in message
+
+
+def test_an_annotation_file_with_a_byte_order_mark_reads_as_without(kinetics_root, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(kinetics_root, tmp_path / "k400"))
+    val = root / "annotations" / "val.csv"
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
+    with pytest.warns(layouts.MissingVideosWarning, match="P4ss1ng_val"):
+        dataset = build(root, "test")
+    assert dataset.classes == CLASSES and dataset.targets == [CLASSES.index("air drumming"), CLASSES.index("abseiling")]
 
 
 # ---------------------------------------------------------------- three crops and several views
@@ -253,7 +286,7 @@ def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, 
 # ---------------------------------------------------------------- commands
 
 
-@pytest.mark.filterwarnings("ignore::data.MissingVideosWarning")  # its text: test_clips_are_the_csv_rows_found...
+@pytest.mark.filterwarnings("ignore::layouts.MissingVideosWarning")  # its text: test_clips_are_the_csv_rows_found...
 def test_train_evaluate_and_explain_on_a_kinetics_layout(kinetics_root, golden_clip, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ["--dataset", "kinetics400", "--root", kinetics_root, "--device", "cpu", "--workers", 0]
@@ -283,7 +316,7 @@ def test_prepare_copies_the_layout_for_the_same_listing(kinetics_root, tmp_path:
     assert [path for path, _ in report.failures] == [f"train/{file_name('R3placed_v1', 0, 10)}"]  # the corrupted one
     assert report.written == 6
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", data.MissingVideosWarning)
+        warnings.simplefilter("ignore", layouts.MissingVideosWarning)
         for split in ("train", "test"):
             raw, prepared = build(kinetics_root, split), build(out, split)
             assert [p.relative_to(out) for p in prepared.paths] == [p.relative_to(kinetics_root) for p in raw.paths]

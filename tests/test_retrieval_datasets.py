@@ -4,6 +4,7 @@ video files in temporary folders; and ``train.py`` / ``evaluate.py retrieve`` on
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 import data
 import evaluate
+import layouts
 import prepare
 import runtime
 import train
@@ -54,9 +56,10 @@ def test_msvd_training_takes_every_caption_of_the_crlf_listed_videos(msvd_root: 
 
 
 def test_msvd_test_groups_captions_by_video_and_leaves_out_the_missing_one(msvd_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning) as caught:
+    with pytest.warns(layouts.MissingVideosWarning) as caught:
         test_set = build("msvd", msvd_root, "test")
     assert len(caught) == 1  # listed once
+    assert caught[0].filename == __file__  # it points at the line that built the dataset
     message = str(caught[0].message)
     assert "zzLq_missing_1_4" in message and str(msvd_root / "YouTubeClips") in message
     assert "the test set has 3 videos and 6 captions instead of 4 and 8" in message and "--strict" in message
@@ -70,7 +73,8 @@ def test_msvd_test_groups_captions_by_video_and_leaves_out_the_missing_one(msvd_
 
 
 def test_msvd_strict_makes_a_missing_video_an_error(msvd_root: Path) -> None:
-    with pytest.raises(data.DataError, match=r"msvd: 1 test videos listed in .* are not under .*: zzLq_missing_1_4"):
+    expected = r"msvd: 1 test video listed in .* is not under .*: zzLq_missing_1_4 \(without --strict it is left out\)"
+    with pytest.raises(data.DataError, match=expected):
         build("msvd", msvd_root, "test", strict=True)
     assert len(build("msvd", msvd_root, "train", strict=True)) == 3  # nothing missing there
 
@@ -203,7 +207,7 @@ def activitynet_root(tmp_path_factory) -> Path:
 
 
 def test_activitynet_paragraphs_and_v_v_keys(activitynet_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning, match=r"1 without captions: v_no_captions"):
+    with pytest.warns(layouts.MissingVideosWarning, match=r"1 without captions: v_no_captions"):
         train_set = build("activitynet", activitynet_root, "train")
     assert [path.name for path in train_set.paths] == ["QOlSCBRmfWY.mp4", "v_UmAH95xls.mp4"]
     assert train_set.targets == ["A young woman is seen standing. She then dances.", "A man rides a bike."]
@@ -214,6 +218,48 @@ def test_activitynet_paragraphs_and_v_v_keys(activitynet_root: Path) -> None:
     assert caption == "People play polo." and abs(mean_level(clip) - 230) < 3
     protocol = data.retrieval_protocol("activitynet")
     assert (protocol.words, protocol.frames, protocol.paragraph) == (64, 64, True)
+
+
+@pytest.mark.parametrize("bad", [42, ["v_jTMdMnbW9OI"]], ids=["number", "list"])
+def test_activitynet_an_id_that_is_not_a_string_is_one_error_naming_it(
+    activitynet_root: Path, tmp_path: Path, bad: object
+) -> None:
+    root = tmp_path / "activitynet"
+    shutil.copytree(activitynet_root / "captions", root / "captions")
+    (root / "videos").symlink_to(activitynet_root / "videos")
+    ids_file = root / "captions" / "val_ids.json"
+    ids_file.write_text(json.dumps(["v_ehGHCYKzyZ8", bad]))
+    with pytest.raises(data.DataError) as error:
+        build("activitynet", root, "test")
+    message = str(error.value)
+    assert message.startswith(f"activitynet: {ids_file}: entry 2, {json.dumps(bad)}, is not a video id, expected ")
+    assert '"v_<youtube id>"' in message and "\n" not in message
+
+
+@pytest.mark.parametrize("lost", ["no captions", "no video"])
+def test_activitynet_one_video_left_out_is_told_in_the_singular(activitynet_root: Path, tmp_path: Path, lost) -> None:
+    """Only the videos whose files are missing change the counts the split would have had."""
+    root = tmp_path / "activitynet"
+    shutil.copytree(activitynet_root / "captions", root / "captions")
+    (root / "videos").symlink_to(activitynet_root / "videos")
+    ids_file = root / "captions" / "val_ids.json"
+    ids_file.write_text(json.dumps(["v_jTMdMnbW9OI", "v_gone"]))
+    if lost == "no video":
+        captions = json.loads((root / "captions" / "val_1.json").read_text())
+        captions["v_gone"] = {"duration": 10.0, "timestamps": [[0, 10]], "sentences": ["Nobody is there."]}
+        (root / "captions" / "val_1.json").write_text(json.dumps(captions))
+    with pytest.warns(layouts.MissingVideosWarning) as caught:
+        build("activitynet", root, "test")
+    (warning,) = caught
+    if lost == "no captions":
+        why, counts_before = "1 without captions: v_gone", ""
+    else:
+        why = f"1 not under {root / 'videos'}: v_gone"
+        counts_before = " instead of 2 and 2; --strict makes a missing video an error"
+    assert str(warning.message) == (
+        f"activitynet: 1 of the 2 test videos listed in {ids_file} is left out ({why}): "
+        f"the test set has 1 video and 1 caption{counts_before}"
+    )
 
 
 # ---------------------------------------------------------------- DiDeMo
@@ -249,7 +295,7 @@ def didemo_root(tmp_path_factory) -> Path:
 
 
 def test_didemo_names_with_at_signs_and_extensions_and_joined_descriptions(didemo_root: Path) -> None:
-    with pytest.warns(data.MissingVideosWarning, match=re.escape(DIDEMO_MPG)):
+    with pytest.warns(layouts.MissingVideosWarning, match=re.escape(DIDEMO_MPG)):
         test_set = build("didemo", didemo_root, "test")
     assert [path.name for path in test_set.paths] == [DIDEMO_MOV, f"{DIDEMO_3GP}.mp4"]
     assert test_set.targets == ["a girl waves she smiles", "the camera pans"]
@@ -291,7 +337,8 @@ def vatex_root(tmp_path_factory) -> Path:
 def test_vatex_multi_caption_test_set_without_its_missing_video(vatex_root: Path) -> None:
     train_set = build("vatex", vatex_root, "train")
     assert train_set.targets == VATEX_CAPTIONS["Ptf_2VRj-V0_000122_000132"]
-    with pytest.warns(data.MissingVideosWarning, match="the test set has 2 videos and 5 captions instead of 3 and 6"):
+    expected = "the test set has 2 videos and 5 captions instead of 3 and 6"
+    with pytest.warns(layouts.MissingVideosWarning, match=expected):
         test_set = build("vatex", vatex_root, "test")
     assert [path.stem for path in test_set.paths] == ["-0ifG6oNDQ4_000035_000045", "vJdLpY3CkIM_000001_000011"]
     assert test_set.caption_groups == [VATEX_CAPTIONS[path.stem] for path in test_set.paths]
@@ -387,7 +434,7 @@ def test_a_retrieval_dataset_is_refused_for_recognition(msvd_root: Path, tmp_pat
 def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Path, tmp_path: Path) -> None:
     report = prepare.prepare_dataset("didemo", didemo_root, tmp_path / "prepared", progress=False)
     assert (report.written, report.failures) == (3, [])
-    with pytest.warns(data.MissingVideosWarning):
+    with pytest.warns(layouts.MissingVideosWarning):
         original, prepared = build("didemo", didemo_root, "test"), build("didemo", tmp_path / "prepared", "test")
     assert [path.relative_to(tmp_path / "prepared") for path in prepared.paths] == [
         path.relative_to(didemo_root) for path in original.paths
@@ -403,6 +450,6 @@ def test_strict_evaluation_of_msvd_ends_with_one_error_line(msvd_root: Path, gol
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert (
         len(lines) == 1
-        and lines[0].startswith("error: msvd: 1 test videos listed in ")
+        and lines[0].startswith("error: msvd: 1 test video listed in ")
         and "zzLq_missing_1_4" in lines[0]
     )

@@ -1,0 +1,150 @@
+"""Reading a dataset's own files: what every layout's lister (``data.py``'s and ``layouts.py``'s) is built from.
+
+``DataError`` is the error of bad input; the readers here turn a missing file, a file that is not UTF-8, JSON or the
+expected CSV, or a line that does not parse into one DataError naming the file (and line), which the commands print
+as one ``error:`` line. ``LAYOUTS`` shows each dataset's expected layout in those messages, and ``SplitListing`` is
+what a lister returns. This module imports no other module of the project, so both ``data.py`` and the modules it
+uses can import it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+LAYOUTS = {
+    "ucf101": """\
+ROOT/UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi
+ROOT/ucfTrainTestlist/classInd.txt      "1 ApplyEyeMakeup"
+ROOT/ucfTrainTestlist/trainlist01.txt   "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1"
+ROOT/ucfTrainTestlist/testlist01.txt    "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi" (no label)""",
+    "hmdb51": """\
+ROOT/videos/brush_hair/<video name>.avi
+ROOT/testTrainMulti_7030_splits/brush_hair_test_split1.txt   "<video name>.avi 1"  (1 train, 2 test, 0 unused)""",
+    "ssv2": """\
+ROOT/20bn-something-something-v2/<id>.webm
+ROOT/labels/labels.json       {"Approaching something with your camera": "0", ...}
+ROOT/labels/train.json        [{"id": "78687", "template": "Holding [something] next to [something]", ...}, ...]
+ROOT/labels/validation.json   same form (the test split)""",
+    "msrvtt": """\
+ROOT/MSRVTT_Videos/video0.mp4 ... video9999.mp4
+ROOT/msrvtt_data/MSRVTT_data.json           {"videos": [...], "sentences": [{"caption": ..., "video_id": ...}, ...]}
+ROOT/msrvtt_data/MSRVTT_train.9k.csv        one column: video_id
+ROOT/msrvtt_data/MSRVTT_JSFUSION_test.csv   key,vid_key,video_id,sentence""",
+    "kinetics400": """\
+ROOT/annotations/train.csv   "label,youtube_id,time_start,time_end,split,is_cc"   (val.csv alike: the test split)
+ROOT/train/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4      (CVDF's k400_extractor.sh; val/ alike)
+  or ROOT/videos/train/<label>/<the same name>.mp4                (CVDF's arrange_by_classes.py)
+ROOT/replacement/replacement_for_corrupted_k400/<the same name>.mp4   (optional: CVDF's replacements, read first)""",
+    "msvd": """\
+ROOT/YouTubeClips/<id>.avi                        e.g. -4wsuPCjDBc_5_15.avi
+ROOT/msvd_data/{train,val,test}_list.txt          one id per line
+ROOT/msvd_data/raw-captions.pkl                   {id: [[word, ...], ...]}""",
+    "lsmdc": """\
+ROOT/videos/**/<CLIP_ID>.avi                      any depth, e.g. 3086_UGLY_TRUTH_00.23.23.000-00.23.28.886.avi
+ROOT/annotations/LSMDC16_annos_training.csv       CLIP_ID<tab>4 times<tab>SENTENCE
+ROOT/annotations/LSMDC16_challenge_1000_publictect.csv   the same form (the 1,000-clip test)""",
+    "activitynet": """\
+ROOT/videos/**/<ytid>.mp4                         any depth and container; key v_<ytid> -> <ytid>
+ROOT/captions/{train,val_1}.json                  {"v_<ytid>": {"duration": ..., "sentences": [...]}}
+ROOT/captions/{train_ids,val_ids}.json            ["v_<ytid>", ...]  (val_1 is the test split)""",
+    "didemo": """\
+ROOT/videos/**/<name as listed>                   e.g. 54153313@N00_5138457779_cd6d1b0637.mov (or .mov.mp4)
+ROOT/annotations/{train,test}_list.txt            one video file name per line
+ROOT/annotations/{train,test}_data.json           [{"video": <file name>, "description": ..., "times": ...}, ...]""",
+    "vatex": """\
+ROOT/videos/**/<id>.mp4                           any depth and container
+ROOT/annotations/{train,test}_list.txt            one id per line
+ROOT/annotations/ref_captions.json                {id: [caption, ...]}""",
+}
+
+
+class DataError(Exception):
+    """Bad input: a missing file or folder, an unknown name, a broken video in strict mode.
+
+    Picklable (its one argument is the message), so a DataLoader worker can send it to the main process as it is.
+    """
+
+
+@dataclass
+class SplitListing:
+    """What a split file says: video paths and targets, plus class names for recognition."""
+
+    paths: list[Path]
+    targets: list[int] | list[str]
+    classes: list[str] | None = None
+    caption_groups: list[list[str]] | None = None  # multi-caption test sets: the captions of each video
+    left_out: list[str] = dataclasses.field(default_factory=list)  # listed videos the split lost
+
+
+def require_path(path: Path, dataset: str, root: Path) -> Path:
+    """``path`` itself, or a DataError naming it and showing the expected layout."""
+    if not path.exists():
+        raise DataError(f"{dataset}: {path} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[dataset]}")
+    return path
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-empty lines, without line ends or trailing blanks (names may contain spaces)."""
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # odd bytes in names round-trip to the path
+    return [(number, line.rstrip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def read_json(path: Path, dataset: str) -> object:
+    """The JSON in ``path``, or one DataError naming the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
+
+
+def read_csv(path: Path, columns: tuple[str, ...], root: Path, dataset: str) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a csv file of ``dataset``, which must have a header naming ``columns`` (a UTF-8
+    byte-order mark before it is fine), then one row per line with a value for each field of the header.
+
+    A row that does not parse is a DataError naming the file and line: one with a field too many or too few, or one
+    that runs on over several lines (a stray ``"`` opens a quoted field that swallows the line end and the next
+    row, so that rows would merge and a label would hold a newline).
+    """
+    rows = []
+    try:
+        with require_path(path, dataset, root).open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = next(reader, [])
+            if not set(columns) <= set(header):
+                raise DataError(f"{dataset}: {path} should start with the header {','.join(columns)}")
+            last_line = reader.line_num
+            for fields in reader:
+                number, last_line = last_line + 1, reader.line_num
+                if not fields:
+                    continue  # a blank line
+                if last_line != number:
+                    raise DataError(
+                        f"{dataset}: {path}, line {number}: the row runs on to line {last_line} (a stray '\"'?), "
+                        "expected one row per line"
+                    )
+                if len(fields) != len(header):
+                    raise DataError(
+                        f"{dataset}: {path}, line {number}: {len(fields)} fields, expected {len(header)} "
+                        f"({','.join(header)})"
+                    )
+                rows.append((number, dict(zip(header, fields))))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except csv.Error as error:
+        raise DataError(f"{dataset}: {path}, line {reader.line_num}: {error}") from None
+    return rows
+
+
+def video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
+    """``video_dir / entry``, or a DataError naming ``where`` (file and line) when ``entry``, a video id read from a
+    dataset file, would leave the dataset's video folder (an absolute path, a ``..`` part)."""
+    relative = PurePosixPath(entry)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
+    return video_dir / entry
