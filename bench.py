@@ -36,7 +36,7 @@ every ratio is the median over rounds of the two times measured in the same roun
 
 ``data``: writes stand-ins for the published clips of each dataset (``STANDINS``: container, codec, size, frame
 rate, length and keyframe interval as published; the picture is a smooth texture panning like a camera), in the
-dataset's own layout (README.md, "Dataset layouts"), runs ``prepare.prepare_dataset`` on it, and reads both
+dataset's own layout (docs/datasets.md), runs ``prepare.prepare_dataset`` on it, and reads both
 through ``data.build_dataset``: decode + sample clips/s and decode + sample + transform clips/s in one thread
 (one DataLoader worker), raw against prepared, side by side.
 """
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
-# A CLIP small enough for a smoke run (the shapes of ../shared/golden's tiny model).
+# A CLIP small enough for a smoke run (the shapes of tests/fixtures' tiny model).
 TINY = clip_model.CLIPConfig(32, 32, 2, 64, 8, 77, 258, 64, 1, 2)
 BACKBONES = {
     "ViT-B/32": clip_model.VIT_B_32,
@@ -625,7 +625,7 @@ class Standin:
     height: int
     fps: int
     seconds: float
-    frames: int  # sampled per clip: 8 for recognition, the dataset's default for retrieval (data.RETRIEVAL_PROTOCOLS)
+    frames: int  # sampled per clip: 8 for recognition, the dataset's default for retrieval (protocols.PROTOCOLS)
     described: str
     loop_seconds: float | None = None  # long stand-ins: this much panning, repeated (memory), else all of it
 
@@ -841,13 +841,13 @@ def data_command(
     names = datasets or list(STANDINS)
     for name in names:
         check_choice("--dataset", name, STANDINS)
-    import data
+    import dataset_files
     import prepare
 
     info = machine(decoder=True)
     with contextlib.ExitStack() as stack:
         folder = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stop-bench-data-")))
-        stack.enter_context(data.single_threaded())  # as in a DataLoader worker
+        stack.enter_context(dataset_files.single_threaded())  # as in a DataLoader worker
         results = {
             name: measure_dataset(name, folder / name, videos, clips, rounds, max_seconds, resolution) for name in names
         }

@@ -18,18 +18,18 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-import data
+import protocols
 from distributed import TIMEOUT_VARIABLE, collective_minutes, first_line, lost_contact, process_group, rank
 from errors import EXPECTED_ERRORS, RankError, error_message
-from runtime import RECOGNITION_FRAMES, resolve_device
+from runtime import resolve_device
 from stop import PROMPT_VARIANTS, STOPConfig
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Prompt = Literal[PROMPT_VARIANTS]
 TASK_DATASETS = {
-    "recognize": Literal[(*data.RECOGNITION_DATASETS, "synthetic")],
-    "retrieve": Literal[(*data.RETRIEVAL_DATASETS, "synthetic")],
+    "recognize": Literal[(*protocols.RECOGNITION_DATASETS, "synthetic")],
+    "retrieve": Literal[(*protocols.RETRIEVAL_DATASETS, "synthetic")],
 }
 RECOGNITION_ONLY = ("split_id", "views", "crops")  # options that mean nothing to retrieval
 RETRIEVAL_ONLY = ("words",)
@@ -73,14 +73,17 @@ def train_options(
     prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
     dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOPConfig.dropout,
     frames: Annotated[
-        int | None, typer.Option(min=2, help=f"Frames per video; {RECOGNITION_FRAMES} recognition, else the dataset's.")
+        int | None, typer.Option(min=2, help="Frames per video; default: the dataset's (protocols.py).")
     ] = None,
     words: WordsOption = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="The batch the loss sees, split over torchrun's processes.")
+        int | None,
+        typer.Option(min=1, help="The batch the loss sees, over all processes; default: the dataset's."),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (README, Defaults).")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (protocols.py).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's (protocols.py).")
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.2,
     warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")] = 0.1,
     grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,

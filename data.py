@@ -14,7 +14,7 @@ a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/
    retrieval. A broken video is reported with its path, replaced and counted, or with ``strict`` an error.
 5. Layouts: ``build_dataset`` reads each of the ten benchmarks from its published folders and split files. Two are
    shown here as worked examples, UCF101 and MSR-VTT 1k-A; ``layouts.py`` reads the other eight the same way.
-   ``RETRIEVAL_PROTOCOLS`` says how each retrieval benchmark is read and scored.
+   ``protocols.py`` says how each is read, trained on and scored.
 6. ``build_loader``: each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
    resumed run continues exactly with any number of worker processes (``video_loader.py``).
 
@@ -25,32 +25,33 @@ layouts, and ``LISTERS``, the table of all ten) builds on this one and is import
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchcodec
-import typer
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchcodec import transforms as decoder_transforms
 from torchcodec.decoders import VideoDecoder, get_container_metadata
-from torchcodec.encoders import VideoEncoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dataset_files import LAYOUTS, DataError, SplitListing, read_csv, read_json, read_lines, require_path, video_in
+from dataset_files import (
+    LAYOUTS,
+    DataError,
+    SplitListing,
+    read_csv,
+    read_json,
+    read_lines,
+    require_ffmpeg,
+    require_path,
+    video_in,
+)
+from protocols import DATASETS, RETRIEVAL_DATASETS, protocol
 from video_loader import LoaderItems, VideoLoader, collate_or_failure
 
-DATASETS = ("ucf101", "hmdb51", "ssv2", "msrvtt", "kinetics400", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
-RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2", "kinetics400")
-RETRIEVAL_DATASETS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex")
 SPLITS = ("train", "test")
 
 # OpenAI CLIP's pixel statistics (RGB, for pixel values scaled to [0, 1]).
@@ -86,20 +87,6 @@ class BrokenVideoError(DataError):
 
 class BrokenVideoWarning(UserWarning):
     """A broken video was skipped and replaced by another sample."""
-
-
-FFMPEG_MISSING = """\
-TorchCodec could not load FFmpeg's libraries, which it needs to read and write
-video. Install FFmpeg (major version 4 to 8) and run again:
-  Debian/Ubuntu:  sudo apt-get install ffmpeg
-  macOS:          brew install ffmpeg
-  conda:          conda install -c conda-forge ffmpeg"""
-
-
-def require_ffmpeg() -> None:
-    """Raise DataError with install instructions when FFmpeg's libraries are missing."""
-    if torchcodec.ffmpeg_major_version is None:
-        raise DataError(FFMPEG_MISSING)
 
 
 # --------------------------------------------------------------------------
@@ -441,73 +428,6 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
 
 
 # --------------------------------------------------------------------------
-# How each retrieval benchmark is read and scored
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrievalProtocol:
-    """How a retrieval benchmark is read and scored, as CLIP4Clip's and the STOP authors' loaders and scripts do.
-
-    ``words``: caption tokens (CLIP4Clip's ``max_words``, start and end tokens included) and ``frames`` per video, the
-    defaults that ``--words`` and ``--frames`` override. ``annotations``: the folder of split and caption files,
-    ``files[split]`` the ones read from it; ``videos``: the folder of video files, searched at any depth.
-    ``multi_caption``: the test set keeps every caption of a video (one item per video, ``caption_groups``);
-    ``paragraph``: all sentences of a video are joined into one caption; ``first_seconds``: only the start of each video
-    is sampled.
-    """
-
-    words: int
-    frames: int
-    annotations: str
-    videos: str
-    files: dict[str, tuple[str, ...]]
-    multi_caption: bool = False
-    paragraph: bool = False
-    first_seconds: float | None = None
-
-
-RETRIEVAL_PROTOCOLS = {
-    "msrvtt": RetrievalProtocol(
-        32, 12, "msrvtt_data", "MSRVTT_Videos",
-        {"train": ("MSRVTT_train.9k.csv", "MSRVTT_data.json"), "test": ("MSRVTT_JSFUSION_test.csv",)},
-    ),
-    "msvd": RetrievalProtocol(
-        32, 12, "msvd_data", "YouTubeClips",
-        {"train": ("train_list.txt", "raw-captions.pkl"), "test": ("test_list.txt", "raw-captions.pkl")},
-        multi_caption=True,
-    ),
-    "lsmdc": RetrievalProtocol(
-        32, 12, "annotations", "videos",
-        {"train": ("LSMDC16_annos_training.csv",), "test": ("LSMDC16_challenge_1000_publictect.csv",)},
-    ),
-    "activitynet": RetrievalProtocol(
-        64, 64, "captions", "videos",
-        {"train": ("train_ids.json", "train.json"), "test": ("val_ids.json", "val_1.json")},
-        paragraph=True,
-    ),
-    # DiDeMo's moments lie in the first 30 s (longer videos were cut for annotation): the loaders read [0, 31] s.
-    "didemo": RetrievalProtocol(
-        64, 64, "annotations", "videos",
-        {"train": ("train_list.txt", "train_data.json"), "test": ("test_list.txt", "test_data.json")},
-        paragraph=True, first_seconds=31.0,
-    ),
-    "vatex": RetrievalProtocol(
-        32, 12, "annotations", "videos",
-        {"train": ("train_list.txt", "ref_captions.json"), "test": ("test_list.txt", "ref_captions.json")},
-        multi_caption=True,
-    ),
-}  # fmt: skip
-
-
-def retrieval_protocol(name: str) -> RetrievalProtocol:
-    """``name``'s protocol; the synthetic retrieval set is in MSR-VTT's layout and takes its settings."""
-    if name not in (*RETRIEVAL_PROTOCOLS, "synthetic"):
-        raise DataError(f"{name} is not a retrieval dataset; those are {', '.join(RETRIEVAL_DATASETS)} and synthetic")
-    return RETRIEVAL_PROTOCOLS["msrvtt" if name == "synthetic" else name]
-
-
-# --------------------------------------------------------------------------
 # Datasets and loaders
 # --------------------------------------------------------------------------
 
@@ -559,7 +479,7 @@ def build_dataset(
         classes=listing.classes,
         keep_alignment=name in RETRIEVAL_DATASETS and split == "test",
         caption_groups=listing.caption_groups,
-        first_seconds=RETRIEVAL_PROTOCOLS[name].first_seconds if name in RETRIEVAL_PROTOCOLS else None,
+        first_seconds=protocol(name).first_seconds,
         left_out=listing.left_out,
     )
 
@@ -589,69 +509,3 @@ def build_loader(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-# --------------------------------------------------------------------------
-# Not the reading path: shared with synthetic.py, prepare.py and the tests, which import them from here
-# --------------------------------------------------------------------------
-
-# Codec per container: what the benchmarks use (UCF101/HMDB51, MSR-VTT, SSv2).
-CODECS = {
-    ".avi": ("mpeg4", {}),  # MPEG-4 Part 2, FFmpeg's built-in encoder
-    ".mp4": ("libx264", {}),  # H.264
-    ".webm": ("libvpx-vp9", {"deadline": 1, "cpu-used": 8}),  # VP9, realtime speed
-}
-
-
-def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
-    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
-
-    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
-    """
-    require_ffmpeg()
-    path = Path(path)
-    if path.suffix not in CODECS:
-        raise ValueError(f"write_video: unknown suffix {path.suffix!r}; use one of {sorted(CODECS)}")
-    codec, options = CODECS[path.suffix]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    VideoEncoder(frames, frame_rate=fps).to_file(
-        path, codec=codec, pixel_format="yuv420p", extra_options=options or None
-    )
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
-    more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def os_error_message(error: OSError) -> str:
-    """A file-system error as ``<path>: <reason>`` ("/data/run: Permission denied"); its text if it names no path."""
-    if error.filename is None:
-        return str(error)
-    target = f" -> {error.filename2}" if error.filename2 is not None else ""
-    return f"{error.filename}{target}: {error.strerror or error}"
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
-    try:
-        yield
-    except DataError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as error:
-        typer.echo(f"error: {os_error_message(error)}", err=True)
-        raise typer.Exit(1) from None

@@ -9,11 +9,20 @@ uses can import it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import torch
+import torchcodec
+import typer
+from torch import Tensor
+from torchcodec.encoders import VideoEncoder
 
 LAYOUTS = {
     "ucf101": """\
@@ -148,3 +157,83 @@ def video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
     return video_dir / entry
+
+
+# --------------------------------------------------------------------------
+# Writing videos, and the CPU they are read on: for synthetic.py, prepare.py and the tests
+# --------------------------------------------------------------------------
+
+FFMPEG_MISSING = """\
+TorchCodec could not load FFmpeg's libraries, which it needs to read and write
+video. Install FFmpeg (major version 4 to 8) and run again:
+  Debian/Ubuntu:  sudo apt-get install ffmpeg
+  macOS:          brew install ffmpeg
+  conda:          conda install -c conda-forge ffmpeg"""
+
+
+def require_ffmpeg() -> None:
+    """Raise DataError with install instructions when FFmpeg's libraries are missing."""
+    if torchcodec.ffmpeg_major_version is None:
+        raise DataError(FFMPEG_MISSING)
+
+
+# Codec per container: what the benchmarks use (UCF101/HMDB51, MSR-VTT, SSv2).
+CODECS = {
+    ".avi": ("mpeg4", {}),  # MPEG-4 Part 2, FFmpeg's built-in encoder
+    ".mp4": ("libx264", {}),  # H.264
+    ".webm": ("libvpx-vp9", {"deadline": 1, "cpu-used": 8}),  # VP9, realtime speed
+}
+
+
+def write_video(path: Path | str, frames: Tensor, fps: float) -> None:
+    """Encode ``frames`` (uint8 ``[T, 3, H, W]``, RGB, even H and W) to a real video file.
+
+    The codec follows the suffix: ``.avi`` MPEG-4 Part 2, ``.mp4`` H.264, ``.webm`` VP9.
+    """
+    require_ffmpeg()
+    path = Path(path)
+    if path.suffix not in CODECS:
+        raise ValueError(f"write_video: unknown suffix {path.suffix!r}; use one of {sorted(CODECS)}")
+    codec, options = CODECS[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    VideoEncoder(frames, frame_rate=fps).to_file(
+        path, codec=codec, pixel_format="yuv420p", extra_options=options or None
+    )
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run small tensor work on one thread, as DataLoader workers do: with a busy CPU, waiting for a second thread costs
+    more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where ``os.cpu_count`` would report the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def os_error_message(error: OSError) -> str:
+    """A file-system error as ``<path>: <reason>`` ("/data/run: Permission denied"); its text if it names no path."""
+    if error.filename is None:
+        return str(error)
+    target = f" -> {error.filename2}" if error.filename2 is not None else ""
+    return f"{error.filename}{target}: {error.strerror or error}"
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """A DataError or a file-system error ends a command with one line and exit code 1, not a traceback."""
+    try:
+        yield
+    except DataError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"error: {os_error_message(error)}", err=True)
+        raise typer.Exit(1) from None

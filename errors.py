@@ -5,7 +5,7 @@ is a bug and keeps its traceback.
 """
 
 from clip_model import CLIPLoadError
-from data import DataError, os_error_message
+from dataset_files import DataError, os_error_message
 
 
 class RunError(Exception):
@@ -20,5 +20,5 @@ EXPECTED_ERRORS = (RunError, CLIPLoadError, DataError, ValueError, OSError)
 
 
 def error_message(error: Exception) -> str:
-    """What the user reads after ``error:``; a file-system error names its path (``data.os_error_message``)."""
+    """What the user reads after ``error:``; a file-system error names its path (``dataset_files.os_error_message``)."""
     return os_error_message(error) if isinstance(error, OSError) else str(error)

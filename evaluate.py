@@ -30,6 +30,7 @@ from tqdm import tqdm
 import cli
 import data
 import explain
+import protocols
 from distributed import broken_over_ranks, gather_in_dataset_order, on_rank_zero, rank, rank_local_errors, shard
 from errors import RunError
 from runs import atomic_save, check_writable
@@ -276,7 +277,7 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
             reversed_pairs = dataset == "synthetic"
             metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower)
         else:
-            words = words or data.retrieval_protocol(dataset).words
+            words = words or protocols.protocol(dataset).words
             metrics = evaluate_retrieval(model, loader, caption_tokenizer(backbone, words), device, precision, tower)
     broken = broken_over_ranks(test_set)
     if rank() != 0:

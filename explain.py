@@ -3,7 +3,7 @@
 ``python evaluate.py explain VIDEO --checkpoint RUN/best.pt [--block K | --all-blocks]
 [--labels-from DATASET [--root DIR] | --caption TEXT] --out explain.png``
 
-STOP makes two decisions in every prompted block (``../shared/design/STOP_SPEC.md``). This module draws both, as
+STOP makes two decisions in every prompted block (``docs/method.md``). This module draws both, as
 ``STOPModel.encode_video(video, return_details=True)`` reports them, into one PNG:
 
 - the sampled frames in a row, as the model sees them (resized, centre-cropped, CLIP's normalisation undone).
@@ -40,6 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
+import protocols
 from cli import reported_errors
 from errors import RunError
 from runtime import Backbone, class_prompts, dataset_location, load_trained, resolve_device, text_features
@@ -62,7 +63,7 @@ TEXT_COLOUR = (20, 20, 20)
 # The heat map: five stops of matplotlib's perceptually ordered "inferno", dark (0) to bright (1).
 HEAT_STOPS = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255
 
-LabelSource = Literal[(*data.RECOGNITION_DATASETS, "synthetic")]
+LabelSource = Literal[(*protocols.RECOGNITION_DATASETS, "synthetic")]
 
 
 @dataclass(frozen=True)

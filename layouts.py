@@ -3,7 +3,7 @@
 ``data.py`` shows two layouts in full, UCF101 (recognition) and MSR-VTT (retrieval); the others are read here the
 same way, each lister returning a ``SplitListing`` of video paths and targets: HMDB51, Something-Something v2 and
 Kinetics-400 (recognition), and MSVD, LSMDC, ActivityNet Captions, DiDeMo and VATEX (retrieval, each read by its
-protocol in ``data.RETRIEVAL_PROTOCOLS``, as CLIP4Clip and the STOP authors read it).
+protocol in ``protocols.PROTOCOLS``, as CLIP4Clip and the STOP authors read it).
 
 This module builds on ``data.py`` (those protocols, the two worked listers, ``readable_class_name``), so ``data.py``
 imports it inside ``build_dataset``, where the table is needed, rather than at its top.
@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from data import RETRIEVAL_PROTOCOLS, list_msrvtt, list_ucf101, readable_class_name
+from data import list_msrvtt, list_ucf101, readable_class_name
 from dataset_files import DataError, SplitListing, read_csv, read_json, read_lines, require_path, video_in
+from protocols import PROTOCOLS
 
 
 class MissingVideosWarning(UserWarning):
@@ -231,7 +232,7 @@ def _retrieval_listing(
     caption. Test: one item per caption too (a square text x video matrix), except for a multi-caption protocol,
     whose test set has one item per video and its captions in ``caption_groups``.
     """
-    protocol = RETRIEVAL_PROTOCOLS[name]
+    protocol = PROTOCOLS[name]
     video_dir = root / protocol.videos
     with_captions = {video_id for video_id, _ in pairs}
     no_captions = [video_id for video_id in dict.fromkeys(listed) if video_id not in with_captions]
@@ -281,14 +282,14 @@ def _some(ids: list[str], shown: int = 10) -> str:
 
 
 def _annotation_files(name: str, root: Path, split: str) -> list[Path]:
-    protocol = RETRIEVAL_PROTOCOLS[name]
+    protocol = PROTOCOLS[name]
     require_path(root / protocol.videos, name, root)
     return [require_path(root / protocol.annotations / file, name, root) for file in protocol.files[split]]
 
 
 def _videos_by_id(name: str, root: Path) -> Callable[[str], Path | None]:
     """Id -> video file: the file whose name minus its last extension is the id (ids may contain dots)."""
-    return _videos_by(root / RETRIEVAL_PROTOCOLS[name].videos, lambda path: path.stem).get
+    return _videos_by(root / PROTOCOLS[name].videos, lambda path: path.stem).get
 
 
 def list_msvd(root: Path, split: str, strict: bool) -> SplitListing:
@@ -355,7 +356,7 @@ def list_didemo(root: Path, split: str, strict: bool) -> SplitListing:
             raise DataError(f"didemo: {caption_file}, moment {number}: expected a 'video' and a 'description'")
         descriptions.setdefault(moment["video"], []).append(moment["description"].strip())
     pairs = [(entry, " ".join(descriptions[entry])) for entry in listed if entry in descriptions]
-    video_dir = root / RETRIEVAL_PROTOCOLS["didemo"].videos
+    video_dir = root / PROTOCOLS["didemo"].videos
     by_name, by_name_less_suffix = _videos_by(video_dir, lambda p: p.name), _videos_by(video_dir, lambda p: p.name[:-4])
     return _retrieval_listing(
         "didemo",

@@ -38,18 +38,17 @@ from torchcodec.encoders import VideoEncoder
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import (
-    DATASETS,
+from data import NO_FLIP_MARKER, BrokenVideoError
+from dataset_files import (
     LAYOUTS,
-    NO_FLIP_MARKER,
-    BrokenVideoError,
     DataError,
     available_cores,
     reported_errors,
     require_ffmpeg,
+    require_path,
     single_threaded,
 )
-from dataset_files import require_path
+from protocols import DATASETS
 
 # Where each layout keeps its videos, and the folders of split and label files, copied as they are.
 VIDEO_FOLDERS = {
@@ -343,7 +342,7 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def prepare(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
-    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: README.md, 'Dataset layouts')")],
+    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: docs/datasets.md)")],
     out: Annotated[
         Path,
         typer.Option(

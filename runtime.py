@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 import clip_model
-import data
+import dataset_files
+import protocols
 from clip_model import CLIP, CLIPConfig
 from distributed import echo, rank, world_size
 from errors import RankError, RunError
@@ -47,10 +48,9 @@ DEMO_CLIP = CLIPConfig(
     transformer_layers=2,
 )
 DEMO_CLIP_NAME = "random-demo-clip"
-CAPTION_TOKENS = data.RETRIEVAL_PROTOCOLS["msrvtt"].words  # CLIP4Clip's max_words; --words and each dataset's own
+CAPTION_TOKENS = protocols.PROTOCOLS["msrvtt"].words  # CLIP4Clip's max_words; --words and each dataset's own
 TEMPLATES = {"ssv2": "a video of {}.", "synthetic": "a video of a shape {}."}
 DEFAULT_TEMPLATE = "a video of a person {}."
-RECOGNITION_FRAMES = 8  # frames per video when neither an option nor a checkpoint says; retrieval: the dataset's
 
 
 # --------------------------------------------------------------------------- #
@@ -225,19 +225,16 @@ def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, P
     if dataset == "synthetic":
         base = ensure_synthetic(root or Path("data/synthetic"))
         return ("ucf101", base / "ucf101") if task == "recognize" else ("msrvtt", base / "msrvtt")
-    if (dataset in data.RETRIEVAL_DATASETS) != (task == "retrieve"):
+    if (dataset in protocols.RETRIEVAL_DATASETS) != (task == "retrieve"):
         raise RunError(f"--dataset {dataset} is not a {task} dataset")
     if root is None:
-        raise RunError(
-            f"--root is required for --dataset {dataset}: the folder holding it (see 'Dataset layouts' in README.md)"
-        )
+        raise RunError(f"--root is required for --dataset {dataset}: the folder holding it (see docs/datasets.md)")
     return dataset, root
 
 
 def default_frames(task: str, dataset: str) -> int:
-    """Frames per video when none are given: 8 for recognition, the dataset's protocol's for retrieval (the
-    synthetic set's are MSR-VTT's)."""
-    return RECOGNITION_FRAMES if task == "recognize" else data.retrieval_protocol(dataset).frames
+    """Frames per video when neither an option nor a checkpoint says: the dataset's protocol's."""
+    return protocols.protocol(dataset, task).frames
 
 
 def resolve_compile(compile: bool | None, device: torch.device) -> bool:
@@ -284,7 +281,7 @@ def default_workers() -> int:
     """DataLoader workers when ``--workers`` is not given: this machine's cores shared by its torchrun processes,
     at most 8 (more rarely pays for a clip of 8-12 frames, and each holds a decoder)."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(8, data.available_cores() // processes)
+    return min(8, dataset_files.available_cores() // processes)
 
 
 def caption_tokenizer(backbone: Backbone, words: int) -> Callable[[list[str]], torch.Tensor]:

@@ -26,15 +26,8 @@ import torch
 import typer
 from torch import Tensor
 
-from data import (
-    NO_FLIP_MARKER,
-    DataError,
-    os_error_message,
-    reported_errors,
-    require_ffmpeg,
-    single_threaded,
-    write_video,
-)
+from data import NO_FLIP_MARKER
+from dataset_files import DataError, os_error_message, reported_errors, require_ffmpeg, single_threaded, write_video
 
 # Pairs (2k, 2k+1): class 2k+1 is class 2k played backwards.
 SYNTHETIC_CLASSES = (

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import protocols
 import runs
 from distributed import (
     all_gather_with_grad,
@@ -55,7 +56,6 @@ from runtime import (
     caption_tokenizer,
     class_prompts,
     dataset_location,
-    default_frames,
     default_workers,
     load_backbone,
     load_trained,
@@ -66,14 +66,6 @@ from runtime import (
 )
 from stop import STOPConfig, STOPModel
 
-# (batch, epochs, learning rate) when not given: the spec's training defaults. The synthetic demo is a few hundred
-# steps on a CPU, so it takes a larger rate to learn in minutes.
-DEFAULT_SCHEDULE = {
-    ("recognize", "synthetic"): (32, 25, 1e-2),
-    ("retrieve", "synthetic"): (32, 10, 1e-2),
-    ("recognize", "real"): (32, 10, 1e-3),
-    ("retrieve", "real"): (128, 5, 1e-3),
-}
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's and the authors' (torch's defaults are (0.9, 0.999), 1e-8)
 
 
@@ -201,7 +193,7 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-    tokenize = caption_tokenizer(backbone, config.words or data.retrieval_protocol("msrvtt").words)
+    tokenize = caption_tokenizer(backbone, config.words or protocols.protocol("msrvtt").words)  # recognition: unused
     tower = VideoTower(model, resolve_compile(config.compile, device))
     return Run(config, device, precision, backbone, tokenize, model, tower, data_parallel(tower, device), train_set,
                test_set, train_loader, test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
@@ -330,14 +322,14 @@ def checkpoint_state(run: Run, epoch: int, best: float, best_epoch: int, metrics
 def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
     """The run's configuration: the options given, and for those not given the task's and dataset's defaults."""
     dataset = options["dataset"]
-    batch_size, epochs, lr = DEFAULT_SCHEDULE[task, "synthetic" if dataset == "synthetic" else "real"]
+    row = protocols.protocol(dataset, task)  # the dataset's frames, words, batch, epochs, learning rate
     given = {name: value for name, value in options.items() if value is not None}
     defaults = {
-        "frames": default_frames(task, dataset),
-        "words": data.retrieval_protocol(dataset).words if task == "retrieve" else None,
-        "batch_size": batch_size,
-        "epochs": epochs,
-        "lr": lr,
+        "frames": row.frames,
+        "words": row.words,
+        "batch_size": row.batch,
+        "epochs": row.epochs,
+        "lr": row.lr,
         "workers": default_workers(),
         "out": str(Path("runs") / f"{task}-{dataset}-{options['prompt']}"),
     }

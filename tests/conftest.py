@@ -58,13 +58,13 @@ def msvd_level(video_id: str) -> int:
 def msvd_root(tmp_path_factory) -> Path:
     import pickle
 
-    import data
+    import dataset_files
 
     root = tmp_path_factory.mktemp("msvd")
     for video_id in MSVD_CAPTIONS:
         if video_id != "zzLq_missing_1_4":
             frames = torch.full((4, 3, 32, 32), msvd_level(video_id), dtype=torch.uint8)
-            data.write_video(root / "YouTubeClips" / f"{video_id}.avi", frames, 10)
+            dataset_files.write_video(root / "YouTubeClips" / f"{video_id}.avi", frames, 10)
     (root / "msvd_data").mkdir()
     for split, ids in MSVD_SPLITS.items():
         ending = b"\r\n" if split == "test" else b""

@@ -14,6 +14,7 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import AudioEncoder
 
 import data
+import dataset_files
 
 SIDE = 32  # test videos are tiny: SIDE x SIDE pixels (the ramp is wider)
 RESOLUTION = 48  # model input size in these tests: deliberately not 224
@@ -46,7 +47,7 @@ def normalised(level: float) -> torch.Tensor:
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tests move tiny tensors: one thread is fastest, and immune to a busy CPU."""
-    with data.single_threaded():
+    with dataset_files.single_threaded():
         yield
 
 
@@ -62,7 +63,7 @@ def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for label, (folder, list_name) in enumerate(folders.items(), start=1):
         for group in (1, 8):
             file_name = f"v_{list_name}_g{group:02d}_c01.avi"
-            data.write_video(root / "UCF-101" / folder / file_name, ramp_video(), 25)
+            dataset_files.write_video(root / "UCF-101" / folder / file_name, ramp_video(), 25)
             entry = f"{list_name}/{file_name}"
             (test if group == 1 else train).append(entry if group == 1 else f"{entry} {label}")
     lists = root / "ucfTrainTestlist"
@@ -86,7 +87,7 @@ def hmdb51_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "testTrainMulti_7030_splits").mkdir()
     for folder, names in HMDB_NAMES.items():
         for name in names:
-            data.write_video(root / "videos" / folder / name, grey_video([100] * 6), 30)
+            dataset_files.write_video(root / "videos" / folder / name, grey_video([100] * 6), 30)
         split1 = f"{names[0]} 1 \n{names[1]} 2 \nunused clip_0.avi 0 \n"
         split2 = f"{names[0]} 2 \n{names[1]} 1 \n"
         (root / "testTrainMulti_7030_splits" / f"{folder}_test_split1.txt").write_text(split1)
@@ -99,7 +100,7 @@ def ssv2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Something-Something v2 layout with VP9 WebM clips."""
     root = tmp_path_factory.mktemp("ssv2")
     for clip_id in ("101", "102", "103"):
-        data.write_video(root / "20bn-something-something-v2" / f"{clip_id}.webm", ramp_video(), 12)
+        dataset_files.write_video(root / "20bn-something-something-v2" / f"{clip_id}.webm", ramp_video(), 12)
     labels = {"Approaching something with your camera": "0", "Pushing something from left to right": "1"}
     train = [
         {
@@ -135,7 +136,7 @@ def msrvtt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MSR-VTT layout with H.264 MP4 videos; video k is a flat grey of level 40 + 40 k."""
     root = tmp_path_factory.mktemp("msrvtt")
     for number in range(4):
-        data.write_video(root / "MSRVTT_Videos" / f"video{number}.mp4", grey_video([40 + 40 * number] * 8), 30)
+        dataset_files.write_video(root / "MSRVTT_Videos" / f"video{number}.mp4", grey_video([40 + 40 * number] * 8), 30)
     (root / "msrvtt_data").mkdir()
     sentences = [{"caption": c, "video_id": v, "sen_id": i} for i, (v, c) in enumerate(MSRVTT_SENTENCES)]
     videos = [{"video_id": f"video{number}"} for number in range(4)]
@@ -155,7 +156,7 @@ def msrvtt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_write_video_encodes_real_files_of_each_codec(tmp_path: Path, suffix: str, codec: str) -> None:
     levels = [30, 80, 130, 180, 230, 130]
     path = tmp_path / f"clip{suffix}"
-    data.write_video(path, grey_video(levels), fps=10)
+    dataset_files.write_video(path, grey_video(levels), fps=10)
     decoder = VideoDecoder(path, seek_mode="exact")
     assert decoder.metadata.codec == codec
     assert decoder.metadata.num_frames == len(levels)
@@ -192,7 +193,7 @@ def test_sample_indices_views_are_evenly_offset() -> None:
 def test_read_frames_decodes_exactly_the_sampled_frames(tmp_path: Path, suffix: str) -> None:
     levels = [20 + 10 * i for i in range(20)]
     path = tmp_path / f"counter{suffix}"
-    data.write_video(path, grey_video(levels), fps=10)
+    dataset_files.write_video(path, grey_video(levels), fps=10)
     frames = data.read_frames(path, 4, train=False)  # centres of 5-frame segments: 2, 7, 12, 17
     assert frames.shape == (4, 3, SIDE, SIDE) and frames.dtype == torch.uint8
     expected = torch.tensor([levels[i] for i in (2, 7, 12, 17)], dtype=torch.float)
@@ -203,7 +204,7 @@ def test_a_header_with_a_wrong_frame_count_is_recounted(tmp_path: Path) -> None:
     levels = [20 + 5 * i for i in range(40)]
     noise = torch.randint(-15, 16, (40, 3, SIDE, SIDE), generator=torch.Generator().manual_seed(0))
     whole, truncated = tmp_path / "whole.avi", tmp_path / "truncated.avi"
-    data.write_video(whole, (grey_video(levels) + noise).clamp(0, 255).to(torch.uint8), fps=10)
+    dataset_files.write_video(whole, (grey_video(levels) + noise).clamp(0, 255).to(torch.uint8), fps=10)
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
     assert VideoDecoder(truncated, seek_mode="approximate").metadata.num_frames == 40  # the header's claim
     frames_there = VideoDecoder(truncated, seek_mode="exact").metadata.num_frames
@@ -224,7 +225,7 @@ def test_a_header_with_a_wrong_frame_count_is_recounted(tmp_path: Path) -> None:
 def test_large_frames_are_shrunk_while_decoding(tmp_path: Path, height: int, width: int, decoded: tuple) -> None:
     frames = torch.zeros(2, 3, height, width, dtype=torch.uint8)
     frames[..., width // 2 :] = 200  # dark left half, bright right half
-    data.write_video(tmp_path / "large.avi", frames, fps=10)
+    dataset_files.write_video(tmp_path / "large.avi", frames, fps=10)
     clip = data.read_frames(tmp_path / "large.avi", 2, train=False)
     assert tuple(clip.shape) == (2, 3, *decoded)  # aspect kept, within MAX_DECODED_SHORT_SIDE/LONG_SIDE
     assert min(decoded) <= data.MAX_DECODED_SHORT_SIDE and max(decoded) <= data.MAX_DECODED_LONG_SIDE
@@ -234,7 +235,7 @@ def test_large_frames_are_shrunk_while_decoding(tmp_path: Path, height: int, wid
 
 def test_evaluation_clip_is_normalised_with_clip_statistics(tmp_path: Path) -> None:
     path = tmp_path / "grey.mp4"
-    data.write_video(path, grey_video([128] * 10), fps=10)
+    dataset_files.write_video(path, grey_video([128] * 10), fps=10)
     dataset = data.VideoDataset([path], [0], num_frames=4, resolution=RESOLUTION, train=False)
     clip, label = dataset[0]
     assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and clip.dtype == torch.float32 and label == 0
@@ -283,7 +284,7 @@ def test_a_root_with_the_no_flip_marker_is_never_flipped(ucf101_root: Path, tmp_
 def test_evaluation_views_are_different_moments(tmp_path: Path) -> None:
     levels = [20 + 10 * i for i in range(20)]
     path = tmp_path / "counter.avi"
-    data.write_video(path, grey_video(levels), fps=10)
+    dataset_files.write_video(path, grey_video(levels), fps=10)
     dataset = data.VideoDataset([path], [3], num_frames=2, resolution=RESOLUTION, train=False, views=2)
     clip, _ = dataset[0]
     assert clip.shape == (2, 2, 3, RESOLUTION, RESOLUTION)
@@ -467,11 +468,11 @@ def videos_with_broken_ones(tmp_path: Path) -> tuple[list[Path], set[int]]:
     """Six videos (flat grey 30, 60, ... 180); items 1 (empty), 2 (random bytes), 4 (truncated MP4) are broken."""
     paths = [tmp_path / f"clip{index}.avi" for index in range(6)]
     for index, path in enumerate(paths):
-        data.write_video(path, grey_video([30 * (index + 1)] * 6), fps=10)
+        dataset_files.write_video(path, grey_video([30 * (index + 1)] * 6), fps=10)
     paths[1].write_bytes(b"")
     paths[2].write_bytes(bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0)).tolist()))
     paths[4] = tmp_path / "clip4.mp4"
-    data.write_video(paths[4], grey_video([150] * 6), fps=10)
+    dataset_files.write_video(paths[4], grey_video([150] * 6), fps=10)
     paths[4].write_bytes(paths[4].read_bytes()[:300])
     return paths, {1, 2, 4}
 
@@ -545,7 +546,7 @@ def test_a_broken_retrieval_test_video_keeps_its_caption(videos_with_broken_ones
 
 def test_a_short_video_repeats_frames(tmp_path: Path) -> None:
     path = tmp_path / "short.webm"
-    data.write_video(path, grey_video([40, 140, 240]), fps=10)
+    dataset_files.write_video(path, grey_video([40, 140, 240]), fps=10)
     dataset = data.VideoDataset([path], [0], num_frames=8, resolution=RESOLUTION, train=False)
     clip, _ = dataset[0]
     levels = [[40, 140, 240][index] for index in data.sample_indices(3, 8, train=False)[0].tolist()]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import clip_model
 import data
+import dataset_files
 import evaluate
 import explain
 import runtime
@@ -54,7 +55,7 @@ def background() -> torch.Tensor:
 @pytest.fixture
 def corner_video(tmp_path, background) -> Path:
     path = tmp_path / "corner.mp4"
-    data.write_video(path, torch.stack([draw_frame(background, p) for p in POSITIONS]), fps=8)
+    dataset_files.write_video(path, torch.stack([draw_frame(background, p) for p in POSITIONS]), fps=8)
     return path
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import bench
 import data
+import dataset_files
 import evaluate
 import layouts
 import prepare
@@ -59,7 +60,7 @@ def levels_of(clip: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    with data.single_threaded():
+    with dataset_files.single_threaded():
         yield
 
 
@@ -74,7 +75,7 @@ def kinetics_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "annotations" / f"{split}.csv").write_text(HEADER + "".join(lines))
         for _, video_id, start, end, level in rows:
             if level is not None:
-                data.write_video(root / split / file_name(video_id, start, end), grey(level), 30)
+                dataset_files.write_video(root / split / file_name(video_id, start, end), grey(level), 30)
     replaced = root / "train" / file_name("R3placed_v1", 0, 10)
     (root / layouts.KINETICS_REPLACEMENTS).mkdir(parents=True)
     shutil.move(replaced, root / layouts.KINETICS_REPLACEMENTS / replaced.name)
@@ -210,7 +211,7 @@ def banded_video(bands: tuple[int, int, int], portrait: bool, frames: int = 8, s
 def test_three_crops_are_the_squares_along_the_long_side(tmp_path: Path, portrait: bool) -> None:
     path = tmp_path / "bands.mp4"
     bands = (30, 130, 220)
-    data.write_video(path, banded_video(bands, portrait), fps=30)
+    dataset_files.write_video(path, banded_video(bands, portrait), fps=30)
     dataset = data.VideoDataset([path], [0], num_frames=2, resolution=RESOLUTION, train=False, crops=3)
     clip, _ = dataset[0]
     assert clip.shape == (3, 2, 3, RESOLUTION, RESOLUTION)
@@ -223,7 +224,7 @@ def test_three_crops_are_the_squares_along_the_long_side(tmp_path: Path, portrai
 def test_views_times_crops_are_ordered_view_by_view(tmp_path: Path) -> None:
     path = tmp_path / "brightening-bands.mp4"
     bands, step = (20, 100, 180), 8
-    data.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)
+    dataset_files.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)
     dataset = data.VideoDataset([path], [0], num_frames=2, resolution=RESOLUTION, train=False, views=2, crops=3)
     clip, _ = dataset[0]
     assert clip.shape == (6, 2, 3, RESOLUTION, RESOLUTION)
@@ -261,7 +262,7 @@ def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, 
     for path, (bands, step) in zip(
         paths, [((20, 100, 180), 8), ((180, 100, 20), 8), ((60, 200, 140), 4), ((120, 30, 220), 3)]
     ):
-        data.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)  # every view differs
+        dataset_files.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)  # every view differs
     labels = [0, 1, 2, 1]
     test = data.VideoDataset(paths, labels, num_frames=2, resolution=resolution, train=False, views=2, crops=3)
     prompts = evaluate.class_prompts("kinetics400", CLASSES)

@@ -17,6 +17,7 @@ from torchcodec.decoders import VideoDecoder
 from typer.testing import CliRunner
 
 import data
+import dataset_files
 import prepare
 
 SOURCE_FPS = 10
@@ -31,7 +32,7 @@ def brightening(num_frames: int = SOURCE_FPS * SECONDS, height: int = 40, width:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    with data.single_threaded():
+    with dataset_files.single_threaded():
         yield
 
 
@@ -41,7 +42,7 @@ def ucf101_root(tmp_path: Path) -> Path:
     root = tmp_path / "raw"
     entries = ["YoYo/v_YoYo_g01_c01.avi", "YoYo/v_YoYo_g08_c01.avi", "HandstandPushups/v_HandStandPushups_g08_c01.avi"]
     for entry in entries:
-        data.write_video(root / "UCF-101" / entry, brightening(), SOURCE_FPS)
+        dataset_files.write_video(root / "UCF-101" / entry, brightening(), SOURCE_FPS)
     broken = root / "UCF-101/YoYo/v_YoYo_g09_c01.avi"
     broken.write_bytes(b"RIFF....AVI not really a video")
     lists = root / "ucfTrainTestlist"
@@ -94,8 +95,8 @@ def test_prepared_frames_are_the_source_at_a_lower_rate_and_size(ucf101_root: Pa
 
 def test_a_short_video_keeps_min_frames_and_never_more_than_its_own(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    data.write_video(root / "MSRVTT_Videos/video0.mp4", brightening(12), 6)  # 2 s at 6 fps
-    data.write_video(root / "MSRVTT_Videos/video1.mp4", brightening(20), 10)  # 2 s at 10 fps
+    dataset_files.write_video(root / "MSRVTT_Videos/video0.mp4", brightening(12), 6)  # 2 s at 6 fps
+    dataset_files.write_video(root / "MSRVTT_Videos/video1.mp4", brightening(20), 10)  # 2 s at 10 fps
     (root / "msrvtt_data").mkdir()
     (root / "msrvtt_data/MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
     settings = prepare.PrepareSettings("msrvtt", fps=1.0, min_frames=16)
@@ -106,9 +107,9 @@ def test_a_short_video_keeps_min_frames_and_never_more_than_its_own(tmp_path: Pa
 
 def test_each_container_keeps_its_name_and_gets_a_codec_it_holds(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    data.write_video(root / "20bn-something-something-v2/7.webm", brightening(24), 12)
+    dataset_files.write_video(root / "20bn-something-something-v2/7.webm", brightening(24), 12)
     (root / "labels").mkdir()
-    data.write_video(tmp_path / "mp4/MSRVTT_Videos/video3.mp4", brightening(), SOURCE_FPS)
+    dataset_files.write_video(tmp_path / "mp4/MSRVTT_Videos/video3.mp4", brightening(), SOURCE_FPS)
     (tmp_path / "mp4/msrvtt_data").mkdir()
     prepare.prepare_dataset("ssv2", root, tmp_path / "ssv2", progress=False)
     prepare.prepare_dataset("msrvtt", tmp_path / "mp4", tmp_path / "msrvtt", progress=False)
@@ -141,7 +142,7 @@ def test_a_broken_source_is_listed_and_the_rest_is_prepared(ucf101_root: Path, t
     assert report.written == 3
     # still listed on a rerun; once the source is repaired, prepared and no longer listed
     assert len(prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False).failures) == 1
-    data.write_video(ucf101_root / "UCF-101/YoYo/v_YoYo_g09_c01.avi", brightening(), SOURCE_FPS)
+    dataset_files.write_video(ucf101_root / "UCF-101/YoYo/v_YoYo_g09_c01.avi", brightening(), SOURCE_FPS)
     report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     assert (report.written, report.failures) == (1, [])
     assert not (out / prepare.PREPARE_FAILURES_FILE).exists()
@@ -183,7 +184,7 @@ def run_prepare(root: Path, out: Path, *options: str) -> tuple[int, str]:
 
 def test_an_out_folder_that_is_not_this_copy_is_refused_and_left_as_it_was(ucf101_root: Path, tmp_path: Path) -> None:
     other = tmp_path / "other_dataset"  # another dataset's folder: its own split files, failures list and videos
-    data.write_video(other / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(8), SOURCE_FPS)
+    dataset_files.write_video(other / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(8), SOURCE_FPS)
     (other / "ucfTrainTestlist").mkdir()
     (other / "ucfTrainTestlist/classInd.txt").write_text("1 YoYo\n")
     (other / prepare.PREPARE_FAILURES_FILE).write_text("the user's own notes\n")
@@ -241,7 +242,7 @@ def test_an_impossible_number_is_refused_before_anything_is_written(
 
 def test_the_command_defaults_to_the_authors_3_fps_and_a_256_pixel_short_side(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    data.write_video(root / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(70, 300, 400), SOURCE_FPS)  # 7 s
+    dataset_files.write_video(root / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(70, 300, 400), SOURCE_FPS)  # 7 s
     (root / "ucfTrainTestlist").mkdir()
     assert run_prepare(root, tmp_path / "prepared")[0] == 0
     metadata = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi").metadata
@@ -272,7 +273,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with prepare through Linux's prctl")
 def test_killing_prepare_leaves_no_worker_processes_behind(tmp_path: Path) -> None:
     source = tmp_path / "raw" / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi"
-    data.write_video(source, brightening(), SOURCE_FPS)
+    dataset_files.write_video(source, brightening(), SOURCE_FPS)
     for group in range(2, 400):  # enough work to kill the run in the middle of it
         os.link(source, source.with_name(f"v_YoYo_g{group:02d}_c01.avi"))
     (tmp_path / "raw" / "ucfTrainTestlist").mkdir()

@@ -13,9 +13,11 @@ from conftest import MSVD_CAPTIONS, MSVD_SPLITS, msvd_level
 from typer.testing import CliRunner
 
 import data
+import dataset_files
 import evaluate
 import layouts
 import prepare
+import protocols
 import runtime
 import train
 from stop import STOPConfig
@@ -37,7 +39,7 @@ def mean_level(clip: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    with data.single_threaded():
+    with dataset_files.single_threaded():
         yield
 
 
@@ -145,7 +147,7 @@ def lsmdc_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lsmdc")
     for number, clip_id in enumerate(dict.fromkeys(clip for clip, _ in LSMDC_TRAIN + LSMDC_TEST)):
         movie = clip_id.rsplit("_", 1)[0]
-        data.write_video(root / "videos" / movie / f"{clip_id}.avi", grey([60 + 40 * number] * 3), 24)
+        dataset_files.write_video(root / "videos" / movie / f"{clip_id}.avi", grey([60 + 40 * number] * 3), 24)
     (root / "annotations").mkdir()
     for file_name, rows in (
         ("LSMDC16_annos_training.csv", LSMDC_TRAIN),
@@ -185,7 +187,7 @@ def activitynet_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("activitynet")
     videos = {"v_QOlSCBRmfWY": 50, "v_v_UmAH95xls": 110, "v_ehGHCYKzyZ8": 170, "v_jTMdMnbW9OI": 230}
     for key, level in videos.items():
-        data.write_video(root / "videos" / f"{key[2:]}.mp4", grey([level] * 4), 10)
+        dataset_files.write_video(root / "videos" / f"{key[2:]}.mp4", grey([level] * 4), 10)
     train = {
         "v_QOlSCBRmfWY": {"duration": 82.73, "timestamps": [[0.8, 19.9], [17.4, 60.8]],
                           "sentences": ["A young woman is seen standing.", " She then dances."]},
@@ -216,7 +218,7 @@ def test_activitynet_paragraphs_and_v_v_keys(activitynet_root: Path) -> None:
     assert test_set.targets == ["A dog. It runs.", "People play polo."] and test_set.caption_groups is None
     clip, caption = test_set[1]
     assert caption == "People play polo." and abs(mean_level(clip) - 230) < 3
-    protocol = data.retrieval_protocol("activitynet")
+    protocol = protocols.protocol("activitynet")
     assert (protocol.words, protocol.frames, protocol.paragraph) == (64, 64, True)
 
 
@@ -275,10 +277,10 @@ def didemo_root(tmp_path_factory) -> Path:
     """DiDeMo: Flickr file names with `@` and their extension; one saved as `<name>.mp4` (LM's AWS script), one
     missing; a 40-second video whose frame i has grey level 20 + 5 i."""
     root = tmp_path_factory.mktemp("didemo")
-    data.write_video(root / "videos" / "clip.mp4", grey([70] * 4), 10)
+    dataset_files.write_video(root / "videos" / "clip.mp4", grey([70] * 4), 10)
     (root / "videos" / "clip.mp4").rename(root / "videos" / DIDEMO_MOV)  # MOV and MP4 are one family
-    data.write_video(root / "videos" / f"{DIDEMO_3GP}.mp4", grey([140] * 4), 10)
-    data.write_video(root / "videos" / DIDEMO_LONG, grey([20 + 5 * i for i in range(40)]), 1)
+    dataset_files.write_video(root / "videos" / f"{DIDEMO_3GP}.mp4", grey([140] * 4), 10)
+    dataset_files.write_video(root / "videos" / DIDEMO_LONG, grey([20 + 5 * i for i in range(40)]), 1)
     moments = [
         {"annotation_id": 1, "video": DIDEMO_MOV, "description": "a girl waves", "times": [[0, 0], [0, 1]]},
         {"annotation_id": 2, "video": DIDEMO_3GP, "description": " the camera pans", "times": [[2, 3]]},
@@ -326,7 +328,7 @@ def vatex_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vatex")
     for number, video_id in enumerate(VATEX_CAPTIONS):
         if not video_id.startswith("zz"):
-            data.write_video(root / "videos" / f"{video_id}.mp4", grey([50 + 50 * number] * 4), 10)
+            dataset_files.write_video(root / "videos" / f"{video_id}.mp4", grey([50 + 50 * number] * 4), 10)
     (root / "annotations").mkdir()
     (root / "annotations" / "ref_captions.json").write_text(json.dumps(VATEX_CAPTIONS))
     (root / "annotations" / "train_list.txt").write_text("Ptf_2VRj-V0_000122_000132\n")
@@ -357,7 +359,7 @@ def test_vatex_multi_caption_test_set_without_its_missing_video(vatex_root: Path
     ],
 )
 def test_a_missing_annotation_file_is_named_with_the_layout(tmp_path: Path, name: str, missing: str) -> None:
-    (tmp_path / data.RETRIEVAL_PROTOCOLS[name].videos).mkdir()
+    (tmp_path / protocols.PROTOCOLS[name].videos).mkdir()
     if name == "msvd":
         (tmp_path / "msvd_data").mkdir()
         (tmp_path / "msvd_data" / "train_list.txt").write_text("x\n")

@@ -1,4 +1,4 @@
-"""STOP (stop.py): the invariants of ``../shared/design/STOP_SPEC.md``, each pinned by a real assertion.
+"""STOP (stop.py): the invariants of ``docs/method.md``, each pinned by a real assertion.
 
 Most tests use a tiny random CLIP (32 px, patch 8, so N = 16 patches; width 128 with 2 heads; 3 blocks), built
 here so they always run; the golden 32-px checkpoint is used where a loaded checkpoint matters.
@@ -52,7 +52,7 @@ def golden_clip(golden) -> clip_model.CLIP:
 
 @pytest.fixture(params=["tiny", "golden"])
 def any_clip(request, clip) -> clip_model.CLIP:
-    """The tiny random CLIP, then the golden checkpoint (skipped where ``../shared/golden`` is absent)."""
+    """The tiny random CLIP, then the golden checkpoint (``tests/fixtures``)."""
     return clip if request.param == "tiny" else request.getfixturevalue("golden_clip")
 
 

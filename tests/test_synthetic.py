@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 import data
+import dataset_files
 import synthetic
 
 RESOLUTION = 48  # model input size in these tests: deliberately not 224
@@ -17,7 +18,7 @@ RESOLUTION = 48  # model input size in these tests: deliberately not 224
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tests move tiny tensors: one thread is fastest, and immune to a busy CPU."""
-    with data.single_threaded():
+    with dataset_files.single_threaded():
         yield
 
 
