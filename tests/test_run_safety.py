@@ -4,10 +4,16 @@ The runs here train on a UCF101 layout of 16 synthetic clips (one per class for 
 the 32-px golden CLIP: a step or two an epoch, so a test can afford several runs, kills and resumes.
 """
 
+import builtins
+import errno
 import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -377,3 +383,206 @@ def test_help_and_docstrings_point_at_files_the_project_has():
     project = Path(__file__).resolve().parent.parent
     for path in project.glob("*.py"):
         assert "DATASETS.md" not in path.read_text(), path
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 1. Two runs on one --out: the second is refused at once; nothing is left behind
+# --------------------------------------------------------------------------- #
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_in_use_is_refused_at_once(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--epochs", 1)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no run.lock left
+    before = snapshot(out)
+    with runs.locked(out):  # another process's run, still going
+        for extra in (("--resume", "--epochs", 2), ("--overwrite",)):
+            code, output = train_tiny(tiny_root, golden_clip, out, *extra)
+            assert code == 1 and "Traceback" not in output, output
+            (line,) = error_lines(output)
+            assert f"{out} is in use by another run" in line
+        assert snapshot(out) == {**before, runs.LOCK_FILE: b""}  # the other run's lock file is still there
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with runs.locked(fresh):  # a new run that has not written anything yet
+        code, output = train_tiny(tiny_root, golden_clip, fresh)
+        assert code == 1 and len(error_lines(output)) == 1 and f"{fresh} is in use" in output, output
+        assert sorted(p.name for p in fresh.iterdir()) == [runs.LOCK_FILE]
+
+    # A run that fails before its first save removes the folders it created for --out, and only those.
+    code, output = train_tiny(tiny_root, "no-such-clip", tmp_path / "new" / "run")
+    assert code == 1 and len(error_lines(output)) == 1, output
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    code, output = train_tiny(tiny_root, "no-such-clip", kept)
+    assert code == 1 and kept.is_dir() and list(kept.iterdir()) == [], output
+
+
+def test_two_runs_started_together_on_one_folder(tiny_root, golden_clip, tmp_path):
+    """Two real processes on one --out at the same time: one trains, the other says in one line that the folder is
+    taken (by the lock, or, had the first already finished, by its run) and writes nothing."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", "recognize", "--dataset", "ucf101", "--root", str(tiny_root), "--clip",
+        str(golden_clip), "--out", str(out), "--frames", "4", "--batch-size", "8", "--workers", "0", "--epochs", "3",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    processes = []
+    for log in logs:
+        with open(log, "wb") as sink:
+            processes.append(subprocess.Popen(command, cwd=PROJECT, env=environment, stdout=sink, stderr=sink))
+    try:
+        codes = [process.wait(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    outputs = [log.read_text() for log in logs]
+    assert sorted(codes) == [0, 1], outputs
+    refused = outputs[codes.index(1)]
+    (line,) = [line for line in refused.splitlines() if line.strip()]
+    assert line.startswith("error: ") and str(out) in line, refused
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 3. --overwrite deletes only its own files
+# --------------------------------------------------------------------------- #
+
+
+def test_overwrite_keeps_the_users_tmp_files(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    assert train_tiny(tiny_root, golden_clip, out, "--epochs", 1)[0] == 0
+    mine = {"notes.tmp": b"my notes\n", "data.tmp": b"\x00\x01"}
+    for name, content in {**mine, "eval-recognize-ucf101.json": b"{}", "eval-retrieve-msrvtt.json": b"{}"}.items():
+        (out / name).write_bytes(content)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--overwrite", "--epochs", 1, "--seed", 1)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["best.pt", "last.pt", "metrics.jsonl", *mine])
+    assert all((out / name).read_bytes() == content for name, content in mine.items())
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", 1)
+    assert code == 0 and all((out / name).read_bytes() == content for name, content in mine.items()), output
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 5. A full disk while saving: one line naming the file, no .tmp, --resume repairs
+# --------------------------------------------------------------------------- #
+
+
+class FullDisk:
+    """A file on a disk that fills up: half of what is written lands, then write(2) fails, naming no file."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, payload: bytes) -> int:
+        self.file.write(payload[: len(payload) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "FullDisk":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_resume_repairs(tiny_root, golden_clip, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_open, temporary_files = builtins.open, []
+
+    def disk_full_after_the_first_save(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, str | os.PathLike) and Path(file).parent == out and str(file).endswith(".tmp"):
+            temporary_files.append(Path(file).name)
+            if len(temporary_files) > 1:  # epoch 1's last.pt lands, its best.pt does not
+                return FullDisk(handle)
+        return handle
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", disk_full_after_the_first_save)
+        code, output = train_tiny(tiny_root, golden_clip, out)
+    assert code == 1 and "Traceback" not in output and temporary_files == ["last.pt.tmp", "best.pt.tmp"], output
+    (line,) = error_lines(output)
+    assert line == f"error: {out / 'best.pt'}: {os.strerror(errno.ENOSPC)}"
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]  # no best.pt.tmp, no run.lock
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0
+
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume")  # space is back
+    assert code == 0 and "resuming" in output, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    without_timing = {k: v for k, v in saved["records"][0].items() if k != "train_clips_per_second"}
+    assert [r["epoch"] for r in records(out)] == [1, 2] and records(out)[0] == without_timing
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and torch.load(out / "best.pt", weights_only=True)["epoch"] == last["best_epoch"]
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 6. SIGTERM: a stale temporary file blocks nothing; a killed run exits 130, its folder consistent
+# --------------------------------------------------------------------------- #
+
+
+def test_a_stale_temporary_file_blocks_nothing(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt.tmp").write_bytes(b"PK\x03\x04" + bytes(100))  # a kill during the first save
+    code, output = train_tiny(tiny_root, golden_clip, out)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+    partial = (out / "last.pt").read_bytes()[:1000]  # a kill during a later save
+    (out / "last.pt.tmp").write_bytes(partial)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", 3)
+    assert code == 0 and "resuming" in output, output
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3] and not (out / "last.pt.tmp").exists()
+
+    (out / "last.pt.tmp").write_bytes(partial)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--overwrite", "--epochs", 1)
+    assert code == 0 and [r["epoch"] for r in records(out)] == [1], output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_sigterm_mid_run_exits_130_and_leaves_the_folder_consistent(tiny_root, golden_clip, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    command = [
+        sys.executable, "train.py", "recognize", "--dataset", "ucf101", "--root", str(tiny_root), "--clip",
+        str(golden_clip), "--out", str(out), "--frames", "4", "--batch-size", "8", "--workers", "0",
+        "--epochs", "100000",
+    ]  # fmt: skip
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=PROJECT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink, stderr=sink
+        )
+    try:
+        while process.poll() is None and not (out / "last.pt").exists():  # the first epoch is saved: mid-run
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=300)
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert code == 130 and "Traceback" not in output, output
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    assert lines[-1] == "interrupted" and lines.count("interrupted") == 1, output
+    names = sorted(p.name for p in out.iterdir())
+    assert names in (["best.pt", "last.pt", "metrics.jsonl"], ["best.pt", "last.pt"], ["last.pt"]), names
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in last["records"]] == list(range(1, last["epoch"] + 2))
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", last["epoch"] + 2)
+    assert code == 0 and [r["epoch"] for r in records(out)] == list(range(1, last["epoch"] + 3)), output
