@@ -6,6 +6,7 @@ the 32-px golden CLIP: a step or two an epoch, so a test can afford several runs
 
 import builtins
 import errno
+import inspect
 import json
 import os
 import pickle
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +24,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cli
 import data
 import evaluate
 import prepare
 import runs
+import runtime
 import synthetic
 import train
 
@@ -586,3 +591,159 @@ def test_sigterm_mid_run_exits_130_and_leaves_the_folder_consistent(tiny_root, g
     assert [r["epoch"] for r in last["records"]] == list(range(1, last["epoch"] + 2))
     code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", last["epoch"] + 2)
     assert code == 0 and [r["epoch"] for r in records(out)] == list(range(1, last["epoch"] + 3)), output
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 9. --lr 0 is honoured; a default fills in only an option not given
+# --------------------------------------------------------------------------- #
+
+
+def test_lr_zero_is_honoured(tiny_root, golden_clip, tmp_path, monkeypatch):
+    initial, build_run = {}, train.build_run
+
+    def remembering_the_initial_prompts(config, checkpoint):
+        built = build_run(config, checkpoint)
+        initial.update({k: v.detach().clone() for k, v in built.model.trainable_state_dict().items()})
+        return built
+
+    monkeypatch.setattr(train, "build_run", remembering_the_initial_prompts)
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 0, "--epochs", 1)
+    assert code == 0, output
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["config"]["lr"] == 0.0 and saved["config"]["epochs"] == 1
+    assert initial and same_tensors(saved["stop"], initial)  # AdamW's step, weight decay included, is lr times
+
+
+def test_run_config_fills_in_only_the_options_not_given(monkeypatch):
+    parameters = inspect.signature(cli.train_options).parameters
+    options = {name: p.default for name, p in parameters.items() if name not in ("resume", "overwrite")}
+    none_default = sorted(name for name, value in options.items() if value is None)
+    assert none_default == sorted(["root", "clip", "frames", "words", "batch_size", "epochs", "lr", "workers", "out"])
+    monkeypatch.setattr(data, "available_cores", lambda: 3)
+    options["dataset"] = "ucf101"
+    config = train.run_config("recognize", options)
+    expected = {"root": None, "clip": None, "frames": 8, "words": None, "batch_size": 32, "epochs": 10, "lr": 1e-3,
+                "workers": 3, "out": str(Path("runs") / "recognize-ucf101-stop")}  # fmt: skip
+    assert {name: getattr(config, name) for name in expected} == expected  # the spec's defaults, README's table
+    for name, falsy in {"frames": 0, "words": 0, "batch_size": 0, "epochs": 0, "lr": 0.0, "workers": 0}.items():
+        assert getattr(train.run_config("recognize", {**options, name: falsy}), name) == falsy, name
+    assert train.run_config("recognize", {**options, "clip": ""}).clip == ""
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 10. A malformed checkpoint or last.pt is one error line, never a traceback
+# --------------------------------------------------------------------------- #
+
+
+def test_malformed_checkpoints_are_one_line(golden, golden_clip, tiny_root, tmp_path):
+    good = torch.load(golden / "stop_checkpoint_recognize.pt", weights_only=True)  # what train.py writes
+    malformed = {
+        "alpha": ({**good, "config": {**good["config"], "alpha": "0.5"}}, "alpha='0.5'"),
+        "rho": ({**good, "config": {**good["config"], "rho": [0.1]}}, "rho=[0.1]"),
+        "stop": ({**good, "stop": []}, "expected a dict of tensors, got list"),
+        # Linear(64, 10**9) would be 256 GB: refused before anything is allocated
+        "reduced_dim": ({**good, "config": {**good["config"], "reduced_dim": 10**9}}, "reduced_dim=1000000000"),
+    }
+    for name, (checkpoint, expected) in malformed.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(checkpoint, path)
+        code, output = run(
+            evaluate.app, "recognize", "--dataset", "ucf101", "--root", tiny_root, "--checkpoint", path,
+            "--clip", golden_clip, "--workers", 0, "--out", tmp_path / f"{name}.json",
+        )  # fmt: skip
+        assert code == 1 and "Traceback" not in output, (name, output)
+        (line,) = error_lines(output)
+        assert expected in line and "allocate" not in line, (name, line)
+        assert not (tmp_path / f"{name}.json").exists()
+
+
+def test_last_pt_without_its_task_is_one_line(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    assert train_tiny(tiny_root, golden_clip, out, "--epochs", 1)[0] == 0
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    del checkpoint["config"]["task"]
+    torch.save(checkpoint, out / "last.pt")
+    before = snapshot(out)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume")
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert f"{out / 'last.pt'} cannot be resumed: it lacks config['task']" in line
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, low items
+# --------------------------------------------------------------------------- #
+
+
+def test_non_finite_hyper_parameters_are_refused_up_front(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    for option, value, named in (("--beta", "inf", "beta=inf"), ("--lr", "nan", "--lr nan")):
+        code, output = train_tiny(tiny_root, golden_clip, out, option, value)
+        assert code == 1 and "Try a lower" not in output, output
+        (line,) = error_lines(output)
+        assert named in line and not out.exists(), line
+
+
+def test_a_seed_out_of_range_is_a_usage_error(tiny_root, golden_clip, tmp_path):
+    code, output = train_tiny(tiny_root, golden_clip, tmp_path / "run", "--seed", 99999999999999999999)
+    assert code == 2 and "Invalid value for '--seed'" in output, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_offline_clip_download_leaves_no_run_folder(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing downloaded yet
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "runs" / "recognize-ucf101-stop"  # the default --out, whose runs/ does not exist yet
+    code, output = train_tiny(tiny_root, "ViT-B/32", out)
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert "could not download" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_refuses_a_checkpoint_of_the_other_task(golden, golden_clip, tmp_path):
+    checkpoint = golden / "stop_checkpoint_recognize.pt"
+    code, output = run(
+        evaluate.app, "retrieve", "--dataset", "msrvtt", "--root", tmp_path, "--checkpoint", checkpoint, "--clip",
+        golden_clip, "--out", tmp_path / "e.json",
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert f"{checkpoint} is a recognize checkpoint" in line and not (tmp_path / "e.json").exists()
+
+
+def test_a_demo_clip_checkpoint_is_evaluated_on_its_own_clip(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    options = ("--dataset", "ucf101", "--root", tiny_root, "--frames", 2, "--batch-size", 8, "--workers", 0)
+    code, output = run(train.app, "recognize", *options, "--epochs", 1, "--out", out)  # no --clip: the demo CLIP
+    assert code == 0 and "randomly initialised" in output, output
+    code, output = run(evaluate.app, "recognize", *options, "--checkpoint", out / "best.pt")
+    assert code == 0 and "randomly initialised" not in output, output
+    assert "CLIP: the checkpoint's, the small demo ViT-CLIP it was trained on" in output
+    assert json.loads((out / "eval-recognize-ucf101.json").read_text())["clip"] == runtime.DEMO_CLIP_NAME
+
+
+def test_each_command_has_its_own_task_options():
+    wide = {"COLUMNS": "300"}  # one option a line: nothing wrapped or cut
+    output = runner.invoke(train.app, ["recognize", "--help"], env=wide).stdout
+    assert "<ucf101|hmdb51|ssv2|kinetics400|synthetic>" in output, output
+    assert not [name for name in data.RETRIEVAL_DATASETS if name in output]
+    output = runner.invoke(evaluate.app, ["retrieve", "--help"], env=wide).stdout
+    assert "--words" in output and "<msrvtt|" in output, output
+    assert not [option for option in ("--views", "--crops", "--split-id") if option in output]
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    assert runtime.default_workers() <= data.available_cores()
+    for cores in (1, 2, 64):
+        monkeypatch.setattr(data, "available_cores", lambda cores=cores: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert runtime.default_workers() == min(8, cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share its cores
+        assert 2 * runtime.default_workers() <= cores
