@@ -52,7 +52,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     """Write ``obj`` (text, or anything ``torch.save`` takes) through a temporary file and a rename: an interrupted
     save never leaves a half-written file, and a failed one (a full disk, ``path`` a folder) leaves no temporary
     file either. The checkpoint is serialised in memory first, so a full disk is the ``OSError`` of the write,
-    which names the file."""
+    named after ``path`` (a failed write(2) names no file of its own)."""
     temporary = path.with_name(path.name + ".tmp")
     if isinstance(obj, str):
         payload = obj.encode()
@@ -64,6 +64,11 @@ def atomic_save(obj: Any, path: Path) -> None:
         with open(temporary, "wb") as file:
             file.write(payload)
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -172,10 +177,9 @@ def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[dict[str, A
     with contextlib.ExitStack() as stack:
 
         def open_run() -> dict[str, Any] | None:
-            created = not out.exists()
+            created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
             check_writable(out, "--out")
-            if created:  # a run that ends before writing anything leaves no empty folder behind
-                stack.callback(lambda: out.rmdir() if out.is_dir() and not any(out.iterdir()) else None)
+            stack.callback(remove_empty, created)  # a run that writes nothing leaves no empty folder behind
             stack.enter_context(locked(out))
             check_run_folder(out, resume, overwrite)
             for name in OWN_FILES - set(RUN_FILES):  # a killed save's leftovers; ours, since we hold the lock
@@ -187,6 +191,15 @@ def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[dict[str, A
             return checkpoint
 
         yield on_rank_zero(open_run)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, innermost first, up to the first that is not empty (or is gone)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def resumed_config(saved: Mapping[str, Any], requested: Config, given: set[str]) -> Config:

@@ -4,11 +4,20 @@ The runs here train on a UCF101 layout of 16 synthetic clips (one per class for 
 the 32-px golden CLIP: a step or two an epoch, so a test can afford several runs, kills and resumes.
 """
 
+import builtins
+import errno
+import inspect
 import json
 import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +25,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cli
 import data
 import dataset_files
 import evaluate
 import prepare
 import runs
+import runtime
 import synthetic
 import train
 
@@ -385,3 +396,362 @@ def test_help_and_docstrings_point_at_files_the_project_has():
         assert "../shared" not in text and "STOP_SPEC" not in text and "DATASETS.md" not in text, path
         for page in re.findall(r"docs/[\w-]+\.(?:md|png)", text):
             assert (project / page).is_file(), (path, page)
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 1. Two runs on one --out: the second is refused at once; nothing is left behind
+# --------------------------------------------------------------------------- #
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_in_use_is_refused_at_once(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--epochs", 1)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no run.lock left
+    before = snapshot(out)
+    with runs.locked(out):  # another process's run, still going
+        for extra in (("--resume", "--epochs", 2), ("--overwrite",)):
+            code, output = train_tiny(tiny_root, golden_clip, out, *extra)
+            assert code == 1 and "Traceback" not in output, output
+            (line,) = error_lines(output)
+            assert f"{out} is in use by another run" in line
+        assert snapshot(out) == {**before, runs.LOCK_FILE: b""}  # the other run's lock file is still there
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with runs.locked(fresh):  # a new run that has not written anything yet
+        code, output = train_tiny(tiny_root, golden_clip, fresh)
+        assert code == 1 and len(error_lines(output)) == 1 and f"{fresh} is in use" in output, output
+        assert sorted(p.name for p in fresh.iterdir()) == [runs.LOCK_FILE]
+
+    # A run that fails before its first save removes the folders it created for --out, and only those.
+    code, output = train_tiny(tiny_root, "no-such-clip", tmp_path / "new" / "run")
+    assert code == 1 and len(error_lines(output)) == 1, output
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    code, output = train_tiny(tiny_root, "no-such-clip", kept)
+    assert code == 1 and kept.is_dir() and list(kept.iterdir()) == [], output
+
+
+def test_two_runs_started_together_on_one_folder(tiny_root, golden_clip, tmp_path):
+    """Two real processes on one --out at the same time: one trains, the other says in one line that the folder is
+    taken (by the lock, or, had the first already finished, by its run) and writes nothing."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", "recognize", "--dataset", "ucf101", "--root", str(tiny_root), "--clip",
+        str(golden_clip), "--out", str(out), "--frames", "4", "--batch-size", "8", "--workers", "0", "--epochs", "3",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    processes = []
+    for log in logs:
+        with open(log, "wb") as sink:
+            processes.append(subprocess.Popen(command, cwd=PROJECT, env=environment, stdout=sink, stderr=sink))
+    try:
+        codes = [process.wait(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    outputs = [log.read_text() for log in logs]
+    assert sorted(codes) == [0, 1], outputs
+    refused = outputs[codes.index(1)]
+    (line,) = [line for line in refused.splitlines() if line.strip()]
+    assert line.startswith("error: ") and str(out) in line, refused
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 3. --overwrite deletes only its own files
+# --------------------------------------------------------------------------- #
+
+
+def test_overwrite_keeps_the_users_tmp_files(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    assert train_tiny(tiny_root, golden_clip, out, "--epochs", 1)[0] == 0
+    mine = {"notes.tmp": b"my notes\n", "data.tmp": b"\x00\x01"}
+    for name, content in {**mine, "eval-recognize-ucf101.json": b"{}", "eval-retrieve-msrvtt.json": b"{}"}.items():
+        (out / name).write_bytes(content)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--overwrite", "--epochs", 1, "--seed", 1)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["best.pt", "last.pt", "metrics.jsonl", *mine])
+    assert all((out / name).read_bytes() == content for name, content in mine.items())
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", 1)
+    assert code == 0 and all((out / name).read_bytes() == content for name, content in mine.items()), output
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 5. A full disk while saving: one line naming the file, no .tmp, --resume repairs
+# --------------------------------------------------------------------------- #
+
+
+class FullDisk:
+    """A file on a disk that fills up: half of what is written lands, then write(2) fails, naming no file."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, payload: bytes) -> int:
+        self.file.write(payload[: len(payload) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "FullDisk":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_resume_repairs(tiny_root, golden_clip, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_open, temporary_files = builtins.open, []
+
+    def disk_full_after_the_first_save(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, str | os.PathLike) and Path(file).parent == out and str(file).endswith(".tmp"):
+            temporary_files.append(Path(file).name)
+            if len(temporary_files) > 1:  # epoch 1's last.pt lands, its best.pt does not
+                return FullDisk(handle)
+        return handle
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", disk_full_after_the_first_save)
+        code, output = train_tiny(tiny_root, golden_clip, out)
+    assert code == 1 and "Traceback" not in output and temporary_files == ["last.pt.tmp", "best.pt.tmp"], output
+    (line,) = error_lines(output)
+    assert line == f"error: {out / 'best.pt'}: {os.strerror(errno.ENOSPC)}"
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]  # no best.pt.tmp, no run.lock
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0
+
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume")  # space is back
+    assert code == 0 and "resuming" in output, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    without_timing = {k: v for k, v in saved["records"][0].items() if k != "train_clips_per_second"}
+    assert [r["epoch"] for r in records(out)] == [1, 2] and records(out)[0] == without_timing
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and torch.load(out / "best.pt", weights_only=True)["epoch"] == last["best_epoch"]
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 6. SIGTERM: a stale temporary file blocks nothing; a killed run exits 130, its folder consistent
+# --------------------------------------------------------------------------- #
+
+
+def test_a_stale_temporary_file_blocks_nothing(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt.tmp").write_bytes(b"PK\x03\x04" + bytes(100))  # a kill during the first save
+    code, output = train_tiny(tiny_root, golden_clip, out)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+    partial = (out / "last.pt").read_bytes()[:1000]  # a kill during a later save
+    (out / "last.pt.tmp").write_bytes(partial)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", 3)
+    assert code == 0 and "resuming" in output, output
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3] and not (out / "last.pt.tmp").exists()
+
+    (out / "last.pt.tmp").write_bytes(partial)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--overwrite", "--epochs", 1)
+    assert code == 0 and [r["epoch"] for r in records(out)] == [1], output
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_sigterm_mid_run_exits_130_and_leaves_the_folder_consistent(tiny_root, golden_clip, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    command = [
+        sys.executable, "train.py", "recognize", "--dataset", "ucf101", "--root", str(tiny_root), "--clip",
+        str(golden_clip), "--out", str(out), "--frames", "4", "--batch-size", "8", "--workers", "0",
+        "--epochs", "100000",
+    ]  # fmt: skip
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=PROJECT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink, stderr=sink
+        )
+    try:
+        while process.poll() is None and not (out / "last.pt").exists():  # the first epoch is saved: mid-run
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=300)
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert code == 130 and "Traceback" not in output, output
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    assert lines[-1] == "interrupted" and lines.count("interrupted") == 1, output
+    names = sorted(p.name for p in out.iterdir())
+    assert names in (["best.pt", "last.pt", "metrics.jsonl"], ["best.pt", "last.pt"], ["last.pt"]), names
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in last["records"]] == list(range(1, last["epoch"] + 2))
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume", "--epochs", last["epoch"] + 2)
+    assert code == 0 and [r["epoch"] for r in records(out)] == list(range(1, last["epoch"] + 3)), output
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 9. --lr 0 is honoured; a default fills in only an option not given
+# --------------------------------------------------------------------------- #
+
+
+def test_lr_zero_is_honoured(tiny_root, golden_clip, tmp_path, monkeypatch):
+    initial, build_run = {}, train.build_run
+
+    def remembering_the_initial_prompts(config, checkpoint):
+        built = build_run(config, checkpoint)
+        initial.update({k: v.detach().clone() for k, v in built.model.trainable_state_dict().items()})
+        return built
+
+    monkeypatch.setattr(train, "build_run", remembering_the_initial_prompts)
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 0, "--epochs", 1)
+    assert code == 0, output
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["config"]["lr"] == 0.0 and saved["config"]["epochs"] == 1
+    assert initial and same_tensors(saved["stop"], initial)  # AdamW's step, weight decay included, is lr times
+
+
+def test_run_config_fills_in_only_the_options_not_given(monkeypatch):
+    parameters = inspect.signature(cli.train_options).parameters
+    options = {name: p.default for name, p in parameters.items() if name not in ("resume", "overwrite")}
+    none_default = sorted(name for name, value in options.items() if value is None)
+    assert none_default == sorted(["root", "clip", "frames", "words", "batch_size", "epochs", "lr", "workers", "out"])
+    monkeypatch.setattr(dataset_files, "available_cores", lambda: 3)
+    options["dataset"] = "ucf101"
+    config = train.run_config("recognize", options)
+    expected = {"root": None, "clip": None, "frames": 8, "words": None, "batch_size": 32, "epochs": 10, "lr": 1e-3,
+                "workers": 3, "out": str(Path("runs") / "recognize-ucf101-stop")}  # fmt: skip
+    assert {name: getattr(config, name) for name in expected} == expected  # the spec's defaults, README's table
+    for name, falsy in {"frames": 0, "words": 0, "batch_size": 0, "epochs": 0, "lr": 0.0, "workers": 0}.items():
+        assert getattr(train.run_config("recognize", {**options, name: falsy}), name) == falsy, name
+    assert train.run_config("recognize", {**options, "clip": ""}).clip == ""
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, item 10. A malformed checkpoint or last.pt is one error line, never a traceback
+# --------------------------------------------------------------------------- #
+
+
+def test_malformed_checkpoints_are_one_line(golden, golden_clip, tiny_root, tmp_path):
+    good = torch.load(golden / "stop_checkpoint_recognize.pt", weights_only=True)  # what train.py writes
+    malformed = {
+        "alpha": ({**good, "config": {**good["config"], "alpha": "0.5"}}, "alpha='0.5'"),
+        "rho": ({**good, "config": {**good["config"], "rho": [0.1]}}, "rho=[0.1]"),
+        "stop": ({**good, "stop": []}, "expected a dict of tensors, got list"),
+        # Linear(64, 10**9) would be 256 GB: refused before anything is allocated
+        "reduced_dim": ({**good, "config": {**good["config"], "reduced_dim": 10**9}}, "reduced_dim=1000000000"),
+    }
+    for name, (checkpoint, expected) in malformed.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(checkpoint, path)
+        code, output = run(
+            evaluate.app, "recognize", "--dataset", "ucf101", "--root", tiny_root, "--checkpoint", path,
+            "--clip", golden_clip, "--workers", 0, "--out", tmp_path / f"{name}.json",
+        )  # fmt: skip
+        assert code == 1 and "Traceback" not in output, (name, output)
+        (line,) = error_lines(output)
+        assert expected in line and "allocate" not in line, (name, line)
+        assert not (tmp_path / f"{name}.json").exists()
+
+
+def test_last_pt_without_its_task_is_one_line(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    assert train_tiny(tiny_root, golden_clip, out, "--epochs", 1)[0] == 0
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    del checkpoint["config"]["task"]
+    torch.save(checkpoint, out / "last.pt")
+    before = snapshot(out)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--resume")
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert f"{out / 'last.pt'} cannot be resumed: it lacks config['task']" in line
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- #
+# Issue 20, low items
+# --------------------------------------------------------------------------- #
+
+
+def test_non_finite_hyper_parameters_are_refused_up_front(tiny_root, golden_clip, tmp_path):
+    out = tmp_path / "run"
+    for option, value, named in (("--beta", "inf", "beta=inf"), ("--lr", "nan", "--lr nan")):
+        code, output = train_tiny(tiny_root, golden_clip, out, option, value)
+        assert code == 1 and "Try a lower" not in output, output
+        (line,) = error_lines(output)
+        assert named in line and not out.exists(), line
+
+
+def test_a_seed_out_of_range_is_a_usage_error(tiny_root, golden_clip, tmp_path):
+    code, output = train_tiny(tiny_root, golden_clip, tmp_path / "run", "--seed", 99999999999999999999)
+    assert code == 2 and "Invalid value for '--seed'" in output, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_offline_clip_download_leaves_no_run_folder(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing downloaded yet
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    out = tmp_path / "runs" / "recognize-ucf101-stop"  # the default --out, whose runs/ does not exist yet
+    code, output = train_tiny(tiny_root, "ViT-B/32", out)
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert "could not download" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_refuses_a_checkpoint_of_the_other_task(golden, golden_clip, tmp_path):
+    checkpoint = golden / "stop_checkpoint_recognize.pt"
+    code, output = run(
+        evaluate.app, "retrieve", "--dataset", "msrvtt", "--root", tmp_path, "--checkpoint", checkpoint, "--clip",
+        golden_clip, "--out", tmp_path / "e.json",
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in output, output
+    (line,) = error_lines(output)
+    assert f"{checkpoint} is a recognize checkpoint" in line and not (tmp_path / "e.json").exists()
+
+
+def test_a_demo_clip_checkpoint_is_evaluated_on_its_own_clip(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    options = ("--dataset", "ucf101", "--root", tiny_root, "--frames", 2, "--batch-size", 8, "--workers", 0)
+    code, output = run(train.app, "recognize", *options, "--epochs", 1, "--out", out)  # no --clip: the demo CLIP
+    assert code == 0 and "randomly initialised" in output, output
+    code, output = run(evaluate.app, "recognize", *options, "--checkpoint", out / "best.pt")
+    assert code == 0 and "randomly initialised" not in output, output
+    assert "CLIP: the checkpoint's, the small demo ViT-CLIP it was trained on" in output
+    assert json.loads((out / "eval-recognize-ucf101.json").read_text())["clip"] == runtime.DEMO_CLIP_NAME
+
+
+def test_each_command_has_its_own_task_options():
+    wide = {"COLUMNS": "300"}  # one option a line: nothing wrapped or cut
+    output = runner.invoke(train.app, ["recognize", "--help"], env=wide).stdout
+    assert "<ucf101|hmdb51|ssv2|kinetics400|synthetic>" in output, output
+    assert not [name for name in data.RETRIEVAL_DATASETS if name in output]
+    output = runner.invoke(evaluate.app, ["retrieve", "--help"], env=wide).stdout
+    assert "--words" in output and "<msrvtt|" in output, output
+    assert not [option for option in ("--views", "--crops", "--split-id") if option in output]
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    assert runtime.default_workers() <= dataset_files.available_cores()
+    for cores in (1, 2, 64):
+        monkeypatch.setattr(dataset_files, "available_cores", lambda cores=cores: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert runtime.default_workers() == min(8, cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share its cores
+        assert 2 * runtime.default_workers() <= cores
