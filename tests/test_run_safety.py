@@ -30,6 +30,7 @@ import data
 import dataset_files
 import evaluate
 import prepare
+import protocols
 import runs
 import runtime
 import synthetic
@@ -741,7 +742,7 @@ def test_each_command_has_its_own_task_options():
     wide = {"COLUMNS": "300"}  # one option a line: nothing wrapped or cut
     output = runner.invoke(train.app, ["recognize", "--help"], env=wide).stdout
     assert "<ucf101|hmdb51|ssv2|kinetics400|synthetic>" in output, output
-    assert not [name for name in data.RETRIEVAL_DATASETS if name in output]
+    assert not [name for name in protocols.RETRIEVAL_DATASETS if name in output]
     output = runner.invoke(evaluate.app, ["retrieve", "--help"], env=wide).stdout
     assert "--words" in output and "<msrvtt|" in output, output
     assert not [option for option in ("--views", "--crops", "--split-id") if option in output]
