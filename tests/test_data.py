@@ -457,7 +457,7 @@ def test_a_missing_root_and_unknown_names_are_data_errors(tmp_path: Path) -> Non
 
 
 def test_missing_ffmpeg_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, ucf101_root: Path) -> None:
-    monkeypatch.setattr(data.torchcodec, "ffmpeg_major_version", None)
+    monkeypatch.setattr(dataset_files.torchcodec, "ffmpeg_major_version", None)
     with pytest.raises(data.DataError, match="apt-get install ffmpeg") as error:
         data.build_dataset("ucf101", ucf101_root, "train", num_frames=4, resolution=RESOLUTION)
     assert "brew install ffmpeg" in str(error.value) and "conda" in str(error.value)

@@ -628,7 +628,8 @@ def test_run_config_fills_in_only_the_options_not_given(monkeypatch):
     parameters = inspect.signature(cli.train_options).parameters
     options = {name: p.default for name, p in parameters.items() if name not in ("resume", "overwrite")}
     none_default = sorted(name for name, value in options.items() if value is None)
-    assert none_default == sorted(["root", "clip", "frames", "words", "batch_size", "epochs", "lr", "workers", "out"])
+    defaults_of_the_dataset = ["frames", "words", "batch_size", "epochs", "lr"]
+    assert none_default == sorted(["root", "clip", *defaults_of_the_dataset, "workers", "compile", "out"])
     monkeypatch.setattr(dataset_files, "available_cores", lambda: 3)
     options["dataset"] = "ucf101"
     config = train.run_config("recognize", options)
