@@ -233,13 +233,43 @@ def test_identical_frames_get_no_temporal_prompts(clip, device):
     initial, details = features(STOPModel(clip, STOPConfig("stop")).eval(), video, return_details=True)
     assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
     torch.testing.assert_close(initial, baseline, rtol=0, atol=1e-6)
-    # Replicate padding over time: with any weights, identical frames stay identical and get no prompts.
+    # Replicate padding over time: with any weights, identical frames stay identical and get no prompts (in eval
+    # mode here; in training mode, with dropout, in the next test).
     for prompt in ("stop", "temporal"):
         _, details = features(as_if_trained(STOPModel(clip, STOPConfig(prompt))), video, return_details=True)
         assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         _, details = features(as_if_trained(STOPModel(clip, STOPConfig("stop"))), video, return_details=True)
     assert all(d.counts.eq(0).all() for d in details)
+
+
+@pytest.mark.parametrize("prompt", ["stop", "temporal"])
+def test_identical_frames_get_no_temporal_prompts_while_training(clip, device, prompt):
+    """In training mode with dropout 0.5, for several draws: ``P^s``'s dropout draws one mask per video
+    (``stop.video_dropout``), so identical frames stay identical after spatial prompting and get no prompts."""
+    clip = on(device, clip)
+    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
+    model = as_if_trained(STOPModel(clip, STOPConfig(prompt, dropout=0.5))).train()
+    drawn = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        video_features, details = features(model, video, return_details=True)
+        assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details), seed
+        drawn.append(video_features)
+    if prompt == "stop":  # the dropout did act: each draw prompted the regions differently
+        assert not torch.allclose(drawn[0], drawn[1])
+
+
+def test_a_dropout_mask_per_frame_would_give_identical_frames_prompts(clip, monkeypatch):
+    """Why ``video_dropout`` shares one mask across a video's frames: a mask per frame makes identical frames differ
+    after spatial prompting, and the temporal prompter then prompts them."""
+    monkeypatch.setattr(stop, "video_dropout", lambda x, batch, p, training: F.dropout(x, p, training))
+    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
+    model = as_if_trained(STOPModel(clip, STOPConfig("stop", dropout=0.5))).train()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        _, details = features(model, video, return_details=True)
+        assert details[0].counts.gt(0).any(), seed
 
 
 def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip, device):
@@ -467,6 +497,27 @@ def test_any_vit_shape(width, patch):
     patches = (32 // patch) ** 2
     assert video_features.shape == (2, 32) and details[0].regions.shape == (2, 4, patches)
     assert details[0].regions.sum(dim=-1).eq(math.ceil(patches / 8)).all()
+
+
+def test_region_count_is_ceil_rho_n():
+    """``K_s = ceil(rho N)``, rounded first so that float error in ``rho N`` never adds a region."""
+    assert STOPConfig().rho == 6 / 49
+    assert stop.region_count(6 / 49, 49) == 6  # ViT-B/32's 7x7 grid: the authors' 6 regions
+    assert stop.region_count(6 / 49, 196) == 24  # ViT-B/16's 14x14 grid
+    assert stop.region_count(6 / 49, 16) == 2  # the tiny CLIP's 4x4 grid: ceil(1.96)
+    assert stop.region_count(0.1, 49) == 5  # ceil(4.9)
+    assert 0.07 * 100 > 7 and stop.region_count(0.07, 100) == 7  # 7.000000000000001 is 7 regions, not 8
+
+
+def test_default_regions_per_frame_on_a_7x7_and_a_4x4_grid(clip):
+    """The default ``STOPConfig`` marks 6 regions per frame on ViT-B/32's 7x7 grid (56 px, patch 8 here) and
+    ``ceil(6/49 * 16) = 2`` on the tiny CLIP's 4x4 grid."""
+    grid7 = clip_model.random_clip(clip_model.CLIPConfig(32, 56, 1, 64, 8, 16, 100, 32, 1, 1))
+    videos56 = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    for model, video, regions in ((STOPModel(grid7), videos56, 6), (STOPModel(clip), random_videos(2, frames=3), 2)):
+        _, details = features(as_if_trained(model), video, return_details=True)
+        patches = model.clip.visual.grid_size**2
+        assert all(d.regions.shape[-1] == patches and d.regions.sum(dim=-1).eq(regions).all() for d in details)
 
 
 def test_single_frame_videos_work(clip):
