@@ -11,8 +11,8 @@ unchanged:
   so each block is exposed on its own (``visual.transformer.resblocks``).
 - ``TextTransformer`` parts (token embedding, causal blocks, ``ln_final``):
   the text tower, whose end-of-text token is the sentence feature.
-- ``Tokenizer`` / ``tokenize``: OpenAI's byte-level BPE, id for id, over OpenAI's vocabulary
-  shipped beside this file.
+- ``tokenize``: OpenAI's byte-level BPE, id for id (``clip_tokenizer.py``, as OpenAI's
+  ``simple_tokenizer.py``).
 - ``load``: a model name or file -> its tensors -> ``build_model``, which infers
   the architecture from the tensors' shapes. Finding, downloading and safely
   reading OpenAI's files (``ViT-B-32.pt`` ...) lives in ``clip_weights.py``.
@@ -24,22 +24,19 @@ matrix weights in the autocast dtype once, so that autocast does not cast them a
 
 from __future__ import annotations
 
-import gzip
-import html
 import os
-import re as stdlib_re
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 
-import ftfy
-import regex
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_tokenizer import Tokenizer as Tokenizer  # re-exported: the text side of CLIP's public names
+from clip_tokenizer import byte_tokenize as byte_tokenize
+from clip_tokenizer import tokenize as tokenize
 from clip_weights import MODEL_SHA256 as MODEL_SHA256  # re-exported: runtime.py records the checksum of the weights
-from clip_weights import CLIPLoadError, available_models, checkpoint_path, read_state_dict, vocab_path
+from clip_weights import CLIPLoadError, available_models, checkpoint_path, read_state_dict
 from clip_weights import file_sha256 as file_sha256  # re-exported, as MODEL_SHA256
 
 # --------------------------------------------------------------------------- #
@@ -355,118 +352,3 @@ VIT_B_32 = CLIPConfig(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
 VIT_B_16 = CLIPConfig(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
 VIT_L_14 = CLIPConfig(768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12)
 VIT_L_14_336 = CLIPConfig(768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12)
-
-
-# --------------------------------------------------------------------------- #
-# Tokenizer: byte-level BPE, as OpenAI's
-# --------------------------------------------------------------------------- #
-
-
-@lru_cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """Each byte as a printable character: printable Latin-1 maps to itself, the rest above 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def _clean(text: str) -> str:
-    """ftfy fixes, HTML entities unescaped (twice, as OpenAI does), whitespace collapsed, lower case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return stdlib_re.sub(r"\s+", " ", text).strip().lower()
-
-
-class Tokenizer:
-    """Byte-level BPE over a 49,152-entry vocabulary, giving OpenAI's ids exactly."""
-
-    SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-    PATTERN = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        regex.IGNORECASE,
-    )
-
-    def __init__(self, vocab_path: str | os.PathLike):
-        with gzip.open(vocab_path, "rt", encoding="utf-8") as file:
-            merges = [tuple(line.split()) for line in file.read().split("\n")[1 : 49152 - 256 - 2 + 1]]
-        self.byte_encoder = _bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(self.SPECIALS)
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = dict(enumerate(vocab))
-        self.merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
-        self.sot_token, self.eot_token = (self.encoder[s] for s in self.SPECIALS)
-        self._cache = {s: s for s in self.SPECIALS}
-
-    def _bpe(self, word: str) -> str:
-        """Merge the symbols of one pre-token, lowest-ranked pair first; space-separated result."""
-        if word in self._cache:
-            return self._cache[word]
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
-            if best not in self.merge_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        self._cache[word] = " ".join(symbols)
-        return self._cache[word]
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for piece in self.PATTERN.findall(_clean(text)):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[token] for token in self._bpe(piece).split(" "))
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        text = "".join(self.decoder[i] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
-
-
-@lru_cache
-def _tokenizer(download_root: str | None) -> Tokenizer:
-    return Tokenizer(vocab_path(download_root))
-
-
-def tokenize(
-    texts: str | list[str], context_length: int = 77, truncate: bool = False, download_root: str | None = None
-) -> torch.Tensor:
-    """``[len(texts), context_length]`` int64: ``<sot> ids <eot>`` then zeros, as ``clip.tokenize``.
-
-    A text too long for ``context_length`` raises ``ValueError`` unless ``truncate``, which keeps the
-    first ``context_length`` ids and ends them with ``<eot>``.
-    """
-    tokenizer = _tokenizer(download_root)
-    texts = [texts] if isinstance(texts, str) else texts
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
-        if len(ids) > context_length:
-            if not truncate:
-                raise ValueError(f"{text!r} is {len(ids)} tokens, longer than the context length {context_length}")
-            ids = [*ids[: context_length - 1], tokenizer.eot_token]
-        result[row, : len(ids)] = torch.tensor(ids)
-    return result
-
-
-def byte_tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
-    """Tokens for a randomly initialised CLIP with a 258-entry vocabulary, which needs no BPE file.
-
-    UTF-8 bytes are the ids 0-255, ``<sot>`` is 256 and ``<eot>`` 257, the largest id, so ``encode_text``
-    finds it by ``argmax`` exactly as with BPE. Too long a text is truncated and still ends with ``<eot>``.
-    """
-    texts = [texts] if isinstance(texts, str) else texts
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = [256, *_clean(text).encode("utf-8")][: context_length - 1] + [257]
-        result[row, : len(ids)] = torch.tensor(ids)
-    return result

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import clip_model
+import clip_tokenizer
 import clip_weights
 from clip_model import CLIPConfig, CLIPLoadError
 
@@ -69,9 +70,9 @@ def no_network(monkeypatch) -> None:
 @pytest.fixture
 def fresh_tokenizer() -> Iterator[None]:
     """``tokenize`` looks for its vocabulary again, and the next test does too."""
-    clip_model._tokenizer.cache_clear()
+    clip_tokenizer._tokenizer.cache_clear()
     yield
-    clip_model._tokenizer.cache_clear()
+    clip_tokenizer._tokenizer.cache_clear()
 
 
 def test_shipped_vocabulary_is_used_offline(no_network, fresh_tokenizer, tmp_path, monkeypatch):
