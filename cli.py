@@ -20,7 +20,7 @@ import typer
 
 import protocols
 from distributed import TIMEOUT_VARIABLE, collective_minutes, first_line, lost_contact, process_group, rank
-from errors import EXPECTED_ERRORS, RankError, error_message
+from errors import EXPECTED_ERRORS, RankError, RunError, error_message
 from runtime import resolve_device
 from stop import PROMPT_VARIANTS, STOPConfig
 
@@ -132,6 +132,15 @@ class EvaluationOptions:
     compile: CompileOption = None
     strict: StrictOption = False
     out: Annotated[Path | None, typer.Option(help="Metrics JSON; default: beside the checkpoint, else runs/.")] = None
+
+    def __post_init__(self) -> None:
+        if self.crops not in (1, 3):
+            raise RunError(f"--crops {self.crops}: expected 1 (the centre square) or 3 (left, centre, right squares)")
+        if self.checkpoint is not None and self.prompt is not None:
+            raise RunError(
+                f"--prompt {self.prompt} and --checkpoint: a checkpoint is evaluated with the prompt modules "
+                "it trained (its own --prompt); leave --prompt out"
+            )
 
 
 @contextlib.contextmanager

@@ -18,9 +18,8 @@ a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/
 6. ``build_loader``: each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
    resumed run continues exactly with any number of worker processes (``video_loader.py``).
 
-Machinery a first reading may skip lives beside it: ``dataset_files.py`` (``DataError``, ``SplitListing`` and the
-readers of split and caption files) and ``video_loader.py`` sit below this module; ``layouts.py`` (the other eight
-layouts, and ``LISTERS``, the table of all ten) builds on this one and is imported by ``build_dataset`` when it runs.
+Machinery a first reading may skip: ``dataset_files.py`` and ``video_loader.py`` below this module, ``layouts.py``
+(the other eight layouts and ``LISTERS``, the table of all ten) above it, imported when ``build_dataset`` runs.
 """
 
 from __future__ import annotations
@@ -33,15 +32,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
-from torchcodec import transforms as decoder_transforms
-from torchcodec.decoders import VideoDecoder, get_container_metadata
+from torchcodec.decoders import VideoDecoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dataset_files import (
     LAYOUTS,
+    BrokenVideoError,
+    BrokenVideoWarning,
     DataError,
     SplitListing,
+    open_video,
     read_csv,
     read_json,
     read_lines,
@@ -63,30 +64,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_AREA_RANGE = (0.4, 1.0)
 # A dataset root holding this file is never flipped left/right in training.
 NO_FLIP_MARKER = "no_horizontal_flip.txt"
-# Frames larger than this are shrunk by the decoder itself (aspect kept), so a huge video cannot blow up memory
-# (one 8000 x 8000 frame is 192 MB of uint8): short side at most 720 px, long side at most 2880 px. That is well
-# above every input CLIP takes (224 or 336 px), even after a training crop of 40% of the area, and leaves the
-# usual sizes (UCF101's 320 x 240, 720p) decoded as they are.
-MAX_DECODED_SHORT_SIDE = 720
-MAX_DECODED_LONG_SIDE = 2880
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
-
-
-class BrokenVideoError(DataError):
-    """A video file that cannot be decoded (missing, empty, truncated, not a video)."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot decode video {path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
-        return BrokenVideoError, (self.path, self.reason)  # rebuilt from both arguments, not the message
-
-
-class BrokenVideoWarning(UserWarning):
-    """A broken video was skipped and replaced by another sample."""
 
 
 # --------------------------------------------------------------------------
@@ -123,31 +102,6 @@ def sample_indices(
         position_in_segment = ((torch.arange(views, dtype=torch.float64) + 0.5) / views)[:, None]  # [K, 1]
         positions = (segment_index + position_in_segment) * segment_length  # [K, T]
     return positions.floor().long().clamp(0, num_video_frames - 1)
-
-
-def bounded_size(height: int, width: int) -> tuple[int, int] | None:
-    """The (height, width) to decode a ``height x width`` video at, aspect kept, when it exceeds the
-    MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
-    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
-    if scale >= 1:
-        return None
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def open_video(path: Path, seek_mode: str) -> VideoDecoder:
-    """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
-    (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
-    try:
-        decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
-    except ValueError:  # TorchCodec asks for a bug report when a file has no video stream (audio only): say so
-        if get_container_metadata(path).best_video_stream_index is None:
-            raise BrokenVideoError(path, "the file has no video stream") from None
-        raise
-    height, width = decoder.metadata.height, decoder.metadata.width
-    size = bounded_size(height, width) if height and width else None
-    if size is None:
-        return decoder
-    return VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1, transforms=[decoder_transforms.Resize(size)])
 
 
 def read_frames(
@@ -466,22 +420,12 @@ def build_dataset(
     listing = LISTERS[name](root, split, split_id, strict)
     if not listing.paths:
         raise DataError(f"{name}: the {split} split under {root} lists no videos")
-    return VideoDataset(
-        listing.paths,
-        listing.targets,
-        num_frames=num_frames,
-        resolution=resolution,
-        train=split == "train",
-        views=views,
-        crops=crops,
-        hflip=name != "ssv2" and not (root / NO_FLIP_MARKER).exists(),
-        strict=strict,
-        classes=listing.classes,
-        keep_alignment=name in RETRIEVAL_DATASETS and split == "test",
-        caption_groups=listing.caption_groups,
-        first_seconds=protocol(name).first_seconds,
-        left_out=listing.left_out,
-    )
+    hflip = name != "ssv2" and not (root / NO_FLIP_MARKER).exists()  # left and right are SSv2's labels
+    return VideoDataset(listing.paths, listing.targets, num_frames=num_frames, resolution=resolution,
+                        train=split == "train", views=views, crops=crops, hflip=hflip, strict=strict,
+                        classes=listing.classes, keep_alignment=name in RETRIEVAL_DATASETS and split == "test",
+                        caption_groups=listing.caption_groups, first_seconds=protocol(name).first_seconds,
+                        left_out=listing.left_out)  # fmt: skip
 
 
 def build_loader(
@@ -497,15 +441,7 @@ def build_loader(
     """A ``VideoLoader`` with ``workers`` processes kept alive across epochs, pinned memory when a GPU is there,
     each item's random draws a function of (``seed``, epoch, item) (see ``LoaderItems``), and the shuffle order
     (without a ``sampler``) drawn from ``seed``. ``loader.dataset`` is the ``LoaderItems`` around ``dataset``."""
-    return VideoLoader(
-        LoaderItems(dataset, seed),
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_or_failure,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return VideoLoader(LoaderItems(dataset, seed), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                       sampler=sampler, num_workers=workers, collate_fn=collate_or_failure, drop_last=drop_last,
+                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip

@@ -1,10 +1,13 @@
-"""Reading a dataset's own files: what every layout's lister (``data.py``'s and ``layouts.py``'s) is built from.
+"""A dataset's files, below the reading path: machinery a first reading of ``data.py`` may skip.
 
-``DataError`` is the error of bad input; the readers here turn a missing file, a file that is not UTF-8, JSON or the
-expected CSV, or a line that does not parse into one DataError naming the file (and line), which the commands print
-as one ``error:`` line. ``LAYOUTS`` shows each dataset's expected layout in those messages, and ``SplitListing`` is
-what a lister returns. This module imports no other module of the project, so both ``data.py`` and the modules it
-uses can import it.
+- Split and caption files: ``DataError`` is the error of bad input; the readers here turn a missing file, a file that
+  is not UTF-8, JSON or the expected CSV, or a line that does not parse into one DataError naming the file (and
+  line). ``LAYOUTS`` shows each dataset's expected layout in those messages; ``SplitListing`` is what a lister
+  returns.
+- Videos: ``open_video`` refuses a file with no video stream and shrinks oversized frames while decoding;
+  ``write_video`` encodes the synthetic clips and the tests' videos.
+
+It imports no other module of the project, so ``data.py`` and every module it uses can import it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 import torchcodec
 import typer
 from torch import Tensor
+from torchcodec import transforms as decoder_transforms
+from torchcodec.decoders import VideoDecoder, get_container_metadata
 from torchcodec.encoders import VideoEncoder
 
 LAYOUTS = {
@@ -157,6 +162,60 @@ def video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
     return video_dir / entry
+
+
+# --------------------------------------------------------------------------
+# Opening a video safely: a file with no video stream, or frames too large to hold
+# --------------------------------------------------------------------------
+
+
+class BrokenVideoError(DataError):
+    """A video file that cannot be decoded (missing, empty, truncated, not a video)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot decode video {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        return BrokenVideoError, (self.path, self.reason)  # rebuilt from both arguments, not the message
+
+
+class BrokenVideoWarning(UserWarning):
+    """A broken video was skipped and replaced by another sample."""
+
+
+# Frames larger than this are shrunk by the decoder itself (aspect kept), so a huge video cannot blow up memory
+# (one 8000 x 8000 frame is 192 MB of uint8): short side at most 720 px, long side at most 2880 px. That is well
+# above every input CLIP takes (224 or 336 px), even after a training crop of 40% of the area, and leaves the
+# usual sizes (UCF101's 320 x 240, 720p) decoded as they are.
+MAX_DECODED_SHORT_SIDE = 720
+MAX_DECODED_LONG_SIDE = 2880
+
+
+def bounded_size(height: int, width: int) -> tuple[int, int] | None:
+    """The (height, width) to decode a ``height x width`` video at, aspect kept, when it exceeds the
+    MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
+    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
+    if scale >= 1:
+        return None
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def open_video(path: Path, seek_mode: str) -> VideoDecoder:
+    """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
+    (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
+    try:
+        decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1)
+    except ValueError:  # TorchCodec asks for a bug report when a file has no video stream (audio only): say so
+        if get_container_metadata(path).best_video_stream_index is None:
+            raise BrokenVideoError(path, "the file has no video stream") from None
+        raise
+    height, width = decoder.metadata.height, decoder.metadata.width
+    size = bounded_size(height, width) if height and width else None
+    if size is None:
+        return decoder
+    return VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1, transforms=[decoder_transforms.Resize(size)])
 
 
 # --------------------------------------------------------------------------

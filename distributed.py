@@ -40,7 +40,7 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
 
 
-def distributed() -> bool:
+def in_group() -> bool:
     """Whether this process runs in a process group with others (``process_group`` joined one)."""
     return dist.is_available() and dist.is_initialized()
 
@@ -113,7 +113,7 @@ def on_rank_zero(function: Callable[..., T], *args: Any) -> T:
     For what must happen once: checking and reading the run folder, generating the synthetic data. The other ranks
     wait in the broadcast; when it fails, every rank raises the same ``RunError`` and rank 0 alone reports it.
     """
-    if not distributed():
+    if not in_group():
         return function(*args)
     outcome: list[Any] = [None]
     if rank() == 0:
@@ -153,7 +153,7 @@ def shard(dataset: data.VideoDataset, *, train: bool, seed: int = 0) -> Distribu
         return DistributedSampler(
             dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=True
         )
-    if not distributed():
+    if not in_group():
         return None
     return DistributedSampler(dataset, shuffle=False)
 
@@ -166,7 +166,7 @@ def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -
     and NCCL alike and, at the size of a test set's scores or features (MB), costs little; the repeats the sampler
     added are dropped (the first copy is kept) and the rows put back in order. One process: returned unchanged.
     """
-    if not distributed():
+    if not in_group():
         return columns
     shares: list[Any] = [None] * dist.get_world_size()
     local = [column.cpu() if isinstance(column, torch.Tensor) else column for column in columns]
@@ -188,7 +188,7 @@ def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``[b, ...]`` of every process, concatenated in rank order ``[W*b, ...]``; the gradient reaches this
     process's own rows (the others' are constants here, and get theirs in their own process). One process: ``x``."""
-    if not distributed():
+    if not in_group():
         return x
     shares = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(shares, x.detach().contiguous())
@@ -198,7 +198,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def summed_over_ranks(*values: float) -> list[float]:
     """Each value summed over every rank (losses, clip counts, broken videos); the values themselves in one process."""
-    if not distributed():
+    if not in_group():
         return list(values)
     shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, values)
@@ -208,7 +208,7 @@ def summed_over_ranks(*values: float) -> list[float]:
 def broken_over_ranks(*datasets: data.VideoDataset) -> int:
     """The distinct broken videos met by every rank in ``datasets``: a video two ranks both met (a padded evaluation
     share, a training video drawn by another rank in another epoch) counts once."""
-    if not distributed():
+    if not in_group():
         return sum(dataset.broken_count() for dataset in datasets)
     shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, [dataset.broken_items() for dataset in datasets])
@@ -228,7 +228,7 @@ def data_parallel(tower: nn.Module, device: torch.device) -> nn.Module:
     ``find_unused_parameters`` lets DDP finish such steps, and a parameter unused on every rank keeps no gradient, so
     AdamW skips it exactly as it does in one process.
     """
-    if not distributed():
+    if not in_group():
         return tower
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(tower, device_ids=device_ids, find_unused_parameters=True)

@@ -3,18 +3,13 @@
 ``python evaluate.py recognize --dataset ucf101 --root /data/UCF101 --checkpoint runs/x/best.pt``
 ``python evaluate.py retrieve --dataset msrvtt --root /data/msrvtt --checkpoint runs/x/best.pt``
 ``python evaluate.py recognize --dataset hmdb51 --root /data/HMDB51 --clip ViT-B/32 --prompt none`` (zero-shot)
-``python evaluate.py recognize --dataset kinetics400 --root /data/k400 --checkpoint runs/x/best.pt --views 4 --crops 3``
-(the multi-view test of X-CLIP and ViFi-CLIP: 4 temporal clips x 3 spatial crops, their features averaged)
 ``python evaluate.py explain VIDEO --checkpoint runs/x/best.pt`` (a picture of STOP's decisions: ``explain.py``)
 
-Recognition scores a video against one text per class ("a video of a person {class}."), computed once by the
-frozen text tower; retrieval ranks the whole test set's videos for each caption and captions for each video,
-as CLIP4Clip reports them. This file holds the metrics, the evaluation loops (which ``train.py`` runs after each
-epoch) and the commands; what every command runs on (device, backbone, checkpoint, processes) is ``runtime.py``.
-
-``torchrun --nproc_per_node N evaluate.py recognize ...`` splits the test set over N processes (a
-``DistributedSampler``), gathers every video's scores or features back in the dataset's order without the
-sampler's padding, and computes the metrics on the whole set, so they are those of one process.
+In order: the metrics, the evaluation loops (which ``train.py`` also runs after each epoch), the commands.
+Recognition scores a video against one text per class ("a video of a person {class}."), encoded once by the frozen
+text tower; retrieval ranks the whole test set's videos for each caption and its captions for each video, as
+CLIP4Clip reports them. Under ``torchrun`` each process evaluates its share and the scores or features are gathered
+back in the dataset's order (``distributed.py``), so the metrics are those of one process.
 """
 
 import json
@@ -31,26 +26,11 @@ import cli
 import data
 import explain
 import protocols
+import runtime
 from distributed import broken_over_ranks, gather_in_dataset_order, on_rank_zero, rank, rank_local_errors, shard
 from errors import RunError
-from runs import atomic_save, check_writable
-from runtime import (
-    Backbone,
-    VideoTower,
-    autocast,
-    build_model,
-    caption_tokenizer,
-    class_prompts,
-    dataset_location,
-    default_frames,
-    default_workers,
-    load_backbone,
-    load_trained,
-    resolve_compile,
-    resolve_device,
-    resolve_precision,
-    text_features,
-)
+from runs import atomic_save, check_output_file
+from runtime import autocast
 from stop import STOPConfig, STOPModel
 
 # --------------------------------------------------------------------------- #
@@ -176,7 +156,7 @@ def evaluate_retrieval(model, loader, tokenize, device, precision, encode=None) 
     caption_groups = loader.dataset.dataset.caption_groups
     captions = targets if caption_groups is None else [caption for group in caption_groups for caption in group]
     with autocast(device, precision):
-        caption_features = text_features(model, tokenize, captions, device).float()
+        caption_features = runtime.text_features(model, tokenize, captions, device).float()
     similarity = caption_features @ video_features.t()  # [N_text, N_video]
     if caption_groups is None:
         return retrieval_metrics(similarity)
@@ -202,20 +182,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def check_output_file(out: Path) -> None:
-    """``--out``: a file name whose folder can be written, checked before the evaluation runs."""
-    if out.is_dir():
-        raise RunError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
-    check_writable(out.parent, "--out")
-
-
 def evaluated_model(
     task: str, options: cli.EvaluationOptions, device: torch.device, precision: str
-) -> tuple[STOPModel, Backbone, int, int | None]:
+) -> tuple[STOPModel, runtime.Backbone, int, int | None]:
     """The model to evaluate, its backbone, the frames per video and the caption tokens (``None``: the dataset's):
     a checkpoint's, or zero-shot CLIP4Clip's."""
     if options.checkpoint is not None:
-        model, backbone, checkpoint = load_trained(options.checkpoint, options.clip, device, precision)
+        model, backbone, checkpoint = runtime.load_trained(options.checkpoint, options.clip, device, precision)
         config = checkpoint["config"]
         if config.get("task", task) != task:
             raise RunError(
@@ -228,76 +201,47 @@ def evaluated_model(
             f"--prompt {options.prompt} without --checkpoint would evaluate untrained prompts; "
             "pass --checkpoint RUN/best.pt, or --prompt none for zero-shot CLIP4Clip"
         )
-    backbone = load_backbone(options.clip)
-    model = build_model(backbone, STOPConfig(prompt="none"), device, precision)
-    return model, backbone, options.frames or default_frames(task, options.dataset), options.words
+    backbone = runtime.load_backbone(options.clip)
+    model = runtime.build_model(backbone, STOPConfig(prompt="none"), device, precision)
+    return model, backbone, options.frames or runtime.default_frames(task, options.dataset), options.words
 
 
 def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
-    """Check the options, build the model and the test loader, evaluate, and write (rank 0) the metrics JSON."""
-    if options.crops not in (1, 3):
-        raise RunError(f"--crops {options.crops}: expected 1 (the centre square) or 3 (left, centre, right squares)")
-    device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
+    """Build the model and the test loader, evaluate, and write (rank 0) the metrics JSON."""
+    device = runtime.resolve_device(options.device)
+    precision = runtime.resolve_precision(options.precision, device)
     checkpoint_file, dataset = options.checkpoint, options.dataset
     out = options.out or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
-    if checkpoint_file is not None and options.prompt is not None:
-        raise RunError(
-            f"--prompt {options.prompt} and --checkpoint: a checkpoint is evaluated with the prompt modules "
-            "it trained (its own --prompt); leave --prompt out"
-        )
     on_rank_zero(check_output_file, out)
     model, backbone, frames, words = evaluated_model(task, options, device, precision)
 
-    name, location = on_rank_zero(dataset_location, dataset, options.root, task)
-    test_set = data.build_dataset(
-        name,
-        location,
-        "test",
-        num_frames=frames,
-        resolution=model.clip.visual.input_resolution,
-        split_id=options.split_id,
-        views=options.views,
-        crops=options.crops,
-        strict=options.strict,
-    )
-    loader = data.build_loader(
-        test_set,
-        batch_size=options.batch_size,
-        shuffle=False,
-        workers=default_workers() if options.workers is None else options.workers,
-        sampler=shard(test_set, train=False),
-    )
-    tower = VideoTower(model, resolve_compile(options.compile, device))
+    name, location = on_rank_zero(runtime.dataset_location, dataset, options.root, task)
+    test_set = data.build_dataset(name, location, "test", num_frames=frames, split_id=options.split_id,
+                                  resolution=model.clip.visual.input_resolution, views=options.views,
+                                  crops=options.crops, strict=options.strict)  # fmt: skip
+    workers = runtime.default_workers() if options.workers is None else options.workers
+    loader = data.build_loader(test_set, batch_size=options.batch_size, shuffle=False, workers=workers,
+                               sampler=shard(test_set, train=False))  # fmt: skip
+    tower = runtime.VideoTower(model, runtime.resolve_compile(options.compile, device))
     with rank_local_errors():
         if task == "recognize":
             with autocast(device, precision):
-                prompts = class_prompts(dataset, test_set.classes)
-                class_features = text_features(model, backbone.tokenize, prompts, device)
+                prompts = runtime.class_prompts(dataset, test_set.classes)
+                class_features = runtime.text_features(model, backbone.tokenize, prompts, device)
             reversed_pairs = dataset == "synthetic"
             metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower)
         else:
             words = words or protocols.protocol(dataset).words
-            metrics = evaluate_retrieval(model, loader, caption_tokenizer(backbone, words), device, precision, tower)
+            tokenize = runtime.caption_tokenizer(backbone, words)
+            metrics = evaluate_retrieval(model, loader, tokenize, device, precision, tower)
     broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
-    result = {
-        "task": task,
-        "dataset": dataset,
-        "split_id": options.split_id,
-        "frames": frames,
-        "views": options.views,
-        "crops": options.crops,
-        "prompt": model.prompt,
-        "checkpoint": str(checkpoint_file) if checkpoint_file else None,
-        "clip": backbone.name,
-        "videos": len(test_set),
-        "left_out_videos": len(test_set.left_out),
-        "words": words if task == "retrieve" else None,
-        "broken_videos": int(broken),
-        **metrics,
-    }
+    result = {"task": task, "dataset": dataset, "split_id": options.split_id, "frames": frames,
+              "views": options.views, "crops": options.crops, "prompt": model.prompt,
+              "checkpoint": str(checkpoint_file) if checkpoint_file else None, "clip": backbone.name,
+              "videos": len(test_set), "left_out_videos": len(test_set.left_out),
+              "words": words if task == "retrieve" else None, "broken_videos": int(broken), **metrics}  # fmt: skip
     atomic_save(json.dumps(result, indent=2) + "\n", out)
     typer.echo(format_metrics(metrics))
     typer.echo(f"metrics written to {out}")

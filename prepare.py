@@ -38,9 +38,10 @@ from torchcodec.encoders import VideoEncoder
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import NO_FLIP_MARKER, BrokenVideoError
+from data import NO_FLIP_MARKER
 from dataset_files import (
     LAYOUTS,
+    BrokenVideoError,
     DataError,
     available_cores,
     reported_errors,

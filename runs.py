@@ -85,6 +85,13 @@ def check_writable(folder: Path, option: str) -> None:
         raise RunError(f"{option}: cannot write in {folder}: {error.strerror or error}") from None
 
 
+def check_output_file(out: Path) -> None:
+    """``--out``: a file name whose folder can be written, checked before the evaluation runs."""
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
+    check_writable(out.parent, "--out")
+
+
 def rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -244,6 +251,25 @@ def progress(
 # --------------------------------------------------------------------------- #
 # Writing and repairing it
 # --------------------------------------------------------------------------- #
+
+
+def checkpoint_state(run: Any, epoch: int, best: float, best_epoch: int, metrics, records) -> dict[str, Any]:
+    """What ``last.pt`` (and ``best.pt``) hold: STOP's parameters alone, never the frozen backbone, with what
+    ``--resume`` needs to continue exactly and the configuration, flat, that ``evaluate.py`` reads back."""
+    return {
+        "stop": run.model.trainable_state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "best_epoch": best_epoch,
+        "metrics": metrics,
+        "records": records,
+        "rng": rng_states(),
+        "config": asdict(run.config),
+        "clip": {"name": run.backbone.name, "sha256": run.backbone.sha256},
+    }
 
 
 def delete_replaced_run(out: Path) -> None:

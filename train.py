@@ -31,39 +31,14 @@ from tqdm import tqdm
 
 import cli
 import data
+import distributed
 import protocols
 import runs
-from distributed import (
-    all_gather_with_grad,
-    broken_over_ranks,
-    data_parallel,
-    distributed,
-    echo,
-    on_rank_zero,
-    rank,
-    rank_local_errors,
-    shard,
-    summed_over_ranks,
-    world_size,
-)
+import runtime
+from distributed import all_gather_with_grad, echo, rank, world_size
 from errors import RankError, RunError
 from evaluate import evaluate_recognition, evaluate_retrieval, format_metrics
-from runtime import (
-    Backbone,
-    VideoTower,
-    autocast,
-    build_model,
-    caption_tokenizer,
-    class_prompts,
-    dataset_location,
-    default_workers,
-    load_backbone,
-    load_trained,
-    resolve_compile,
-    resolve_device,
-    resolve_precision,
-    text_features,
-)
+from runtime import VideoTower, autocast
 from stop import STOPConfig, STOPModel
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's and the authors' (torch's defaults are (0.9, 0.999), 1e-8)
@@ -129,7 +104,7 @@ class Run:
     config: TrainConfig
     device: torch.device
     precision: str
-    backbone: Backbone
+    backbone: runtime.Backbone
     tokenize: Callable[[list[str]], torch.Tensor]  # captions to tokens, cut to --words (retrieval)
     model: STOPModel
     tower: VideoTower  # model.encode_video as a module, compiled with --compile: what the evaluation calls
@@ -146,17 +121,18 @@ class Run:
 
 def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
     """Build the model, the loaders and the optimiser; a resumed run loads its state from ``checkpoint``."""
-    device = resolve_device(config.device)
-    if distributed() and (device.type == "cuda") != (torch.distributed.get_backend() == "nccl"):
+    device = runtime.resolve_device(config.device)
+    if distributed.in_group() and (device.type == "cuda") != (torch.distributed.get_backend() == "nccl"):
         raise RunError(f"this run was trained with --device {config.device}: resume it with that --device")
-    precision = resolve_precision(config.precision, device)
-    name, location = on_rank_zero(dataset_location, config.dataset, config.root, config.task)
+    precision = runtime.resolve_precision(config.precision, device)
+    name, location = distributed.on_rank_zero(runtime.dataset_location, config.dataset, config.root, config.task)
     torch.manual_seed(config.seed)  # the prompt modules' initialisation (a resumed run loads them instead)
     if checkpoint:
-        model, backbone, _ = load_trained(Path(config.out) / "last.pt", config.clip, device, precision, checkpoint)
+        last = Path(config.out) / "last.pt"
+        model, backbone, _ = runtime.load_trained(last, config.clip, device, precision, checkpoint)
     else:
-        backbone = load_backbone(config.clip)
-        model = build_model(backbone, config.stop_config(), device, precision, config.grad_checkpoint)
+        backbone = runtime.load_backbone(config.clip)
+        model = runtime.build_model(backbone, config.stop_config(), device, precision, config.grad_checkpoint)
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
     frozen = sum(p.numel() for p in model.clip.parameters())
@@ -171,17 +147,17 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
     per_process = config.batch_size // world_size()  # run_config checked that it divides
     # The training order is the seed's and the epoch's alone (``shard``), so --resume can start any epoch exactly.
     train_loader = data.build_loader(train_set, batch_size=per_process, shuffle=True, workers=config.workers,
-                                     drop_last=True, sampler=shard(train_set, train=True, seed=config.seed),
+                                     drop_last=True, sampler=distributed.shard(train_set, train=True, seed=config.seed),
                                      seed=config.seed)  # fmt: skip
     test_loader = data.build_loader(test_set, batch_size=per_process, shuffle=False, workers=config.workers,
-                                    sampler=shard(test_set, train=False))  # fmt: skip
+                                    sampler=distributed.shard(test_set, train=False))  # fmt: skip
     if len(train_loader) == 0:
         raise RunError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training videos")
     class_features = None
     if config.task == "recognize":
         with autocast(device, precision):  # once: the text tower is frozen
-            prompts = class_prompts(config.dataset, train_set.classes)
-            class_features = text_features(model, backbone.tokenize, prompts, device)
+            prompts = runtime.class_prompts(config.dataset, train_set.classes)
+            class_features = runtime.text_features(model, backbone.tokenize, prompts, device)
 
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                   weight_decay=config.weight_decay)  # fmt: skip
@@ -193,10 +169,12 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-    tokenize = caption_tokenizer(backbone, config.words or protocols.protocol("msrvtt").words)  # recognition: unused
-    tower = VideoTower(model, resolve_compile(config.compile, device))
-    return Run(config, device, precision, backbone, tokenize, model, tower, data_parallel(tower, device), train_set,
-               test_set, train_loader, test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
+    words = config.words or protocols.protocol("msrvtt").words  # recognition: unused
+    tokenize = runtime.caption_tokenizer(backbone, words)
+    tower = VideoTower(model, runtime.resolve_compile(config.compile, device))
+    encode = distributed.data_parallel(tower, device)
+    return Run(config, device, precision, backbone, tokenize, model, tower, encode, train_set, test_set, train_loader,
+               test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
 
 
 def batch_loss(run: Run, videos: torch.Tensor, targets: torch.Tensor | list[str]) -> torch.Tensor:
@@ -243,7 +221,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
             run.train_loader.set_epoch(epoch)
             run.model.train()
             progress = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank() != 0)
-            with rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
+            with distributed.rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
                 for step, (videos, targets) in enumerate(progress):
                     with autocast(run.device, run.precision):
                         loss = batch_loss(run, videos.to(run.device, non_blocking=True), targets)  # forward
@@ -262,8 +240,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     rate = clips / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{loss_value:.3f}", clips_per_s=f"{rate:.1f}")  # log
                 metrics, score = evaluate_epoch(run)  # evaluate
-            running_loss, clips = summed_over_ranks(running_loss, clips)
-            broken = int(broken_over_ranks(run.train_set, run.test_set))
+            running_loss, clips = distributed.summed_over_ranks(running_loss, clips)
+            broken = int(distributed.broken_over_ranks(run.train_set, run.test_set))
             best, best_epoch = (score, epoch) if score > best else (best, best_epoch)
             if rank() == 0:  # log and save
                 record = {
@@ -279,7 +257,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     typer.echo(f"warning: {broken} broken videos were replaced by others (see warnings)")
                 if overwrite and epoch == first:
                     runs.delete_replaced_run(out)  # only now: a new run that failed in its first epoch replaced nothing
-                runs.save_epoch(out, checkpoint_state(run, epoch, best, best_epoch, metrics, records))
+                runs.save_epoch(out, runs.checkpoint_state(run, epoch, best, best_epoch, metrics, records))
         best_name = "top-1" if config.task == "recognize" else "text-to-video R@1"
         echo(f"done: {out / 'best.pt'} (best {best_name} {best:.2f})")
 
@@ -295,28 +273,9 @@ def seed_epoch(seed: int, epoch: int) -> None:
 def raise_not_finite(out: Path, epoch: int, step: int) -> None:
     """A loss that is no longer finite stops the run before anything is saved from it, naming the last good epoch."""
     last_good = f"{out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
-    where = f"rank {rank()}: " if distributed() else ""
+    where = f"rank {rank()}: " if distributed.in_group() else ""
     raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
                     f"{last_good}. Try a lower --lr")  # fmt: skip
-
-
-def checkpoint_state(run: Run, epoch: int, best: float, best_epoch: int, metrics, records) -> dict[str, Any]:
-    """What ``last.pt`` (and ``best.pt``) hold: STOP's parameters alone, never the frozen backbone, with what
-    ``--resume`` needs to continue exactly and the configuration, flat, that ``evaluate.py`` reads back."""
-    return {
-        "stop": run.model.trainable_state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,
-        "best": best,
-        "best_epoch": best_epoch,
-        "metrics": metrics,
-        "records": records,
-        "rng": runs.rng_states(),
-        "config": asdict(run.config),
-        "clip": {"name": run.backbone.name, "sha256": run.backbone.sha256},
-    }
 
 
 def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
@@ -330,7 +289,7 @@ def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
         "batch_size": row.batch,
         "epochs": row.epochs,
         "lr": row.lr,
-        "workers": default_workers(),
+        "workers": runtime.default_workers(),
         "out": str(Path("runs") / f"{task}-{dataset}-{options['prompt']}"),
     }
     paths = {name: str(given[name]) for name in ("root", "out") if name in given}  # stored as text in checkpoints

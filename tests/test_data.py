@@ -228,7 +228,7 @@ def test_large_frames_are_shrunk_while_decoding(tmp_path: Path, height: int, wid
     dataset_files.write_video(tmp_path / "large.avi", frames, fps=10)
     clip = data.read_frames(tmp_path / "large.avi", 2, train=False)
     assert tuple(clip.shape) == (2, 3, *decoded)  # aspect kept, within MAX_DECODED_SHORT_SIDE/LONG_SIDE
-    assert min(decoded) <= data.MAX_DECODED_SHORT_SIDE and max(decoded) <= data.MAX_DECODED_LONG_SIDE
+    assert min(decoded) <= dataset_files.MAX_DECODED_SHORT_SIDE and max(decoded) <= dataset_files.MAX_DECODED_LONG_SIDE
     quarter = decoded[1] // 4
     assert clip[..., :quarter].float().mean() < 5 and (clip[..., -quarter:].float().mean() - 200).abs() < 5
 
@@ -480,7 +480,7 @@ def videos_with_broken_ones(tmp_path: Path) -> tuple[list[Path], set[int]]:
 def test_broken_videos_are_warned_about_replaced_and_counted(videos_with_broken_ones) -> None:
     paths, broken = videos_with_broken_ones
     dataset = data.VideoDataset(paths, list(range(6)), num_frames=2, resolution=RESOLUTION, train=False)
-    with pytest.warns(data.BrokenVideoWarning) as caught:
+    with pytest.warns(dataset_files.BrokenVideoWarning) as caught:
         items = [dataset[index] for index in range(6)]
     assert [label for _, label in items] == [0, 3, 3, 3, 5, 5]  # each broken item replaced by the next good one
     for (clip, label), index in zip(items, range(6)):
@@ -489,7 +489,7 @@ def test_broken_videos_are_warned_about_replaced_and_counted(videos_with_broken_
     assert all(str(paths[index]) in warned for index in broken)
     assert dataset.broken_count() == 3  # item 1 meets videos 1 and 2, item 2 meets 2 again, item 4 meets 4
     assert dataset.broken_items() == sorted(broken)
-    with pytest.warns(data.BrokenVideoWarning):
+    with pytest.warns(dataset_files.BrokenVideoWarning):
         [dataset[index] for index in range(6)]  # a second epoch meets the same three videos
     assert dataset.broken_count() == 3
     dataset.reset_broken_count()
@@ -508,7 +508,7 @@ def test_strict_mode_says_an_audio_only_file_has_no_video_stream(tmp_path: Path)
     path = tmp_path / "audio_only.mp4"
     AudioEncoder(torch.zeros(1, 16000), sample_rate=16000).to_file(path)  # one second of silence, AAC
     dataset = data.VideoDataset([path], [0], num_frames=2, resolution=RESOLUTION, train=True, strict=True)
-    with pytest.raises(data.BrokenVideoError) as error:
+    with pytest.raises(dataset_files.BrokenVideoError) as error:
         dataset[0]
     assert str(error.value) == f"cannot decode video {path}: the file has no video stream"
 
@@ -538,7 +538,7 @@ def test_a_broken_retrieval_test_video_keeps_its_caption(videos_with_broken_ones
     paths, _ = videos_with_broken_ones
     captions = [f"caption {index}" for index in range(6)]
     dataset = data.VideoDataset(paths, captions, num_frames=2, resolution=RESOLUTION, train=False, keep_alignment=True)
-    with pytest.warns(data.BrokenVideoWarning, match=re.escape(str(paths[2]))):
+    with pytest.warns(dataset_files.BrokenVideoWarning, match=re.escape(str(paths[2]))):
         clip, caption = dataset[2]
     assert caption == "caption 2" and torch.equal(clip, torch.zeros(2, 3, RESOLUTION, RESOLUTION))
     assert dataset.broken_count() == 1

@@ -292,9 +292,9 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, gol
 
 
 def test_data_errors_survive_pickling(tmp_path):
-    broken = data.BrokenVideoError(tmp_path / "a.avi", "no decodable frames")
+    broken = dataset_files.BrokenVideoError(tmp_path / "a.avi", "no decodable frames")
     copy = pickle.loads(pickle.dumps(broken))
-    assert type(copy) is data.BrokenVideoError and str(copy) == str(broken)
+    assert type(copy) is dataset_files.BrokenVideoError and str(copy) == str(broken)
     assert (copy.path, copy.reason) == (broken.path, broken.reason)
     assert str(pickle.loads(pickle.dumps(data.DataError("bad\nlayout")))) == "bad\nlayout"
 
