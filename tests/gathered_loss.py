@@ -62,7 +62,7 @@ def main(out: Path) -> None:
         run = SimpleNamespace(
             config=SimpleNamespace(task="retrieve"),
             model=model,
-            encode=distributed.data_parallel(model, device),
+            encode=distributed.data_parallel(runtime.VideoTower(model), device),
             device=device,
             tokenize=runtime.caption_tokenizer(backbone, 32),
         )

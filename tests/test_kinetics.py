@@ -265,9 +265,9 @@ def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, 
         dataset_files.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)  # every view differs
     labels = [0, 1, 2, 1]
     test = data.VideoDataset(paths, labels, num_frames=2, resolution=resolution, train=False, views=2, crops=3)
-    prompts = evaluate.class_prompts("kinetics400", CLASSES)
+    prompts = runtime.class_prompts("kinetics400", CLASSES)
     assert prompts[2] == f"a video of a person {FOOTBALL}."
-    class_features = evaluate.text_features(model, backbone.tokenize, prompts, cpu)  # [3, E]
+    class_features = runtime.text_features(model, backbone.tokenize, prompts, cpu)  # [3, E]
     loader = data.build_loader(test, batch_size=2, shuffle=False, workers=0)
     metrics = evaluate.evaluate_recognition(model, loader, class_features, cpu, "fp32")
 
