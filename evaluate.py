@@ -169,7 +169,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if "text_to_video" in metrics:
         names = list(metrics["text_to_video"])
         rows = [f"| {d} | " + " | ".join(f"{metrics[d][n]:.1f}" for n in names) + " |" for d in metrics]
-        return "\n".join([f"| direction | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|", *rows])
+        return "\n".join([f"| ranking | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|", *rows])
     names = {"top1": "top-1", "top5": "top-5", "direction": "direction (vs reversed class)"}
     header = "| " + " | ".join(names[key] for key in metrics) + " |"
     return "\n".join(

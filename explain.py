@@ -239,7 +239,7 @@ def describe_scores(
     if caption is not None:
         caption_features = text_features(model, backbone.tokenize, [caption], device)  # [1, E]
         cosine, logit = (features @ caption_features.t()).item(), model.similarity(features, caption_features).item()
-        return f'"{caption}": cosine similarity {cosine:.3f} (logit {logit:.2f})'
+        return f'cosine similarity {cosine:.3f} (logit {logit:.2f}) to "{caption}"'
     if labels_from is None:
         return "no --labels-from DATASET (top-5 classes) or --caption TEXT (similarity) was given"
     own_root = config.get("root") if labels_from == config.get("dataset") else None
