@@ -248,8 +248,9 @@ class VideoTower(nn.Module):
     What DistributedDataParallel wraps (``distributed.data_parallel``) and what the loops call. With ``compile``,
     the encoder runs through ``torch.compile(fullgraph=True)``: one graph for training and one for evaluation, each
     compiled on its first batch (the log says so, and how long it took). A batch smaller than the first (the last
-    one of an evaluation) is padded to the first's size with copies of its first video and the padding dropped
-    after, so the graph is never compiled again for it.
+    one of an evaluation) is padded to the first's size with copies of its first video, in the first's memory layout
+    (the loader's clips are not contiguous, and the graph's guards check strides as well as shapes), and the padding
+    dropped after, so the graph is never compiled again for it.
     """
 
     def __init__(self, model: STOPModel, compile: bool = False):
@@ -257,23 +258,27 @@ class VideoTower(nn.Module):
         self.prompters = model.prompters  # the only submodule: CLIP stays out of DDP's view
         self.compiled = compile
         self.encode_video = torch.compile(model.encode_video, fullgraph=True) if compile else model.encode_video
-        self.batch_sizes: dict[bool, int] = {}  # the compiled batch size, per grad mode (training, evaluation)
+        # The compiled batch's shape and strides, per grad mode (training, evaluation)
+        self.first_batches: dict[bool, tuple[torch.Size, tuple[int, ...]]] = {}
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         if not self.compiled:
             return self.encode_video(videos)
         training, batch = torch.is_grad_enabled(), len(videos)
-        if training in self.batch_sizes:
-            missing = self.batch_sizes[training] - batch
-            if missing > 0:
-                videos = torch.cat([videos, videos[:1].expand(missing, *videos.shape[1:])])
+        if training in self.first_batches:
+            shape, strides = self.first_batches[training]
+            if batch < shape[0]:
+                padded = videos.new_empty_strided(shape, strides)
+                padded[:batch], padded[batch:] = videos, videos[:1]
+                videos = padded
             return self.encode_video(videos)[:batch]
         mode = "training" if training else "evaluation"
         echo(f"compiling the video encoder for {mode} (torch.compile, once per run: its first batch waits for it)")
         started = time.perf_counter()
         features = self.encode_video(videos)
         echo(f"compiled the video encoder for {mode} in {time.perf_counter() - started:.0f} s")
-        self.batch_sizes[training] = batch
+        # its strides as a padded batch can have them: its own, unless they overlap (an expanded tensor)
+        self.first_batches[training] = (videos.shape, torch.empty_like(videos, device="meta").stride())
         return features
 
 

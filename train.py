@@ -233,7 +233,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     run.scaler.step(run.optimizer)  # step
                     run.scaler.update()
                     run.scheduler.step()
-                    loss_value = loss.item() / world_size()  # the batch's loss (batch_loss scales it for DDP)
+                    ddp_scale = world_size() if config.task == "retrieve" else 1  # batch_loss scaled retrieval's
+                    loss_value = loss.item() / ddp_scale  # the loss of this process's clips
                     if not math.isfinite(loss_value):
                         raise_not_finite(out, epoch, step)
                     running_loss, clips = running_loss + loss_value * len(videos), clips + len(videos)
