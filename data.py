@@ -18,14 +18,13 @@ a clip, each resized to CLIP's input resolution and normalised with CLIP's mean/
 6. ``build_loader``: each item draws its frames, crop and flip from its own random stream (seed, epoch, item), so a
    resumed run continues exactly with any number of worker processes (``video_loader.py``).
 
-Machinery a first reading may skip: ``dataset_files.py`` and ``video_loader.py`` below this module, ``layouts.py``
-(the other eight layouts and ``LISTERS``, the table of all ten) above it, imported when ``build_dataset`` runs.
+Machinery a first reading may skip, all below this module: ``dataset_files.py`` (file readers, opening videos safely),
+``video_loader.py`` (the loader's per-clip streams and worker errors) and ``layouts.py`` (the other eight layouts).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from torchcodec.decoders import VideoDecoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import layouts
 from dataset_files import (
     LAYOUTS,
     BrokenVideoError,
@@ -46,6 +46,7 @@ from dataset_files import (
     read_csv,
     read_json,
     read_lines,
+    readable_class_name,
     require_ffmpeg,
     require_path,
     video_in,
@@ -315,13 +316,6 @@ class VideoDataset(Dataset):
 # --------------------------------------------------------------------------
 
 
-def readable_class_name(folder_name: str) -> str:
-    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup', 'YoYo' -> 'yo yo',
-    'brush_hair' -> 'brush hair'."""
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", folder_name.replace("_", " "))
-    return " ".join(words.lower().split())
-
-
 def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     """UCF101: ``classInd.txt`` gives the classes (1-based); paths in the lists are matched case-insensitively
     (``HandStandPushups`` vs ``HandstandPushups``). A listed video missing on disk is reported as broken when it is
@@ -385,6 +379,13 @@ def list_msrvtt(root: Path, split: str) -> SplitListing:
 # Datasets and loaders
 # --------------------------------------------------------------------------
 
+# Each dataset's lister: (root, split, split_id, strict) -> SplitListing. The two above, and layouts.py's eight.
+LISTERS = {
+    "ucf101": lambda root, split, split_id, strict: list_ucf101(root, split, split_id),
+    "msrvtt": lambda root, split, split_id, strict: list_msrvtt(root, split),
+    **layouts.LISTERS,
+}
+
 
 def build_dataset(
     name: str,
@@ -415,8 +416,6 @@ def build_dataset(
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
     require_ffmpeg()
-    from layouts import LISTERS  # it imports this module, so it is imported here, when a dataset is built
-
     listing = LISTERS[name](root, split, split_id, strict)
     if not listing.paths:
         raise DataError(f"{name}: the {split} split under {root} lists no videos")

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -162,6 +163,13 @@ def video_in(video_dir: Path, entry: str, dataset: str, where: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise DataError(f"{dataset}: {where}: the video {entry!r} is outside {video_dir}; ids must stay inside it")
     return video_dir / entry
+
+
+def readable_class_name(folder_name: str) -> str:
+    """Folder name -> words for a text prompt: 'ApplyEyeMakeup' -> 'apply eye makeup', 'YoYo' -> 'yo yo',
+    'brush_hair' -> 'brush hair'."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", folder_name.replace("_", " "))
+    return " ".join(words.lower().split())
 
 
 # --------------------------------------------------------------------------

@@ -1,12 +1,11 @@
-"""The published layouts of eight of the ten datasets, and ``LISTERS``, the table ``data.build_dataset`` reads.
+"""The published layouts of eight of the ten datasets, and ``LISTERS``, their table, which ``data.LISTERS`` extends.
 
 ``data.py`` shows two layouts in full, UCF101 (recognition) and MSR-VTT (retrieval); the others are read here the
 same way, each lister returning a ``SplitListing`` of video paths and targets: HMDB51, Something-Something v2 and
 Kinetics-400 (recognition), and MSVD, LSMDC, ActivityNet Captions, DiDeMo and VATEX (retrieval, each read by its
 protocol in ``protocols.PROTOCOLS``, as CLIP4Clip and the STOP authors read it).
 
-This module builds on ``data.py`` (those protocols, the two worked listers, ``readable_class_name``), so ``data.py``
-imports it inside ``build_dataset``, where the table is needed, rather than at its top.
+It sits below ``data.py``, which imports it, and reads the files with ``dataset_files.py``'s readers.
 """
 
 from __future__ import annotations
@@ -18,8 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from data import list_msrvtt, list_ucf101, readable_class_name
-from dataset_files import DataError, SplitListing, read_csv, read_json, read_lines, require_path, video_in
+from dataset_files import (
+    DataError,
+    SplitListing,
+    read_csv,
+    read_json,
+    read_lines,
+    readable_class_name,
+    require_path,
+    video_in,
+)
 from protocols import PROTOCOLS
 
 
@@ -392,11 +399,9 @@ def list_vatex(root: Path, split: str, strict: bool) -> SplitListing:
 # makes a listed video that is not on disk an error where the lister looks for it (Kinetics-400 and the retrieval
 # sets); the others find it broken when it is loaded, where ``strict`` makes it an error too.
 LISTERS: dict[str, Callable[[Path, str, int, bool], SplitListing]] = {
-    "ucf101": lambda root, split, split_id, strict: list_ucf101(root, split, split_id),
     "hmdb51": lambda root, split, split_id, strict: list_hmdb51(root, split, split_id),
     "ssv2": lambda root, split, split_id, strict: list_ssv2(root, split),
     "kinetics400": lambda root, split, split_id, strict: list_kinetics400(root, split, strict),
-    "msrvtt": lambda root, split, split_id, strict: list_msrvtt(root, split),
     "msvd": lambda root, split, split_id, strict: list_msvd(root, split, strict),
     "lsmdc": lambda root, split, split_id, strict: list_lsmdc(root, split, strict),
     "activitynet": lambda root, split, split_id, strict: list_activitynet(root, split, strict),

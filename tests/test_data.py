@@ -311,7 +311,7 @@ def test_evaluation_views_are_different_moments(tmp_path: Path) -> None:
     ],
 )
 def test_readable_class_name(folder: str, name: str) -> None:
-    assert data.readable_class_name(folder) == name
+    assert dataset_files.readable_class_name(folder) == name
 
 
 def test_ucf101_split_files_with_case_mismatches(ucf101_root: Path) -> None:

@@ -156,7 +156,7 @@ def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, b
 
     assert code == 0, output
     model, backbone, _ = runtime.load_trained(checkpoint, str(golden_clip), torch.device("cpu"))
-    names = [data.readable_class_name(c) for c in classes]
+    names = [dataset_files.readable_class_name(c) for c in classes]
     texts = runtime.text_features(model, backbone.tokenize, runtime.class_prompts("ucf101", names), torch.device("cpu"))
     video = data.build_transform(32, train=False)(tv_tensors.Video(data.read_frames(corner_video, 8, train=False)))
     with torch.no_grad():
