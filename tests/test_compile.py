@@ -26,8 +26,6 @@ import torch
 from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
-import data
-import dataset_files
 import evaluate
 import synthetic
 import train
@@ -58,27 +56,6 @@ def eager_random() -> Iterator[None]:
     """The compiled graphs call eager's random operators, so dropout draws eager's masks."""
     with torch._inductor.config.patch(fallback_random=True):
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """UCF101 layout, 8 classes x (1 training + 1 test) synthetic clips (as in ``test_run_safety.py``)."""
-    root = tmp_path_factory.mktemp("tiny")
-    generator = torch.Generator().manual_seed(0)
-    lines = {"train": [], "test": []}
-    for label, name in enumerate(synthetic.SYNTHETIC_CLASSES):
-        for split in ("train", "test"):
-            entry = f"{name}/v_{name}_g{1 if split == 'test' else 5:02d}_c01.avi"
-            frames, _, _ = synthetic.render_synthetic_clip(label, generator)
-            dataset_files.write_video(root / "UCF-101" / entry, frames, synthetic.SYNTHETIC_FPS)
-            lines[split].append(entry if split == "test" else f"{entry} {label + 1}")
-    lists = root / "ucfTrainTestlist"
-    lists.mkdir()
-    (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(synthetic.SYNTHETIC_CLASSES)))
-    (lists / "trainlist01.txt").write_text("\n".join(lines["train"]) + "\n")
-    (lists / "testlist01.txt").write_text("\n".join(lines["test"]) + "\n")
-    (root / data.NO_FLIP_MARKER).write_text("never flip\n")
-    return root
 
 
 def run(app, *args) -> tuple[int, str]:
