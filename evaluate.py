@@ -188,13 +188,14 @@ def evaluated_model(
     """The model to evaluate, its backbone, the frames per video and the caption tokens (``None``: the dataset's):
     a checkpoint's, or zero-shot CLIP4Clip's."""
     if options.checkpoint is not None:
-        model, backbone, checkpoint = runtime.load_trained(options.checkpoint, options.clip, device, precision)
+        checkpoint = runtime.read_checkpoint(options.checkpoint)
         config = checkpoint["config"]
-        if config.get("task", task) != task:
+        if config.get("task", task) != task:  # refused before its CLIP is loaded (or downloaded)
             raise RunError(
                 f"{options.checkpoint} is a {config['task']} checkpoint: evaluate it with "
                 f"'evaluate.py {config['task']}', or give a {task} checkpoint"
             )
+        model, backbone, _ = runtime.load_trained(options.checkpoint, options.clip, device, precision, checkpoint)
         return model, backbone, options.frames or config["frames"], options.words or config.get("words")
     if options.prompt not in (None, "none"):
         raise RunError(

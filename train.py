@@ -169,8 +169,7 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-    words = config.words or protocols.protocol("msrvtt").words  # recognition: unused
-    tokenize = runtime.caption_tokenizer(backbone, words)
+    tokenize = runtime.caption_tokenizer(backbone, config.words or runtime.CAPTION_TOKENS)  # recognition: unused
     tower = VideoTower(model, runtime.resolve_compile(config.compile, device))
     encode = distributed.data_parallel(tower, device)
     return Run(config, device, precision, backbone, tokenize, model, tower, encode, train_set, test_set, train_loader,
