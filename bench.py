@@ -841,8 +841,8 @@ def data_command(
     names = datasets or list(STANDINS)
     for name in names:
         check_choice("--dataset", name, STANDINS)
-    import dataset_files
     import prepare
+    from loading import dataset_files
 
     info = machine(decoder=True)
     with contextlib.ExitStack() as stack:

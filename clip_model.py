@@ -32,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_tokenizer import Tokenizer as Tokenizer  # re-exported: the text side of CLIP's public names
-from clip_tokenizer import byte_tokenize as byte_tokenize
-from clip_tokenizer import tokenize as tokenize
-from clip_weights import MODEL_SHA256 as MODEL_SHA256  # re-exported: runtime.py records the checksum of the weights
-from clip_weights import CLIPLoadError, available_models, checkpoint_path, read_state_dict
-from clip_weights import file_sha256 as file_sha256  # re-exported, as MODEL_SHA256
+from loading.clip_tokenizer import Tokenizer as Tokenizer  # re-exported: the text side of CLIP's public names
+from loading.clip_tokenizer import byte_tokenize as byte_tokenize
+from loading.clip_tokenizer import tokenize as tokenize
+from loading.clip_weights import (
+    MODEL_SHA256 as MODEL_SHA256,  # re-exported: runtime.py records the checksum of the weights
+)
+from loading.clip_weights import available_models, checkpoint_path, read_state_dict
+from loading.clip_weights import file_sha256 as file_sha256  # re-exported, as MODEL_SHA256
+from loading.errors import CLIPLoadError
 
 # --------------------------------------------------------------------------- #
 # Architecture

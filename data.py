@@ -35,13 +35,16 @@ from torchcodec.decoders import VideoDecoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-import layouts
-from dataset_files import (
+from loading import layouts
+from loading.dataset_files import (
     LAYOUTS,
+    NO_FLIP_MARKER,
     BrokenVideoError,
     BrokenVideoWarning,
-    DataError,
+    LoaderItems,
     SplitListing,
+    VideoLoader,
+    collate_or_failure,
     open_video,
     read_csv,
     read_json,
@@ -51,8 +54,9 @@ from dataset_files import (
     require_path,
     video_in,
 )
-from protocols import DATASETS, RETRIEVAL_DATASETS, protocol
-from video_loader import LoaderItems, VideoLoader, collate_or_failure
+from loading.errors import DataError
+from loading.protocols import DATASETS, RETRIEVAL_DATASETS, protocol
+from loading.synthetic import ensure_synthetic
 
 SPLITS = ("train", "test")
 
@@ -63,8 +67,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Training crops keep at least this share of the frame area, so the moving object usually stays in view (the classic
 # 0.08 is tuned for ImageNet).
 CROP_AREA_RANGE = (0.4, 1.0)
-# A dataset root holding this file is never flipped left/right in training.
-NO_FLIP_MARKER = "no_horizontal_flip.txt"
 # Stop replacing broken videos after this many in a row: the data is gone.
 MAX_BROKEN_IN_A_ROW = 50
 
@@ -385,6 +387,19 @@ LISTERS = {
     "msrvtt": lambda root, split, split_id, strict: list_msrvtt(root, split),
     **layouts.LISTERS,
 }
+
+
+def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, Path]:
+    """``--dataset`` and ``--root`` as the loader's name and root: ``synthetic`` is generated on first use, in the
+    UCF101 layout for recognition and the MSR-VTT layout for retrieval."""
+    if dataset == "synthetic":
+        base = ensure_synthetic(root or Path("data/synthetic"))
+        return ("ucf101", base / "ucf101") if task == "recognize" else ("msrvtt", base / "msrvtt")
+    if (dataset in RETRIEVAL_DATASETS) != (task == "retrieve"):
+        raise DataError(f"--dataset {dataset} is not a {task} dataset")
+    if root is None:
+        raise DataError(f"--root is required for --dataset {dataset}: the folder holding it (see docs/datasets.md)")
+    return dataset, root
 
 
 def build_dataset(

@@ -22,15 +22,22 @@ import torch
 import typer
 from tqdm import tqdm
 
-import cli
 import data
 import explain
-import protocols
-import runtime
-from distributed import broken_over_ranks, gather_in_dataset_order, on_rank_zero, rank, rank_local_errors, shard
-from errors import RunError
-from runs import atomic_save, check_output_file
-from runtime import autocast
+import stop
+from loading import protocols
+from loading.errors import RunError
+from plumbing import cli, runs, runtime
+from plumbing.runs import atomic_save, check_output_file
+from plumbing.runtime import (
+    autocast,
+    broken_over_ranks,
+    gather_in_dataset_order,
+    on_rank_zero,
+    rank,
+    rank_local_errors,
+    shard,
+)
 from stop import STOPConfig, STOPModel
 
 # --------------------------------------------------------------------------- #
@@ -156,7 +163,7 @@ def evaluate_retrieval(model, loader, tokenize, device, precision, encode=None) 
     caption_groups = loader.dataset.dataset.caption_groups
     captions = targets if caption_groups is None else [caption for group in caption_groups for caption in group]
     with autocast(device, precision):
-        caption_features = runtime.text_features(model, tokenize, captions, device).float()
+        caption_features = stop.text_features(model, tokenize, captions, device).float()
     similarity = caption_features @ video_features.t()  # [N_text, N_video]
     if caption_groups is None:
         return retrieval_metrics(similarity)
@@ -188,14 +195,14 @@ def evaluated_model(
     """The model to evaluate, its backbone, the frames per video and the caption tokens (``None``: the dataset's):
     a checkpoint's, or zero-shot CLIP4Clip's."""
     if options.checkpoint is not None:
-        checkpoint = runtime.read_checkpoint(options.checkpoint)
+        checkpoint = runs.read_checkpoint(options.checkpoint)
         config = checkpoint["config"]
         if config.get("task", task) != task:  # refused before its CLIP is loaded (or downloaded)
             raise RunError(
                 f"{options.checkpoint} is a {config['task']} checkpoint: evaluate it with "
                 f"'evaluate.py {config['task']}', or give a {task} checkpoint"
             )
-        model, backbone, _ = runtime.load_trained(options.checkpoint, options.clip, device, precision, checkpoint)
+        model, backbone, _ = runs.load_trained(options.checkpoint, options.clip, device, precision, checkpoint)
         return model, backbone, options.frames or config["frames"], options.words or config.get("words")
     if options.prompt not in (None, "none"):
         raise RunError(
@@ -204,7 +211,7 @@ def evaluated_model(
         )
     backbone = runtime.load_backbone(options.clip)
     model = runtime.build_model(backbone, STOPConfig(prompt="none"), device, precision)
-    return model, backbone, options.frames or runtime.default_frames(task, options.dataset), options.words
+    return model, backbone, options.frames or protocols.protocol(options.dataset, task).frames, options.words
 
 
 def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
@@ -216,7 +223,7 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
     on_rank_zero(check_output_file, out)
     model, backbone, frames, words = evaluated_model(task, options, device, precision)
 
-    name, location = on_rank_zero(runtime.dataset_location, dataset, options.root, task)
+    name, location = on_rank_zero(data.dataset_location, dataset, options.root, task)
     test_set = data.build_dataset(name, location, "test", num_frames=frames, split_id=options.split_id,
                                   resolution=model.clip.visual.input_resolution, views=options.views,
                                   crops=options.crops, strict=options.strict)  # fmt: skip
@@ -227,8 +234,8 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
     with rank_local_errors():
         if task == "recognize":
             with autocast(device, precision):
-                prompts = runtime.class_prompts(dataset, test_set.classes)
-                class_features = runtime.text_features(model, backbone.tokenize, prompts, device)
+                prompts = stop.class_texts(dataset, test_set.classes)
+                class_features = stop.text_features(model, backbone.tokenize, prompts, device)
             reversed_pairs = dataset == "synthetic"
             metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower)
         else:

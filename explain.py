@@ -40,11 +40,12 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 import data
-import protocols
-from cli import reported_errors
-from errors import RunError
-from runtime import Backbone, class_prompts, dataset_location, load_trained, resolve_device, text_features
-from stop import PromptDetails, STOPModel
+from loading import protocols
+from loading.errors import RunError
+from plumbing.cli import reported_errors
+from plumbing.runs import load_trained
+from plumbing.runtime import Backbone, resolve_device
+from stop import PromptDetails, STOPModel, class_texts, text_features
 
 TILE = 128  # pixels per side of a frame tile, rounded to a multiple of the patch grid
 GAP = 40  # make_grid's padding: between tiles (where the bars stand) and around them
@@ -246,10 +247,10 @@ def describe_scores(
     dataset_root = root or (Path(own_root) if own_root else None)
     if dataset_root is None and labels_from != "synthetic":
         raise RunError(f"--labels-from {labels_from} needs --root, the folder holding that dataset")
-    name, location = dataset_location(labels_from, dataset_root, "recognize")
+    name, location = data.dataset_location(labels_from, dataset_root, "recognize")
     resolution = model.clip.visual.input_resolution
     classes = data.build_dataset(name, location, "test", num_frames=config["frames"], resolution=resolution).classes
-    prompts = class_prompts(labels_from, classes)  # the texts training used
+    prompts = class_texts(labels_from, classes)  # the texts training used
     class_features = text_features(model, backbone.tokenize, prompts, device)  # [C, E]
     probabilities = model.similarity(features, class_features)[0].softmax(dim=0)  # [C]
     top = probabilities.topk(min(5, len(classes)))

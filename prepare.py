@@ -38,18 +38,18 @@ from torchcodec.encoders import VideoEncoder
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import NO_FLIP_MARKER
-from dataset_files import (
+from loading.dataset_files import (
     LAYOUTS,
+    NO_FLIP_MARKER,
     BrokenVideoError,
-    DataError,
     available_cores,
-    reported_errors,
     require_ffmpeg,
     require_path,
     single_threaded,
 )
-from protocols import DATASETS
+from loading.errors import DataError
+from loading.protocols import DATASETS
+from plumbing.cli import reported_errors
 
 # Where each layout keeps its videos, and the folders of split and label files, copied as they are.
 VIDEO_FOLDERS = {

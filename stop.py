@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_model import CLIP, ResidualAttentionBlock
+from loading.errors import ConfigError
 
 PROMPT_VARIANTS = ("none", "static", "spatial", "temporal", "stop")
 PAPER_TRAINABLE_PARAMETERS = 7_530_000  # STOP's count for ViT-B/32 in the paper's MSR-VTT table
@@ -108,7 +109,7 @@ class STOPConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> STOPConfig:
@@ -500,13 +501,13 @@ class STOPModel(nn.Module):
         config = config or STOPConfig()
         num_layers = len(clip.visual.transformer.resblocks)
         if config.prompt_layers is not None and config.prompt_layers > num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt_layers={config.prompt_layers}: expected an integer in 1..{num_layers} (this CLIP's vision "
                 "blocks)"
             )
         width = clip.visual.conv1.out_channels
         if config.reduced_dim > width:
-            raise ValueError(f"reduced_dim={config.reduced_dim}: expected at most this CLIP's width, {width}")
+            raise ConfigError(f"reduced_dim={config.reduced_dim}: expected at most this CLIP's width, {width}")
         self.clip = clip.requires_grad_(False).eval()
         self.config = config
         self.prompt = config.prompt
@@ -585,9 +586,9 @@ class STOPModel(nn.Module):
         return self.prompters.state_dict(prefix="prompters.")
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ValueError``."""
+        """Load ``trainable_state_dict()`` output; a state of another variant or shape raises ``ConfigError``."""
         if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-            raise ValueError(f"not a trainable state: expected a dict of tensors, got {type(state).__name__}")
+            raise ConfigError(f"not a trainable state: expected a dict of tensors, got {type(state).__name__}")
         expected = self.trainable_state_dict()
         problems = [
             *(f"missing {key}" for key in sorted(expected.keys() - state.keys())),
@@ -600,7 +601,7 @@ class STOPModel(nn.Module):
         ]
         if problems:
             listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ValueError(f"not a trainable state of this STOPModel({self.extra_repr()}): {listed}")
+            raise ConfigError(f"not a trainable state of this STOPModel({self.extra_repr()}): {listed}")
         self.prompters.load_state_dict({key.removeprefix("prompters."): value for key, value in state.items()})
 
     def extra_repr(self) -> str:
@@ -617,3 +618,23 @@ class STOPModel(nn.Module):
         )
         prompters = textwrap.indent(repr(self.prompters), "  ").lstrip()
         return f"STOPModel(\n  {self.extra_repr()}\n  (clip): {clip_summary}\n  (prompters): {prompters}\n)"
+
+
+# --------------------------------------------------------------------------- #
+# The recognition classifier: each class name as a text, through the frozen text tower
+# --------------------------------------------------------------------------- #
+
+CLASS_TEMPLATES = {"ssv2": "a video of {}.", "synthetic": "a video of a shape {}."}  # SSv2's names hold "something"
+DEFAULT_CLASS_TEMPLATE = "a video of a person {}."
+
+
+def class_texts(dataset: str, classes: list[str]) -> list[str]:
+    """The text of each class: ``"a video of a person apply eye makeup."`` for UCF101's ``ApplyEyeMakeup``."""
+    return [CLASS_TEMPLATES.get(dataset, DEFAULT_CLASS_TEMPLATE).format(name) for name in classes]
+
+
+@torch.no_grad()
+def text_features(model: STOPModel, tokenize: Callable, texts: list[str], device: torch.device) -> torch.Tensor:
+    """``[len(texts), E]``, L2-normalised, in batches of 256: the classifier's weights (one row per class), computed
+    once since the text tower is frozen, or a test set's captions."""
+    return torch.cat([model.encode_text(tokenize(texts[i : i + 256]).to(device)) for i in range(0, len(texts), 256)])

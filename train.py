@@ -12,7 +12,7 @@ loss over the batch's video-caption pairs. After each epoch the test split is ev
 (``runs.py``: ``last.pt``, ``best.pt`` when the metric improved, ``metrics.jsonl``).
 
 ``torchrun --nproc_per_node N train.py ...`` splits each batch of ``--batch-size`` over N processes
-(``distributed.py``); DistributedDataParallel averages the gradients of STOP's parameters, and retrieval gathers
+(``runtime.py``); DistributedDataParallel averages the gradients of STOP's parameters, and retrieval gathers
 every process's features, so the loss and its gradients are those of one process with the whole batch.
 """
 
@@ -29,16 +29,13 @@ import torch.nn.functional as F
 import typer
 from tqdm import tqdm
 
-import cli
 import data
-import distributed
-import protocols
-import runs
-import runtime
-from distributed import all_gather_with_grad, echo, rank, world_size
-from errors import RankError, RunError
+import stop
 from evaluate import evaluate_recognition, evaluate_retrieval, format_metrics
-from runtime import VideoTower, autocast
+from loading import protocols
+from loading.errors import ConfigError, RankError, RunError
+from plumbing import cli, runs, runtime
+from plumbing.runtime import VideoTower, all_gather_with_grad, autocast, echo, rank, world_size
 from stop import STOPConfig, STOPModel
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's and the authors' (torch's defaults are (0.9, 0.999), 1e-8)
@@ -79,7 +76,7 @@ class TrainConfig(STOPConfig):
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite number >= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a finite number >= 0")
 
     def stop_config(self) -> STOPConfig:
         return STOPConfig.from_dict(asdict(self))
@@ -122,14 +119,14 @@ class Run:
 def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
     """Build the model, the loaders and the optimiser; a resumed run loads its state from ``checkpoint``."""
     device = runtime.resolve_device(config.device)
-    if distributed.in_group() and (device.type == "cuda") != (torch.distributed.get_backend() == "nccl"):
+    if runtime.in_group() and (device.type == "cuda") != (torch.distributed.get_backend() == "nccl"):
         raise RunError(f"this run was trained with --device {config.device}: resume it with that --device")
     precision = runtime.resolve_precision(config.precision, device)
-    name, location = distributed.on_rank_zero(runtime.dataset_location, config.dataset, config.root, config.task)
+    name, location = runtime.on_rank_zero(data.dataset_location, config.dataset, config.root, config.task)
     torch.manual_seed(config.seed)  # the prompt modules' initialisation (a resumed run loads them instead)
     if checkpoint:
         last = Path(config.out) / "last.pt"
-        model, backbone, _ = runtime.load_trained(last, config.clip, device, precision, checkpoint)
+        model, backbone, _ = runs.load_trained(last, config.clip, device, precision, checkpoint)
     else:
         backbone = runtime.load_backbone(config.clip)
         model = runtime.build_model(backbone, config.stop_config(), device, precision, config.grad_checkpoint)
@@ -147,17 +144,17 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
     per_process = config.batch_size // world_size()  # run_config checked that it divides
     # The training order is the seed's and the epoch's alone (``shard``), so --resume can start any epoch exactly.
     train_loader = data.build_loader(train_set, batch_size=per_process, shuffle=True, workers=config.workers,
-                                     drop_last=True, sampler=distributed.shard(train_set, train=True, seed=config.seed),
+                                     drop_last=True, sampler=runtime.shard(train_set, train=True, seed=config.seed),
                                      seed=config.seed)  # fmt: skip
     test_loader = data.build_loader(test_set, batch_size=per_process, shuffle=False, workers=config.workers,
-                                    sampler=distributed.shard(test_set, train=False))  # fmt: skip
+                                    sampler=runtime.shard(test_set, train=False))  # fmt: skip
     if len(train_loader) == 0:
         raise RunError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training videos")
     class_features = None
     if config.task == "recognize":
         with autocast(device, precision):  # once: the text tower is frozen
-            prompts = runtime.class_prompts(config.dataset, train_set.classes)
-            class_features = runtime.text_features(model, backbone.tokenize, prompts, device)
+            prompts = stop.class_texts(config.dataset, train_set.classes)
+            class_features = stop.text_features(model, backbone.tokenize, prompts, device)
 
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                   weight_decay=config.weight_decay)  # fmt: skip
@@ -171,7 +168,7 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         scaler.load_state_dict(checkpoint["scaler"])
     tokenize = runtime.caption_tokenizer(backbone, config.words or runtime.CAPTION_TOKENS)  # recognition: unused
     tower = VideoTower(model, runtime.resolve_compile(config.compile, device))
-    encode = distributed.data_parallel(tower, device)
+    encode = runtime.data_parallel(tower, device)
     return Run(config, device, precision, backbone, tokenize, model, tower, encode, train_set, test_set, train_loader,
                test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
 
@@ -220,7 +217,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
             run.train_loader.set_epoch(epoch)
             run.model.train()
             progress = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank() != 0)
-            with distributed.rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
+            with runtime.rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
                 for step, (videos, targets) in enumerate(progress):
                     with autocast(run.device, run.precision):
                         loss = batch_loss(run, videos.to(run.device, non_blocking=True), targets)  # forward
@@ -240,8 +237,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     rate = clips / (time.perf_counter() - started)
                     progress.set_postfix(loss=f"{loss_value:.3f}", clips_per_s=f"{rate:.1f}")  # log
                 metrics, score = evaluate_epoch(run)  # evaluate
-            running_loss, clips = distributed.summed_over_ranks(running_loss, clips)
-            broken = int(distributed.broken_over_ranks(run.train_set, run.test_set))
+            running_loss, clips = runtime.summed_over_ranks(running_loss, clips)
+            broken = int(runtime.broken_over_ranks(run.train_set, run.test_set))
             best, best_epoch = (score, epoch) if score > best else (best, best_epoch)
             if rank() == 0:  # log and save
                 record = {
@@ -273,7 +270,7 @@ def seed_epoch(seed: int, epoch: int) -> None:
 def raise_not_finite(out: Path, epoch: int, step: int) -> None:
     """A loss that is no longer finite stops the run before anything is saved from it, naming the last good epoch."""
     last_good = f"{out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
-    where = f"rank {rank()}: " if distributed.in_group() else ""
+    where = f"rank {rank()}: " if runtime.in_group() else ""
     raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
                     f"{last_good}. Try a lower --lr")  # fmt: skip
 

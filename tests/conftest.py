@@ -58,7 +58,7 @@ def msvd_level(video_id: str) -> int:
 def msvd_root(tmp_path_factory) -> Path:
     import pickle
 
-    import dataset_files
+    from loading import dataset_files
 
     root = tmp_path_factory.mktemp("msvd")
     for video_id in MSVD_CAPTIONS:
@@ -77,8 +77,7 @@ def msvd_root(tmp_path_factory) -> Path:
 def tiny_root(tmp_path_factory) -> Path:
     """UCF101 layout, 8 classes x (1 training + 1 test) synthetic clips of 16 frames: runs of one or two steps."""
     import data
-    import dataset_files
-    import synthetic
+    from loading import dataset_files, synthetic
 
     root = tmp_path_factory.mktemp("tiny")
     generator = torch.Generator().manual_seed(0)

@@ -3,8 +3,8 @@
 ``python tests/gathered_loss.py OUT`` in one process, or ``torchrun --nproc_per_node 2 tests/gathered_loss.py OUT``
 (gloo, CPU), with the project root on ``PYTHONPATH``. Every process builds STOP on the 32-px golden CLIP with the
 same weights (dropout 0, so a training-mode step is deterministic), wraps it as ``build_run`` does
-(``distributed.data_parallel``), takes its share of step 0 of a fixed pool of 8 video-caption pairs through the
-training sampler (``distributed.shard``: rank r's ``perm[r::W]``, so the ranks' shares together are one process's
+(``runtime.data_parallel``), takes its share of step 0 of a fixed pool of 8 video-caption pairs through the
+training sampler (``runtime.shard``: rank r's ``perm[r::W]``, so the ranks' shares together are one process's
 batch of 4, in another order), and runs ``train.batch_loss`` and its backward pass twice: as written
 (``gathered``), and with ``all_gather_with_grad`` made the identity (``local``: each rank's negatives its own share
 alone). Rank r writes ``OUT/rank{r}.pt``: per run the loss as train.py logs it and each prompter parameter's
@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-import distributed
-import runtime
 import train
+from plumbing import runtime
 from stop import STOPConfig
 
 GOLDEN_CLIP = Path(__file__).resolve().parent / "fixtures" / "tiny_clip_state_dict.pt"
@@ -45,12 +44,12 @@ def step(run: SimpleNamespace, videos: torch.Tensor, captions: list[str]) -> dic
     loss = train.batch_loss(run, videos, captions)
     loss.backward()
     gradients = {name: parameter.grad.clone() for name, parameter in run.model.prompters.named_parameters()}
-    return {"loss": loss.item() / distributed.world_size(), "gradients": gradients}
+    return {"loss": loss.item() / runtime.world_size(), "gradients": gradients}
 
 
 def main(out: Path) -> None:
     device = torch.device("cpu")
-    with distributed.process_group(device):
+    with runtime.process_group(device):
         backbone = runtime.load_backbone(str(GOLDEN_CLIP))
         torch.manual_seed(0)  # the same prompters on every rank (DDP would broadcast rank 0's anyway)
         model = runtime.build_model(backbone, STOPConfig(dropout=0.0), device, "fp32")
@@ -62,14 +61,14 @@ def main(out: Path) -> None:
         run = SimpleNamespace(
             config=SimpleNamespace(task="retrieve"),
             model=model,
-            encode=distributed.data_parallel(runtime.VideoTower(model), device),
+            encode=runtime.data_parallel(runtime.VideoTower(model), device),
             device=device,
             tokenize=runtime.caption_tokenizer(backbone, 32),
         )
         pool = torch.randn(POOL, FRAMES, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-        sampler = distributed.shard(list(range(POOL)), train=True, seed=0)  # as build_run's training loader
+        sampler = runtime.shard(list(range(POOL)), train=True, seed=0)  # as build_run's training loader
         sampler.set_epoch(0)
-        share = list(sampler)[: BATCH // distributed.world_size()]  # this rank's step 0
+        share = list(sampler)[: BATCH // runtime.world_size()]  # this rank's step 0
         videos, captions = pool[share], [CAPTIONS[index] for index in share]
 
         result = {"share": share, "gathered": step(run, videos, captions)}
@@ -80,7 +79,7 @@ def main(out: Path) -> None:
         finally:
             train.all_gather_with_grad = gather
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(result, out / f"rank{distributed.rank()}.pt")
+        torch.save(result, out / f"rank{runtime.rank()}.pt")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 import clip_model
 import data
 import evaluate
-import runtime
-import synthetic
 import train
+from loading import synthetic
+from plumbing import runtime
 
 runner = CliRunner()
 

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import clip_model
-import clip_tokenizer
-import clip_weights
 from clip_model import CLIPConfig, CLIPLoadError
+from loading import clip_tokenizer, clip_weights
 
 TINY = CLIPConfig(16, 32, 2, 64, 16, 77, 49408, 64, 1, 1)
 SHIPPED_VOCAB = clip_weights.PACKAGED_VOCAB  # OpenAI's vocabulary beside the code, whatever a test patches

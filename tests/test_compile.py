@@ -27,8 +27,8 @@ from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
 import evaluate
-import synthetic
 import train
+from loading import synthetic
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import clip_model
-import runtime
+from plumbing import runtime
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
 
 TINY = clip_model.CLIPConfig(32, 32, 3, 128, 8, 16, 100, 32, 1, 1)  # N = 16 patches, width 128, 3 blocks

@@ -14,7 +14,7 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import AudioEncoder
 
 import data
-import dataset_files
+from loading import dataset_files
 
 SIDE = 32  # test videos are tiny: SIDE x SIDE pixels (the ramp is wider)
 RESOLUTION = 48  # model input size in these tests: deliberately not 224

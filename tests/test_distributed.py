@@ -22,10 +22,9 @@ from torch.utils.data import DistributedSampler
 from typer.testing import CliRunner
 
 import data
-import distributed
 import evaluate
-import runtime
-import synthetic
+from loading import synthetic
+from plumbing import runs, runtime
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds: a hung job fails the test instead of stalling the suite
@@ -110,17 +109,8 @@ def error_lines(output: str) -> list[str]:
 
 def no_traceback_of_ours(output: str) -> bool:
     """torchrun prints its own traceback when a worker fails; none may come from this project's files."""
-    ours = (
-        "train.py",
-        "evaluate.py",
-        "runtime.py",
-        "stop.py",
-        "data.py",
-        "layouts.py",
-        "dataset_files.py",
-        "video_loader.py",
-    )
-    return not any(f'{name}", line' in output for name in ours)
+    ours = ("train.py", "evaluate.py", "stop.py", "data.py", "plumbing/", "loading/")
+    return not any(name in line and '", line' in line for line in output.splitlines() for name in ours)
 
 
 def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -141,7 +131,7 @@ def test_recognition_trains_and_evaluates_as_one_process(
     assert code == 0, output
     assert output.count("trainable parameters") == 1 and output.count("done: ") == 1  # rank 0 alone logs
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # and writes
-    checkpoint = runtime.read_checkpoint(run / "best.pt")
+    checkpoint = runs.read_checkpoint(run / "best.pt")
     assert checkpoint["epoch"] == 0 and checkpoint["config"]["frames"] == 4
     assert not any(path.name.endswith(".tmp") for path in run.iterdir())
 
@@ -163,7 +153,7 @@ def test_retrieval_trains_and_evaluates_as_one_process(
     run = tmp_path / "retrieval"
     code, output = torchrun(environment, "train.py", *training("retrieve", synthetic_root, golden, run))
     assert code == 0, output
-    assert set(runtime.read_checkpoint(run / "best.pt")["metrics"]) == {"text_to_video", "video_to_text"}
+    assert set(runs.read_checkpoint(run / "best.pt")["metrics"]) == {"text_to_video", "video_to_text"}
 
     two = tmp_path / "two.json"
     code, output = torchrun(environment, "evaluate.py", *evaluation("retrieve", odd_root, run / "best.pt", two))
@@ -304,7 +294,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(synthetic_root, 
     assert job.returncode != 0
     assert all(line.startswith("error: rank 0: a collective operation") for line in error_lines(output))
     assert not list(out.glob("*.tmp"))
-    assert runtime.read_checkpoint(out / "last.pt")["epoch"] < 3  # whole: written to a temporary file, renamed
+    assert runs.read_checkpoint(out / "last.pt")["epoch"] < 3  # whole: written to a temporary file, renamed
     assert no_traceback_of_ours(output)
 
     code, output = torchrun(environment, "train.py", *args, "--resume")
@@ -336,7 +326,7 @@ def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
-        distributed.TIMEOUT_VARIABLE: "0.05",  # 3 seconds
+        runtime.TIMEOUT_VARIABLE: "0.05",  # 3 seconds
     }
     done = subprocess.run(
         [sys.executable, "train.py", "recognize", "--out", tmp_path / "run"],
@@ -352,7 +342,7 @@ def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch
     assert len(error_lines(done.stderr)) == 1 and not (tmp_path / "run").exists()
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
+    monkeypatch.setenv(runtime.TIMEOUT_VARIABLE, "soon")
     result = CliRunner().invoke(evaluate.app, ["recognize", "--device", "cpu"])
     assert (
         result.exit_code == 1 and "STOP_TIMEOUT_MINUTES='soon': expected a positive number of minutes" in result.output

@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 import clip_model
 import data
-import dataset_files
 import evaluate
 import explain
-import runtime
+import stop
+from loading import dataset_files
+from plumbing import runs
 from stop import STOPConfig, STOPModel
 
 runner = CliRunner()
@@ -155,9 +156,9 @@ def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, b
     )
 
     assert code == 0, output
-    model, backbone, _ = runtime.load_trained(checkpoint, str(golden_clip), torch.device("cpu"))
+    model, backbone, _ = runs.load_trained(checkpoint, str(golden_clip), torch.device("cpu"))
     names = [dataset_files.readable_class_name(c) for c in classes]
-    texts = runtime.text_features(model, backbone.tokenize, runtime.class_prompts("ucf101", names), torch.device("cpu"))
+    texts = stop.text_features(model, backbone.tokenize, stop.class_texts("ucf101", names), torch.device("cpu"))
     video = data.build_transform(32, train=False)(tv_tensors.Video(data.read_frames(corner_video, 8, train=False)))
     with torch.no_grad():
         probabilities = model.class_logits(video.as_subclass(torch.Tensor)[None], texts)[0].softmax(dim=0)

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 import bench
 import data
-import dataset_files
 import evaluate
-import layouts
 import prepare
-import runtime
+import stop
 import train
+from loading import dataset_files, layouts
+from plumbing import runtime
 from stop import STOPConfig
 
 RESOLUTION = 48  # model input size of the data tests: deliberately not 224
@@ -265,9 +265,9 @@ def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, 
         dataset_files.write_video(path, banded_video(bands, portrait=False, step=step), fps=30)  # every view differs
     labels = [0, 1, 2, 1]
     test = data.VideoDataset(paths, labels, num_frames=2, resolution=resolution, train=False, views=2, crops=3)
-    prompts = runtime.class_prompts("kinetics400", CLASSES)
+    prompts = stop.class_texts("kinetics400", CLASSES)
     assert prompts[2] == f"a video of a person {FOOTBALL}."
-    class_features = runtime.text_features(model, backbone.tokenize, prompts, cpu)  # [3, E]
+    class_features = stop.text_features(model, backbone.tokenize, prompts, cpu)  # [3, E]
     loader = data.build_loader(test, batch_size=2, shuffle=False, workers=0)
     metrics = evaluate.evaluate_recognition(model, loader, class_features, cpu, "fp32")
 
@@ -287,7 +287,7 @@ def test_multi_view_scores_are_those_of_the_averaged_view_features(golden_clip, 
 # ---------------------------------------------------------------- commands
 
 
-@pytest.mark.filterwarnings("ignore::layouts.MissingVideosWarning")  # its text: test_clips_are_the_csv_rows_found...
+@pytest.mark.filterwarnings("ignore::loading.layouts.MissingVideosWarning")  # its text: test_clips_are_the_csv_rows...
 def test_train_evaluate_and_explain_on_a_kinetics_layout(kinetics_root, golden_clip, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ["--dataset", "kinetics400", "--root", kinetics_root, "--device", "cpu", "--workers", 0]

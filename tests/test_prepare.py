@@ -17,8 +17,8 @@ from torchcodec.decoders import VideoDecoder
 from typer.testing import CliRunner
 
 import data
-import dataset_files
 import prepare
+from loading import dataset_files
 
 SOURCE_FPS = 10
 SECONDS = 4  # 40 frames at 10 fps: prepared at 3 fps to 16 frames (min_frames)

@@ -13,13 +13,11 @@ from conftest import MSVD_CAPTIONS, MSVD_SPLITS, msvd_level
 from typer.testing import CliRunner
 
 import data
-import dataset_files
 import evaluate
-import layouts
 import prepare
-import protocols
-import runtime
 import train
+from loading import dataset_files, layouts, protocols
+from plumbing import runs, runtime
 from stop import STOPConfig
 
 SIDE = 32
@@ -381,7 +379,7 @@ def test_msvd_trains_and_evaluates_from_its_checkpoint(msvd_root: Path, golden_c
     run = tmp_path / "run"
     common = ["--dataset", "msvd", "--root", msvd_root, "--frames", 2, "--batch-size", 2, "--workers", 0]
     invoke(train.app, "retrieve", *common, "--clip", golden_clip, "--epochs", 1, "--out", run)
-    config = runtime.read_checkpoint(run / "best.pt")["config"]
+    config = runs.read_checkpoint(run / "best.pt")["config"]
     assert (config["words"], config["frames"]) == (32, 2)
     invoke(evaluate.app, "retrieve", *common, "--checkpoint", run / "best.pt", "--out", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())

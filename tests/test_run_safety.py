@@ -25,16 +25,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli
 import data
-import dataset_files
 import evaluate
 import prepare
-import protocols
-import runs
-import runtime
-import synthetic
+import synthetic as synthetic_command
 import train
+from loading import dataset_files, protocols
+from plumbing import cli, runs, runtime
 
 runner = CliRunner()
 
@@ -77,7 +74,7 @@ def test_synthetic_root_holding_other_files_is_refused_and_kept(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
     (root / "thesis.txt").write_text("x\n")
-    code, output = run(synthetic.app, "--root", root)
+    code, output = run(synthetic_command.app, "--root", root)
     assert code == 1 and len(error_lines(output)) == 1 and str(root) in output, output
     code, output = run(train.app, "recognize", "--dataset", "synthetic", "--root", root, "--out", tmp_path / "run")
     assert code == 1 and "holds no synthetic dataset" in output, output
@@ -313,7 +310,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_root, tmp_path):
         assert code == 1 and len(error_lines(output)) == 1 and expected in output, output
     assert list(folder.iterdir()) == [] and not (tmp_path / "folder.tmp").exists()
     for app, command in (
-        (synthetic.app, ("--root", a_file / "synthetic")),
+        (synthetic_command.app, ("--root", a_file / "synthetic")),
         (prepare.app, ("--dataset", "ucf101", "--root", tiny_root, "--out", a_file / "prepared")),
     ):
         code, output = run(app, *command)
@@ -338,7 +335,7 @@ def read_only(tmp_path) -> Iterator[Path]:
 def test_read_only_outputs_are_refused(tiny_root, read_only):
     code, output = train_tiny(tiny_root, "no-such-clip", read_only / "run")
     assert code == 1 and "--out: cannot write in" in output, output
-    code, output = run(synthetic.app, "--root", read_only / "synthetic")
+    code, output = run(synthetic_command.app, "--root", read_only / "synthetic")
     assert code == 1 and str(read_only) in output and "Traceback" not in output, output
 
 

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import clip_model
 import stop
+from loading.errors import ConfigError
 from stop import (
     PAPER_TRAINABLE_PARAMETERS,
     PROMPT_VARIANTS,
@@ -109,7 +110,7 @@ def on(device: torch.device, clip: clip_model.CLIP) -> clip_model.CLIP:
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_value(clip, kwargs, named):
-    with pytest.raises(ValueError, match="expected") as error:
+    with pytest.raises(ConfigError, match="expected") as error:
         STOPModel(clip, STOPConfig(**kwargs))
     assert named in str(error.value)
 
@@ -552,14 +553,14 @@ def test_trainable_state_round_trips_and_refuses_another_variant_or_shape(clip):
     assert torch.equal(features(target, video), features(source, video))
     assert all(key.startswith("prompters.") for key in source.trainable_state_dict())
 
-    with pytest.raises(ValueError, match="missing prompters.0.temporal"):
+    with pytest.raises(ConfigError, match="missing prompters.0.temporal"):
         target.load_trainable_state_dict(STOPModel(clip, STOPConfig("spatial")).trainable_state_dict())
-    with pytest.raises(ValueError, match="unexpected prompters.1.static"):
+    with pytest.raises(ConfigError, match="unexpected prompters.1.static"):
         one_block = STOPModel(clip, STOPConfig("static", prompt_layers=1))
         one_block.load_trainable_state_dict(STOPModel(clip, STOPConfig("static")).trainable_state_dict())
-    with pytest.raises(ValueError, match=r"queries has shape \(2, 32\), expected \(4, 32\)"):
+    with pytest.raises(ConfigError, match=r"queries has shape \(2, 32\), expected \(4, 32\)"):
         target.load_trainable_state_dict(STOPModel(clip, STOPConfig("stop", eta=2)).trainable_state_dict())
     other_width = clip_model.random_clip(clip_model.CLIPConfig(32, 32, 3, 64, 8, 16, 100, 32, 1, 1))
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ConfigError, match="expected"):
         target.load_trainable_state_dict(STOPModel(other_width, STOPConfig("stop")).trainable_state_dict())
     STOPModel(clip, STOPConfig("none")).load_trainable_state_dict({})

@@ -9,8 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 import data
-import dataset_files
-import synthetic
+from loading import dataset_files, synthetic
 
 RESOLUTION = 48  # model input size in these tests: deliberately not 224
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli
-import protocols
-import synthetic
 import train
+from loading import protocols, synthetic
+from plumbing import cli
 
 runner = CliRunner()
 

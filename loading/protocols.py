@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataset_files import DataError
+from loading.dataset_files import DataError
 
 RECOGNITION_DATASETS = ("ucf101", "hmdb51", "ssv2", "kinetics400")
 RETRIEVAL_DATASETS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo", "vatex")

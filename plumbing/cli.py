@@ -18,10 +18,13 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-import protocols
-from distributed import TIMEOUT_VARIABLE, collective_minutes, first_line, lost_contact, process_group, rank
-from errors import EXPECTED_ERRORS, RankError, RunError, error_message
-from runtime import resolve_device
+from loading import protocols
+from loading.errors import EXPECTED_ERRORS, RankError, RunError, error_message
+from plumbing.runtime import (
+    process_group,
+    rank,
+    resolve_device,
+)
 from stop import PROMPT_VARIANTS, STOPConfig
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -147,9 +150,10 @@ class EvaluationOptions:
 def reported_errors() -> Iterator[None]:
     """Turn the project's expected failures into ``error: <message>`` and exit code 1, never a traceback.
 
-    Under torchrun every rank runs the same setup and meets the same bad input, so rank 0 alone reports it. A
-    ``RankError`` is reported by the rank that met it, and so is a collective that failed because another rank
-    died, hung or never joined: each rank ends with at most one line. SIGTERM ends a command as Ctrl-C does.
+    Anything else is a bug and keeps its traceback. Under torchrun every rank runs the same setup and meets the
+    same bad input, so rank 0 alone reports it; a ``RankError`` (this rank's share of the data, a collective that
+    failed because another rank died: ``runtime.process_group``) is reported by the rank that met it. SIGTERM ends
+    a command as Ctrl-C does.
     """
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -157,16 +161,6 @@ def reported_errors() -> Iterator[None]:
     except EXPECTED_ERRORS as error:
         if rank() == 0 or isinstance(error, RankError):
             typer.echo(f"error: {error_message(error)}", err=True)
-        raise typer.Exit(1) from None
-    except RuntimeError as error:
-        if not lost_contact(error):
-            raise
-        typer.echo(
-            f"error: rank {rank()}: a collective operation with the other processes failed (one of them died, was "
-            f"stopped, or did not answer within {TIMEOUT_VARIABLE}={collective_minutes():g} minutes; its own message "
-            f"or torchrun's report names it): {first_line(error)}",
-            err=True,
-        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         if rank() == 0:

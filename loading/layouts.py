@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from dataset_files import (
+from loading.dataset_files import (
     DataError,
     SplitListing,
     read_csv,
@@ -27,7 +27,7 @@ from dataset_files import (
     require_path,
     video_in,
 )
-from protocols import PROTOCOLS
+from loading.protocols import PROTOCOLS
 
 
 class MissingVideosWarning(UserWarning):

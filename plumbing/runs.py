@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from distributed import echo, on_rank_zero
-from errors import RunError
-from runtime import read_checkpoint
+from loading.errors import RunError
+from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero
+from stop import STOPConfig, STOPModel
 
 try:
     import fcntl  # POSIX file locks
@@ -321,3 +321,64 @@ def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
     metrics = out / "metrics.jsonl"
     if not metrics.is_file() or metrics.read_text() != lines:
         atomic_save(lines, metrics)
+
+
+# --------------------------------------------------------------------------- #
+# Reading a checkpoint back
+# --------------------------------------------------------------------------- #
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RunError(f"{path}: cannot be read as a STOP checkpoint (truncated or corrupt?): {error}") from None
+    if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
+        raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")
+    config, clip = checkpoint["config"], checkpoint["clip"]
+    frames = config.get("frames") if isinstance(config, dict) else None
+    if not (isinstance(frames, int) and frames > 0 and isinstance(config.get("prompt"), str)) or not (
+        isinstance(clip, dict) and {"name", "sha256"} <= clip.keys()
+    ):
+        raise RunError(
+            f"{path}: not a checkpoint written by train.py (its 'config' needs a positive 'frames' and a 'prompt', "
+            "its 'clip' a 'name' and a 'sha256')"
+        )
+    return checkpoint
+
+
+def check_same_backbone(checkpoint: Mapping[str, Any], backbone: Backbone, path: Path) -> None:
+    trained_on = checkpoint["clip"]
+    if trained_on["sha256"] != backbone.sha256:
+        raise RunError(
+            f"{path} was trained on the CLIP {trained_on['name']!r} (SHA256 {trained_on['sha256'][:12]}…), but "
+            f"--clip {backbone.name!r} is another one (SHA256 {backbone.sha256[:12]}…): its prompts fit only the "
+            "CLIP they were trained with"
+        )
+
+
+def load_trained(
+    path: Path,
+    clip: str | None,
+    device: torch.device,
+    precision: str = "fp32",
+    checkpoint: Mapping[str, Any] | None = None,
+) -> tuple[STOPModel, Backbone, Mapping[str, Any]]:
+    """The model a ``train.py`` checkpoint holds, its prompts loaded, on the CLIP it was trained on, with that
+    backbone and the checkpoint itself.
+
+    ``clip``: where that CLIP is (``--clip``: the same weights elsewhere, checked by SHA256); ``None``: the name the
+    checkpoint records. ``checkpoint``: ``path`` already read by ``read_checkpoint`` (under torchrun rank 0 alone
+    reads a run folder, which other machines may not have). The configuration is the checkpoint's flat dict, read
+    by ``STOPConfig.from_dict``.
+    """
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
+    backbone = load_backbone(clip or checkpoint["clip"]["name"], trained_on=clip is None)
+    check_same_backbone(checkpoint, backbone, path)
+    config = checkpoint["config"]
+    stop_config = STOPConfig.from_dict(config)
+    model = build_model(backbone, stop_config, device, precision, config.get("grad_checkpoint", False))
+    model.load_trainable_state_dict(checkpoint["stop"])
+    return model, backbone, checkpoint

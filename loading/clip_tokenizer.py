@@ -17,7 +17,7 @@ import ftfy
 import regex
 import torch
 
-from clip_weights import vocab_path
+from loading.clip_weights import vocab_path
 
 
 @lru_cache

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from loading.errors import CLIPLoadError
+
 try:
     import fcntl  # POSIX file locks, for concurrent downloads
 except ImportError:  # Windows: downloads still land atomically, but may be repeated
@@ -52,10 +54,6 @@ VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_URL = f"https://github.com/openai/CLIP/raw/main/clip/{VOCAB_FILE}"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 PACKAGED_VOCAB = Path(__file__).resolve().parent / VOCAB_FILE  # shipped beside this file, as in OpenAI's package
-
-
-class CLIPLoadError(Exception):
-    """A checkpoint or vocabulary that cannot be found, fetched or read."""
 
 
 def available_models() -> list[str]:
