@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from loading.clip_tokenizer import Tokenizer as Tokenizer  # re-exported: the text side of CLIP's public names
-from loading.clip_tokenizer import byte_tokenize as byte_tokenize
 from loading.clip_tokenizer import tokenize as tokenize
 from loading.clip_weights import (
     MODEL_SHA256 as MODEL_SHA256,  # re-exported: runtime.py records the checksum of the weights
@@ -347,6 +346,21 @@ def random_clip(config: CLIPConfig, seed: int = 0) -> CLIP:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIP(config).eval()
+
+
+def byte_tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+    """Tokens for a randomly initialised CLIP with a 258-entry vocabulary (the demo's), which needs no BPE file.
+
+    The text in lower case with its whitespace collapsed, as UTF-8 bytes: the ids 0-255; ``<sot>`` is 256 and
+    ``<eot>`` 257, the largest id, so ``encode_text`` finds it by ``argmax`` exactly as with BPE. Too long a text
+    is truncated and still ends with ``<eot>``.
+    """
+    texts = [texts] if isinstance(texts, str) else texts
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [256, *" ".join(text.lower().split()).encode("utf-8")][: context_length - 1] + [257]
+        result[row, : len(ids)] = torch.tensor(ids)
+    return result
 
 
 # The shapes of OpenAI's released ViTs, for random stand-ins in tests and benchmarks (``load`` reads shapes

@@ -55,7 +55,7 @@ from loading.dataset_files import (
     video_in,
 )
 from loading.errors import DataError
-from loading.protocols import DATASETS, RETRIEVAL_DATASETS, protocol
+from loading.protocols import DATASETS, PROTOCOLS, RETRIEVAL_DATASETS
 from loading.synthetic import ensure_synthetic
 
 SPLITS = ("train", "test")
@@ -438,7 +438,7 @@ def build_dataset(
     return VideoDataset(listing.paths, listing.targets, num_frames=num_frames, resolution=resolution,
                         train=split == "train", views=views, crops=crops, hflip=hflip, strict=strict,
                         classes=listing.classes, keep_alignment=name in RETRIEVAL_DATASETS and split == "test",
-                        caption_groups=listing.caption_groups, first_seconds=protocol(name).first_seconds,
+                        caption_groups=listing.caption_groups, first_seconds=PROTOCOLS[name].first_seconds,
                         left_out=listing.left_out)  # fmt: skip
 
 

@@ -230,7 +230,7 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
     workers = runtime.default_workers() if options.workers is None else options.workers
     loader = data.build_loader(test_set, batch_size=options.batch_size, shuffle=False, workers=workers,
                                sampler=shard(test_set, train=False))  # fmt: skip
-    tower = runtime.VideoTower(model, runtime.resolve_compile(options.compile, device))
+    tower = runtime.VideoTower(model, options.compile)
     with rank_local_errors():
         if task == "recognize":
             with autocast(device, precision):
@@ -265,7 +265,7 @@ cli.add_command(app, "recognize", "Top-1 / top-5 action recognition on a dataset
 cli.add_command(app, "retrieve", "Text-to-video and video-to-text R@1/5/10, MdR, MnR on the whole test set (MSR-VTT: "
                 "1k-A; MSVD and VATEX: every caption, CLIP4Clip's multi-sentence protocol).",
                 cli.EvaluationOptions, run_command)  # fmt: skip
-explain.register(app)  # the explain command: its drawing is explain.py's
+app.command("explain", help=explain.__doc__.split("\n")[0])(explain.command)  # its drawing is explain.py's
 
 if __name__ == "__main__":
     app()

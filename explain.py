@@ -339,10 +339,3 @@ def command(
 ) -> None:
     with reported_errors():
         explain_video(video, checkpoint, clip, block, all_blocks, labels_from, root, caption, out)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``explain`` command to ``evaluate.py``'s app."""
-    app.command("explain", help="Draw where STOP prompts a video: regions r in each frame, prompts n_t between.")(
-        command
-    )

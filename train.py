@@ -66,7 +66,7 @@ class TrainConfig(STOPConfig):
     device: str = "auto"
     precision: str = "auto"
     grad_checkpoint: bool = False
-    compile: bool | None = None  # None: on with CUDA (runtime.resolve_compile)
+    compile: bool | None = None  # None: on with CUDA (runtime.VideoTower)
     seed: int = 0
     strict: bool = False
     out: str
@@ -77,9 +77,6 @@ class TrainConfig(STOPConfig):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a finite number >= 0")
-
-    def stop_config(self) -> STOPConfig:
-        return STOPConfig.from_dict(asdict(self))
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -102,7 +99,7 @@ class Run:
     device: torch.device
     precision: str
     backbone: runtime.Backbone
-    tokenize: Callable[[list[str]], torch.Tensor]  # captions to tokens, cut to --words (retrieval)
+    tokenize: Callable[[list[str]], torch.Tensor] | None  # captions to tokens, cut to --words (retrieval only)
     model: STOPModel
     tower: VideoTower  # model.encode_video as a module, compiled with --compile: what the evaluation calls
     encode: Callable[[torch.Tensor], torch.Tensor]  # the tower, or its DDP wrapper under torchrun
@@ -129,7 +126,9 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         model, backbone, _ = runs.load_trained(last, config.clip, device, precision, checkpoint)
     else:
         backbone = runtime.load_backbone(config.clip)
-        model = runtime.build_model(backbone, config.stop_config(), device, precision, config.grad_checkpoint)
+        model = runtime.build_model(
+            backbone, STOPConfig.from_dict(asdict(config)), device, precision, config.grad_checkpoint
+        )
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
     frozen = sum(p.numel() for p in model.clip.parameters())
@@ -166,8 +165,8 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-    tokenize = runtime.caption_tokenizer(backbone, config.words or runtime.CAPTION_TOKENS)  # recognition: unused
-    tower = VideoTower(model, runtime.resolve_compile(config.compile, device))
+    tokenize = runtime.caption_tokenizer(backbone, config.words) if config.task == "retrieve" else None
+    tower = VideoTower(model, config.compile)
     encode = runtime.data_parallel(tower, device)
     return Run(config, device, precision, backbone, tokenize, model, tower, encode, train_set, test_set, train_loader,
                test_loader, class_features, optimizer, scheduler, scaler)  # fmt: skip
@@ -207,56 +206,60 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
 
     ``given``: the options typed on the command line (not defaults), which ``--resume`` checks against the run.
     """
-    out = Path(config.out)
-    with runs.run_folder(out, resume, overwrite) as checkpoint:
-        config, first, best, best_epoch, records = runs.progress(checkpoint, config, given)  # where to start
-        run = build_run(config, checkpoint) if first < config.epochs else None
-        for epoch in range(first, config.epochs):
-            started, running_loss, clips = time.perf_counter(), 0.0, 0
+    with runs.RunFolder(config, resume, overwrite, given) as folder:
+        config = folder.config  # a resumed run's own
+        run = build_run(config, folder.checkpoint) if folder.first_epoch < config.epochs else None
+        for epoch in range(folder.first_epoch, config.epochs):
             seed_epoch(config.seed, epoch)
             run.train_loader.set_epoch(epoch)
             run.model.train()
-            progress = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank() != 0)
+            log = EpochLog(epoch, config.epochs, run.train_loader)
             with runtime.rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
-                for step, (videos, targets) in enumerate(progress):
-                    with autocast(run.device, run.precision):
+                for videos, targets in log.progress:
+                    with runtime.autocast(run.device, run.precision):
                         loss = batch_loss(run, videos.to(run.device, non_blocking=True), targets)  # forward
                     run.optimizer.zero_grad(set_to_none=True)
                     run.scaler.scale(loss).backward()  # backward
-                    if config.grad_clip:
+                    if config.grad_clip:  # clip
                         run.scaler.unscale_(run.optimizer)
                         torch.nn.utils.clip_grad_norm_(run.model.trainable_parameters(), config.grad_clip)
                     run.scaler.step(run.optimizer)  # step
                     run.scaler.update()
                     run.scheduler.step()
-                    ddp_scale = world_size() if config.task == "retrieve" else 1  # batch_loss scaled retrieval's
-                    loss_value = loss.item() / ddp_scale  # the loss of this process's clips
-                    if not math.isfinite(loss_value):
-                        raise_not_finite(out, epoch, step)
-                    running_loss, clips = running_loss + loss_value * len(videos), clips + len(videos)
-                    rate = clips / (time.perf_counter() - started)
-                    progress.set_postfix(loss=f"{loss_value:.3f}", clips_per_s=f"{rate:.1f}")  # log
+                    log.step(loss.item() / (world_size() if config.task == "retrieve" else 1), len(videos), folder)
                 metrics, score = evaluate_epoch(run)  # evaluate
-            running_loss, clips = runtime.summed_over_ranks(running_loss, clips)
-            broken = int(runtime.broken_over_ranks(run.train_set, run.test_set))
-            best, best_epoch = (score, epoch) if score > best else (best, best_epoch)
-            if rank() == 0:  # log and save
-                record = {
-                    "epoch": epoch + 1,
-                    "train_loss": running_loss / clips,
-                    "lr": run.scheduler.get_last_lr()[0],
-                    "train_clips_per_second": clips / (time.perf_counter() - started),
-                    "broken_videos": broken,
-                }
-                records = [*records, {**record, **metrics}]
-                typer.echo(f"epoch {epoch + 1}: loss {running_loss / clips:.4f}\n{format_metrics(metrics)}")
-                if broken:
-                    typer.echo(f"warning: {broken} broken videos were replaced by others (see warnings)")
-                if overwrite and epoch == first:
-                    runs.delete_replaced_run(out)  # only now: a new run that failed in its first epoch replaced nothing
-                runs.save_epoch(out, runs.checkpoint_state(run, epoch, best, best_epoch, metrics, records))
+            record = log.record(run, metrics)
+            folder.save(epoch, score, record, metrics, model=run.model, optimizer=run.optimizer,
+                        scheduler=run.scheduler, scaler=run.scaler, backbone=run.backbone)  # fmt: skip
         best_name = "top-1" if config.task == "recognize" else "text-to-video R@1"
-        echo(f"done: {out / 'best.pt'} (best {best_name} {best:.2f})")
+        echo(f"done: {folder.out / 'best.pt'} (best {best_name} {folder.best:.2f})")
+
+
+class EpochLog:
+    """An epoch's progress bar and its record in ``metrics.jsonl``: the mean loss of its clips (retrieval's loss
+    unscaled, see ``batch_loss``), the learning rate, clips/s and the broken videos met, summed over every rank."""
+
+    def __init__(self, epoch: int, epochs: int, loader: data.VideoLoader):
+        self.epoch, self.started, self.steps, self.loss_sum, self.clips = epoch, time.perf_counter(), 0, 0.0, 0
+        self.progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank() != 0)
+
+    def step(self, loss: float, clips: int, folder: runs.RunFolder) -> None:
+        self.steps += 1
+        if not math.isfinite(loss):
+            raise_not_finite(folder, self.epoch, self.steps)
+        self.loss_sum, self.clips = self.loss_sum + loss * clips, self.clips + clips
+        rate = self.clips / (time.perf_counter() - self.started)
+        self.progress.set_postfix(loss=f"{loss:.3f}", clips_per_s=f"{rate:.1f}")
+
+    def record(self, run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
+        loss_sum, clips = runtime.summed_over_ranks(self.loss_sum, self.clips)
+        broken = int(runtime.broken_over_ranks(run.train_set, run.test_set))
+        echo(f"epoch {self.epoch + 1}: loss {loss_sum / clips:.4f}\n{format_metrics(metrics)}")
+        if broken:
+            echo(f"warning: {broken} broken videos were replaced by others (see warnings)")
+        seconds = time.perf_counter() - self.started
+        return {"epoch": self.epoch + 1, "train_loss": loss_sum / clips, "lr": run.scheduler.get_last_lr()[0],
+                "train_clips_per_second": clips / seconds, "broken_videos": broken}  # fmt: skip
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -267,18 +270,18 @@ def seed_epoch(seed: int, epoch: int) -> None:
     random.seed(epoch_seed)
 
 
-def raise_not_finite(out: Path, epoch: int, step: int) -> None:
+def raise_not_finite(folder: runs.RunFolder, epoch: int, step: int) -> None:
     """A loss that is no longer finite stops the run before anything is saved from it, naming the last good epoch."""
-    last_good = f"{out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
+    last_good = f"{folder.out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
     where = f"rank {rank()}: " if runtime.in_group() else ""
-    raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step + 1}; last good checkpoint: "
+    raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step}; last good checkpoint: "
                     f"{last_good}. Try a lower --lr")  # fmt: skip
 
 
 def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
     """The run's configuration: the options given, and for those not given the task's and dataset's defaults."""
     dataset = options["dataset"]
-    row = protocols.protocol(dataset, task)  # the dataset's frames, words, batch, epochs, learning rate
+    row = protocols.SYNTHETIC[task] if dataset == "synthetic" else protocols.PROTOCOLS[dataset]  # a task's dataset
     given = {name: value for name, value in options.items() if value is not None}
     defaults = {
         "frames": row.frames,

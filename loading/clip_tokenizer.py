@@ -1,7 +1,7 @@
-"""CLIP's tokenizer: OpenAI's byte-level BPE, id for id, and a byte tokenizer for the random demo CLIP.
+"""CLIP's tokenizer: OpenAI's byte-level BPE, id for id.
 
 Machinery a learner may skip, as OpenAI's own package keeps it apart (``simple_tokenizer.py``): text in, the token
-ids the text tower reads out. ``clip_model`` exposes ``tokenize`` and ``byte_tokenize``. The vocabulary,
+ids the text tower reads out. ``clip_model`` exposes ``tokenize``. The vocabulary,
 ``bpe_simple_vocab_16e6.txt.gz``, ships beside this file (``clip_weights.vocab_path``).
 """
 
@@ -112,19 +112,5 @@ def tokenize(
             if not truncate:
                 raise ValueError(f"{text!r} is {len(ids)} tokens, longer than the context length {context_length}")
             ids = [*ids[: context_length - 1], tokenizer.eot_token]
-        result[row, : len(ids)] = torch.tensor(ids)
-    return result
-
-
-def byte_tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
-    """Tokens for a randomly initialised CLIP with a 258-entry vocabulary, which needs no BPE file.
-
-    UTF-8 bytes are the ids 0-255, ``<sot>`` is 256 and ``<eot>`` 257, the largest id, so ``encode_text``
-    finds it by ``argmax`` exactly as with BPE. Too long a text is truncated and still ends with ``<eot>``.
-    """
-    texts = [texts] if isinstance(texts, str) else texts
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = [256, *_clean(text).encode("utf-8")][: context_length - 1] + [257]
         result[row, : len(ids)] = torch.tensor(ids)
     return result

@@ -201,15 +201,6 @@ MAX_DECODED_SHORT_SIDE = 720
 MAX_DECODED_LONG_SIDE = 2880
 
 
-def bounded_size(height: int, width: int) -> tuple[int, int] | None:
-    """The (height, width) to decode a ``height x width`` video at, aspect kept, when it exceeds the
-    MAX_DECODED_* bounds; None when it is within them (decoded as it is)."""
-    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
-    if scale >= 1:
-        return None
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def open_video(path: Path, seek_mode: str) -> VideoDecoder:
     """A one-thread decoder for ``path`` that shrinks frames beyond the MAX_DECODED_* bounds while decoding
     (TorchCodec's ``Resize`` decoder transform, antialiased), so no oversized frame is ever held in memory."""
@@ -219,10 +210,11 @@ def open_video(path: Path, seek_mode: str) -> VideoDecoder:
         if get_container_metadata(path).best_video_stream_index is None:
             raise BrokenVideoError(path, "the file has no video stream") from None
         raise
-    height, width = decoder.metadata.height, decoder.metadata.width
-    size = bounded_size(height, width) if height and width else None
-    if size is None:
+    height, width = decoder.metadata.height or 1, decoder.metadata.width or 1
+    scale = min(MAX_DECODED_SHORT_SIDE / min(height, width), MAX_DECODED_LONG_SIDE / max(height, width))
+    if scale >= 1:
         return decoder
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]  # aspect kept
     return VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=1, transforms=[decoder_transforms.Resize(size)])
 
 
@@ -290,12 +282,6 @@ def available_cores() -> int:
 # --------------------------------------------------------------------------
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The 64-bit seed of item ``index``'s random draws in ``epoch``: unrelated streams for distinct triples."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 @dataclass
 class WorkerFailure:
     """A DataError met in a DataLoader worker, carried to the main process in place of a batch.
@@ -311,7 +297,7 @@ class WorkerFailure:
 class LoaderItems(Dataset):
     """``dataset`` as ``VideoLoader`` reads it: item ``i`` of epoch ``e`` draws from its own random stream.
 
-    Each item seeds torch's random number generator with ``item_seed(seed, e, i)`` (frame sampling and the
+    Each item seeds torch's random number generator with a 64-bit hash of ``(seed, e, i)`` (frame sampling and the
     crop and flip use it), inside ``torch.random.fork_rng`` so the calling process's own stream is untouched. The
     draws are then the same whichever worker process (or the main one, with no workers) loads the item, whatever
     that worker loaded before it in earlier epochs, and however many workers there are: ``--resume``, which starts
@@ -329,7 +315,8 @@ class LoaderItems(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int | str] | WorkerFailure:
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, int(self.epoch), index))
+                digest = hashlib.sha256(f"{self.seed}/{int(self.epoch)}/{index}".encode()).digest()
+                torch.manual_seed(int.from_bytes(digest[:8], "little"))  # unrelated streams for distinct triples
                 return self.dataset[index]
         except DataError as error:
             if get_worker_info() is None:

@@ -1,7 +1,7 @@
-"""The run folder: one owner at a time, files written whole, and the rules of ``--resume`` and ``--overwrite``.
+"""The run folder and the checkpoint format: one owner at a time, files written whole, ``--resume`` and ``--overwrite``.
 
-Machinery a learner may skip. A run folder (``--out``) holds ``last.pt``, ``best.pt`` and ``metrics.jsonl``. The
-guarantees, each tested in ``tests/test_run_safety.py``:
+Machinery a learner may skip. A run folder (``--out``) holds ``last.pt``, ``best.pt`` and ``metrics.jsonl``; what a
+checkpoint holds is ``checkpoint_state``, and ``read_checkpoint`` and ``load_trained`` read it back. The rules:
 
 - **One owner.** A run holds an exclusive lock on ``run.lock`` in its folder for as long as it may write there: a
   second run on the same folder (``--resume`` of a run still going included) is refused at once. The lock file goes
@@ -14,6 +14,8 @@ guarantees, each tested in ``tests/test_run_safety.py``:
 - **Kills are repaired.** ``last.pt`` is written first and is the commit point: ``--resume`` brings ``best.pt`` and
   ``metrics.jsonl`` up to date from it (``repair_run_folder``), and deletes the temporary files a killed run left.
 """
+
+from __future__ import annotations
 
 import contextlib
 import io
@@ -30,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 
 from loading.errors import RunError
-from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero
+from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero, rank
 from stop import STOPConfig, STOPModel
 
 try:
@@ -130,15 +132,6 @@ def locked(out: Path) -> Iterator[None]:
         handle.close()
 
 
-def others_in(out: Path) -> list[str]:
-    """The files in ``out`` that no run of this project wrote there."""
-    return sorted(path.name for path in out.iterdir() if path.name not in {*OWN_FILES, LOCK_FILE})
-
-
-def holds_run(out: Path) -> bool:
-    return (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file()
-
-
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run unless ``--resume`` (continue it) or ``--overwrite`` (start it afresh), and
     any other non-empty folder in every case: only a run's own files are ever replaced."""
@@ -146,11 +139,11 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         if not (out / "last.pt").is_file():
             raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
         return
-    if holds_run(out):
+    if (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file():
         if not overwrite:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         return
-    if others_in(out):
+    if any(path.name not in {*OWN_FILES, LOCK_FILE} for path in out.iterdir()):
         raise RunError(
             f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
             "choose a new or empty folder for --out"
@@ -171,33 +164,78 @@ def read_run(out: Path) -> dict[str, Any]:
     return checkpoint
 
 
-@contextlib.contextmanager
-def run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[dict[str, Any] | None]:
-    """Own the run folder ``out`` for the whole run; with ``--resume``, its ``last.pt``, the folder repaired from it.
+class RunFolder:
+    """The run folder ``--out``, owned for the whole run (``with RunFolder(...) as folder``), and where its run
+    stands: ``config`` (a resumed run's own, with what ``--resume`` may change), ``first_epoch``, ``best`` and
+    ``best_epoch`` so far, ``records`` (one metric record per epoch) and ``checkpoint`` (``last.pt`` when resumed,
+    else ``None``). ``save`` writes an epoch.
 
-    Rank 0 alone checks, locks, reads and repairs; every rank receives the checkpoint (``on_rank_zero``).
+    Rank 0 alone checks, locks, reads, repairs and writes; every rank receives the checkpoint (``on_rank_zero``).
     """
-    if resume and overwrite:
-        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; the run folder must be a folder")
-    with contextlib.ExitStack() as stack:
 
-        def open_run() -> dict[str, Any] | None:
-            created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
-            check_writable(out, "--out")
-            stack.callback(remove_empty, created)  # a run that writes nothing leaves no empty folder behind
-            stack.enter_context(locked(out))
-            check_run_folder(out, resume, overwrite)
-            for name in OWN_FILES - set(RUN_FILES):  # a killed save's leftovers; ours, since we hold the lock
-                (out / name).unlink(missing_ok=True)
-            if not resume:
-                return None
-            checkpoint = read_run(out)
-            repair_run_folder(out, checkpoint)
-            return checkpoint
+    def __init__(self, config: Any, resume: bool, overwrite: bool, given: set[str]):
+        if resume and overwrite:
+            raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        self.out, self.resume, self.overwrite, self.given = Path(config.out), resume, overwrite, given
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"--out {self.out} is a file; the run folder must be a folder")
+        self.config, self.first_epoch, self.best, self.best_epoch, self.records = config, 0, -math.inf, -1, []
+        self.checkpoint: dict[str, Any] | None = None
+        self.stack = contextlib.ExitStack()
 
-        yield on_rank_zero(open_run)
+    def __enter__(self) -> RunFolder:
+        with self.stack:
+            self.checkpoint = on_rank_zero(self.open)
+            if self.checkpoint is not None:
+                self.continue_from(self.checkpoint)
+            self.stack = self.stack.pop_all()  # held until __exit__
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stack.close()
+
+    def open(self) -> dict[str, Any] | None:
+        """Lock the folder, check it may be written as asked, and read (and repair) a run to resume."""
+        out = self.out
+        created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+        check_writable(out, "--out")
+        self.stack.callback(remove_empty, created)  # a run that writes nothing leaves no empty folder behind
+        self.stack.enter_context(locked(out))
+        check_run_folder(out, self.resume, self.overwrite)
+        for name in OWN_FILES - set(RUN_FILES):  # a killed save's leftovers; ours, since we hold the lock
+            (out / name).unlink(missing_ok=True)
+        if not self.resume:
+            return None
+        checkpoint = read_run(out)
+        repair_run_folder(out, checkpoint)
+        return checkpoint
+
+    def continue_from(self, checkpoint: Mapping[str, Any]) -> None:
+        """Where a resumed run stands: its ``last.pt``'s configuration (``resumed_config``), epoch, best and
+        records."""
+        self.config = resumed_config(checkpoint["config"], self.config, self.given)
+        self.first_epoch = checkpoint["epoch"] + 1
+        self.best, self.best_epoch, self.records = checkpoint["best"], checkpoint["best_epoch"], checkpoint["records"]
+        epochs = self.config.epochs
+        if self.first_epoch < epochs:
+            echo(f"resuming {self.out} at epoch {self.first_epoch + 1} of {epochs}")
+        else:
+            echo(f"{self.out} has trained {self.first_epoch} of --epochs {epochs}: nothing left to do (pass a larger "
+                 "--epochs to train on)")  # fmt: skip
+
+    def save(self, epoch: int, score: float, record: dict[str, Any], metrics: dict[str, Any], **training: Any) -> None:
+        """After ``epoch``: keep its score if it is the best so far, and (rank 0) write ``last.pt``, ``best.pt``
+        when it is the best, and ``metrics.jsonl`` (``save_epoch``). ``training``: what ``checkpoint_state``
+        stores of the run (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``backbone``)."""
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
+        self.records = [*self.records, {**record, **metrics}]
+        if rank() != 0:
+            return
+        if self.overwrite and epoch == self.first_epoch:
+            delete_replaced_run(self.out)  # only now: a new run that failed in its first epoch replaced nothing
+        state = checkpoint_state(self.config, epoch, self.best, self.best_epoch, metrics, self.records, **training)
+        save_epoch(self.out, state)
 
 
 def remove_empty(folders: list[Path]) -> None:
@@ -231,44 +269,41 @@ def resumed_config(saved: Mapping[str, Any], requested: Config, given: set[str])
                               if key in known})  # fmt: skip
 
 
-def progress(
-    checkpoint: Mapping[str, Any] | None, config: Config, given: set[str]
-) -> tuple[Config, int, float, int, list[dict[str, Any]]]:
-    """Where a run starts: its configuration, first epoch, best score and epoch so far, and metric records; a
-    resumed run's from its ``last.pt`` (``resumed_config``), a new run's from nothing."""
-    if checkpoint is None:
-        return config, 0, -math.inf, -1, []
-    config = resumed_config(checkpoint["config"], config, given)
-    first = checkpoint["epoch"] + 1
-    if first < config.epochs:
-        echo(f"resuming {config.out} at epoch {first + 1} of {config.epochs}")
-    else:
-        echo(f"{config.out} has trained {first} of --epochs {config.epochs}: nothing left to do (pass a larger "
-             "--epochs to train on)")  # fmt: skip
-    return config, first, checkpoint["best"], checkpoint["best_epoch"], checkpoint["records"]
-
-
 # --------------------------------------------------------------------------- #
 # Writing and repairing it
 # --------------------------------------------------------------------------- #
 
 
-def checkpoint_state(run: Any, epoch: int, best: float, best_epoch: int, metrics, records) -> dict[str, Any]:
+def checkpoint_state(
+    config: Any,
+    epoch: int,
+    best: float,
+    best_epoch: int,
+    metrics: dict[str, Any],
+    records: list[dict[str, Any]],
+    *,
+    model: STOPModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    backbone: Backbone,
+) -> dict[str, Any]:
     """What ``last.pt`` (and ``best.pt``) hold: STOP's parameters alone, never the frozen backbone, with what
-    ``--resume`` needs to continue exactly and the configuration, flat, that ``evaluate.py`` reads back."""
+    ``--resume`` needs to continue exactly and the run's configuration (``train.TrainConfig``), flat, that
+    ``evaluate.py`` reads back (``read_checkpoint``, ``load_trained``)."""
     return {
-        "stop": run.model.trainable_state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
+        "stop": model.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
         "epoch": epoch,
         "best": best,
         "best_epoch": best_epoch,
         "metrics": metrics,
         "records": records,
         "rng": rng_states(),
-        "config": asdict(run.config),
-        "clip": {"name": run.backbone.name, "sha256": run.backbone.sha256},
+        "config": asdict(config),
+        "clip": {"name": backbone.name, "sha256": backbone.sha256},
     }
 
 

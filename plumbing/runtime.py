@@ -164,11 +164,6 @@ def build_model(
 # --------------------------------------------------------------------------- #
 
 
-def resolve_compile(compile: bool | None, device: torch.device) -> bool:
-    """``--compile`` not given: on with CUDA, off on the CPU (README, Performance: what each costs and brings)."""
-    return device.type == "cuda" if compile is None else compile
-
-
 class VideoTower(nn.Module):
     """``model.encode_video`` as a module whose parameters are the prompters' alone, compiled when asked.
 
@@ -180,9 +175,11 @@ class VideoTower(nn.Module):
     dropped after, so the graph is never compiled again for it.
     """
 
-    def __init__(self, model: STOPModel, compile: bool = False):
+    def __init__(self, model: STOPModel, compile: bool | None = False):
         super().__init__()
         self.prompters = model.prompters  # the only submodule: CLIP stays out of DDP's view
+        if compile is None:  # --compile not given: on with CUDA, off on the CPU (README, Performance)
+            compile = model.clip.logit_scale.is_cuda
         self.compiled = compile
         self.encode_video = torch.compile(model.encode_video, fullgraph=True) if compile else model.encode_video
         # The compiled batch's shape and strides, per grad mode (training, evaluation)
