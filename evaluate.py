@@ -72,10 +72,15 @@ def ranks_of_matches(similarity: torch.Tensor) -> torch.Tensor:
 
 
 def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
-    """R@1/5/10 (percent), median rank MdR and mean rank MnR, CLIP4Clip's definitions."""
+    """R@1/5/10 (percent), median rank MdR and mean rank MnR of 1-based ``ranks``, CLIP4Clip's definitions.
+
+    MdR is ``np.median`` of the ranks, as CLIP4Clip computes it: the middle rank, or the mean of the two middle ranks
+    when the count is even (so a half rank is possible).
+    """
     ranks = ranks.double()
     metrics = {f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}
-    metrics["MdR"] = float(torch.floor(torch.quantile(ranks - 1, 0.5)) + 1)
+    ordered, count = ranks.sort().values, ranks.numel()
+    metrics["MdR"] = ((ordered[(count - 1) // 2] + ordered[count // 2]) / 2).item()  # one middle, or two averaged
     metrics["MnR"] = ranks.mean().item()
     return metrics
 

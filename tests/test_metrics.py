@@ -1,5 +1,7 @@
 """Recognition and retrieval metrics against rankings worked out by hand, ties included."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -26,10 +28,11 @@ def test_ties_count_in_the_true_matchs_favour():
     assert ranks_of_matches(similarity).tolist() == [1, 2, 1]
 
 
-def test_median_rank_of_an_even_count_follows_clip4clip():
-    # CLIP4Clip: floor(median(rank - 1)) + 1; ranks 1..4 -> floor(1.5) + 1 = 2
-    assert rank_metrics(torch.tensor([1, 2, 3, 4]))["MdR"] == 2.0
-    assert rank_metrics(torch.tensor([1, 1, 12, 40, 9]))["MdR"] == 9.0
+@pytest.mark.parametrize("count", [6, 7])
+def test_median_rank_is_numpys_median_for_even_and_odd_counts(count):
+    # CLIP4Clip takes np.median of the 1-based ranks: an even count averages the two middle ranks
+    ranks = torch.randint(1, 40, (count,), generator=torch.Generator().manual_seed(1))  # 6 of them: a half rank
+    assert rank_metrics(ranks)["MdR"] == statistics.median(ranks.tolist())
 
 
 def test_ranks_agree_with_a_full_sort_when_there_are_no_ties():
