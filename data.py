@@ -322,8 +322,8 @@ def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
     """UCF101: ``classInd.txt`` gives the classes (1-based); paths in the lists are matched case-insensitively
     (``HandStandPushups`` vs ``HandstandPushups``). A listed video missing on disk is reported as broken when it is
     loaded."""
-    video_dir = require_path(root / "UCF-101", "ucf101", root)
-    list_dir = root / "ucfTrainTestlist"
+    video_dir = require_path(root / PROTOCOLS["ucf101"].videos, "ucf101", root)
+    list_dir = root / PROTOCOLS["ucf101"].annotations
     class_file = require_path(list_dir / "classInd.txt", "ucf101", root)
     folder_names = []
     for number, line in read_lines(class_file):
@@ -349,8 +349,8 @@ def list_ucf101(root: Path, split: str, split_id: int) -> SplitListing:
 def list_msrvtt(root: Path, split: str) -> SplitListing:
     """MSR-VTT with CLIP4Clip's split files. Train: every caption of the 9k videos, in MSRVTT_data.json order. Test: the
     1,000 JSFusion (video, sentence) rows in file order, so item i is the i-th ground-truth pair."""
-    video_dir = require_path(root / "MSRVTT_Videos", "msrvtt", root)
-    data_dir = root / "msrvtt_data"
+    video_dir = require_path(root / PROTOCOLS["msrvtt"].videos, "msrvtt", root)
+    data_dir = root / PROTOCOLS["msrvtt"].annotations
     if split == "test":
         test_file = data_dir / "MSRVTT_JSFUSION_test.csv"
         rows = read_csv(test_file, ("video_id", "sentence"), root, "msrvtt")

@@ -48,34 +48,9 @@ from loading.dataset_files import (
     single_threaded,
 )
 from loading.errors import DataError
-from loading.protocols import DATASETS
+from loading.protocols import DATASETS, PROTOCOLS
 from plumbing.cli import reported_errors
 
-# Where each layout keeps its videos, and the folders of split and label files, copied as they are.
-VIDEO_FOLDERS = {
-    "ucf101": "UCF-101",
-    "hmdb51": "videos",
-    "ssv2": "20bn-something-something-v2",
-    "msrvtt": "MSRVTT_Videos",
-    "kinetics400": ".",  # train/, val/, test/, replacement/ and the class folders videos/ all hold videos
-    "msvd": "YouTubeClips",
-    "lsmdc": "videos",
-    "activitynet": "videos",
-    "didemo": "videos",
-    "vatex": "videos",
-}
-METADATA_FOLDERS = {
-    "ucf101": "ucfTrainTestlist",
-    "hmdb51": "testTrainMulti_7030_splits",
-    "ssv2": "labels",
-    "msrvtt": "msrvtt_data",
-    "kinetics400": "annotations",
-    "msvd": "msvd_data",
-    "lsmdc": "annotations",
-    "activitynet": "captions",
-    "didemo": "annotations",
-    "vatex": "annotations",
-}
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
 # AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
@@ -297,13 +272,13 @@ def prepare_dataset(
     if out.resolve() == root.resolve():
         raise DataError(f"prepare: --out {out} is the dataset root itself; choose another folder")
     require_ffmpeg()
-    video_dir = require_path(root / VIDEO_FOLDERS[name], name, root)
+    video_dir = require_path(root / PROTOCOLS[name].videos, name, root)
     if out.resolve().is_relative_to(video_dir.resolve()):
         raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
-    metadata_dir = require_path(root / METADATA_FOLDERS[name], name, root)
+    metadata_dir = require_path(root / PROTOCOLS[name].annotations, name, root)
     _claim_out(out, root, settings)
 
-    shutil.copytree(metadata_dir, out / METADATA_FOLDERS[name], dirs_exist_ok=True)
+    shutil.copytree(metadata_dir, out / PROTOCOLS[name].annotations, dirs_exist_ok=True)
     if (root / NO_FLIP_MARKER).exists():
         shutil.copy2(root / NO_FLIP_MARKER, out / NO_FLIP_MARKER)
     sources = sorted(p for p in video_dir.rglob("*") if p.suffix.lower() in PREPARED_CODECS and p.is_file())

@@ -45,8 +45,8 @@ HMDB_SPLIT_CODES = {"train": "1", "test": "2"}
 def list_hmdb51(root: Path, split: str, split_id: int) -> SplitListing:
     """HMDB51: one split file per class, ``<video name> <code>``, 1 = train, 2 = test, 0 = unused.
     Video names contain spaces, brackets and ``&``: only the last space separates."""
-    video_dir = require_path(root / "videos", "hmdb51", root)
-    split_dir = require_path(root / "testTrainMulti_7030_splits", "hmdb51", root)
+    video_dir = require_path(root / PROTOCOLS["hmdb51"].videos, "hmdb51", root)
+    split_dir = require_path(root / PROTOCOLS["hmdb51"].annotations, "hmdb51", root)
     suffix = f"_test_split{split_id}.txt"
     split_files = sorted(split_dir.glob(f"*{suffix}"))
     if not split_files:
@@ -73,9 +73,11 @@ def list_ssv2(root: Path, split: str) -> SplitListing:
     IndexError in training, wrong scores in evaluation), and renumbering would silently give classes numbers other
     than the file's own.
     """
-    video_dir = require_path(root / "20bn-something-something-v2", "ssv2", root)
-    label_file = require_path(root / "labels" / "labels.json", "ssv2", root)
-    split_file = require_path(root / "labels" / ("train.json" if split == "train" else "validation.json"), "ssv2", root)
+    video_dir = require_path(root / PROTOCOLS["ssv2"].videos, "ssv2", root)
+    label_file = require_path(root / PROTOCOLS["ssv2"].annotations / "labels.json", "ssv2", root)
+    split_file = require_path(
+        root / PROTOCOLS["ssv2"].annotations / ("train.json" if split == "train" else "validation.json"), "ssv2", root
+    )
     labels_read = read_json(label_file, "ssv2")
     if not isinstance(labels_read, dict) or not all(str(label).isdigit() for label in labels_read.values()):
         raise DataError(f'ssv2: {label_file} should map each template to its class number: {{"<template>": "0", ...}}')
@@ -141,11 +143,11 @@ def list_kinetics400(root: Path, split: str, strict: bool) -> SplitListing:
     are left out with one MissingVideosWarning that counts them; with ``strict`` they are a DataError instead.
     """
     folder = KINETICS_FOLDERS[split]
-    csv_file = require_path(root / "annotations" / f"{folder}.csv", "kinetics400", root)
+    csv_file = require_path(root / PROTOCOLS["kinetics400"].annotations / f"{folder}.csv", "kinetics400", root)
     rows = _kinetics_rows(csv_file, root)
     labels = {label for _, label in rows}
     for other in KINETICS_FOLDERS.values():
-        other_file = root / "annotations" / f"{other}.csv"
+        other_file = root / PROTOCOLS["kinetics400"].annotations / f"{other}.csv"
         if other != folder and other_file.is_file():
             labels |= {label for _, label in _kinetics_rows(other_file, root)}
     label_of_name = {name: label for label, name in enumerate(sorted(labels))}

@@ -1,10 +1,11 @@
 """Each benchmark's protocol in one table: frames, caption tokens, batch, epochs and learning rate, and their source.
 
 What a researcher reproducing a number checks first, so every row names where it comes from
-(``docs/fidelity.md`` gives the files). Retrieval rows also say how the benchmark is read and scored: the folders
-and files of its layout (``layouts.py``), whether its test set keeps every caption of a video, and whether a
-video's sentences are joined into one paragraph. ``--frames``, ``--words``, ``--batch-size``, ``--epochs`` and
-``--lr`` override a row; ``protocol`` picks it.
+(``docs/fidelity.md`` gives the files). Every row names the two folders of its dataset's layout, written here
+alone (``data.py``, ``layouts.py``, ``prepare.py`` and the synthetic writer read them). Retrieval rows also say
+how the benchmark is read and scored: the files of its layout, whether its test set keeps every caption of a
+video, and whether a video's sentences are joined into one paragraph. ``--frames``, ``--words``,
+``--batch-size``, ``--epochs`` and ``--lr`` override a row; ``protocol`` picks it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class Protocol:
 
     ``frames`` per video, ``words`` caption tokens (CLIP4Clip's ``max_words``, start and end tokens included;
     retrieval only), ``batch`` the batch the loss sees, ``epochs`` and ``lr`` AdamW's peak learning rate, ``source``
-    where these values come from. Retrieval's layout: ``annotations`` (the folder of split and caption files,
-    ``files[split]`` the ones read from it) and ``videos`` (the folder of video files, searched at any depth);
+    where these values come from. The layout: ``annotations`` (the folder of split, label and caption files; for
+    retrieval ``files[split]`` the ones read from it) and ``videos`` (the folder of video files);
     ``multi_caption``: the test set keeps every caption of a video (one item per video, ``caption_groups``);
     ``paragraph``: all sentences of a video are joined into one caption; ``first_seconds``: only the start of each
     video is sampled.
@@ -51,7 +52,11 @@ OURS = "this project's: the authors' code has no recognition scripts, the paper 
 DEMO = "this project's: a few hundred CPU steps, so a larger rate"
 
 PROTOCOLS = {
-    **{name: Protocol(8, 32, 10, 1e-3, OURS) for name in RECOGNITION_DATASETS},
+    "ucf101": Protocol(8, 32, 10, 1e-3, OURS, annotations="ucfTrainTestlist", videos="UCF-101"),
+    "hmdb51": Protocol(8, 32, 10, 1e-3, OURS, annotations="testTrainMulti_7030_splits", videos="videos"),
+    "ssv2": Protocol(8, 32, 10, 1e-3, OURS, annotations="labels", videos="20bn-something-something-v2"),
+    # Kinetics' videos sit in train/, val/, test/, replacement/ or videos/ under the root itself.
+    "kinetics400": Protocol(8, 32, 10, 1e-3, OURS, annotations="annotations", videos="."),
     "msrvtt": Protocol(
         12, 128, 5, 1e-3, AUTHORS.format("msrvtt"), 32, "msrvtt_data", "MSRVTT_Videos",
         {"train": ("MSRVTT_train.9k.csv", "MSRVTT_data.json"), "test": ("MSRVTT_JSFUSION_test.csv",)},
@@ -83,7 +88,7 @@ PROTOCOLS = {
     ),
 }  # fmt: skip
 SYNTHETIC = {
-    "recognize": Protocol(8, 32, 25, 1e-2, DEMO),
+    "recognize": Protocol(8, 32, 25, 1e-2, DEMO, annotations="ucfTrainTestlist", videos="UCF-101"),
     "retrieve": Protocol(12, 32, 10, 1e-2, DEMO, 32, "msrvtt_data", "MSRVTT_Videos", PROTOCOLS["msrvtt"].files),
 }
 

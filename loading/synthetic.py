@@ -27,6 +27,9 @@ from torch import Tensor
 
 from loading.dataset_files import NO_FLIP_MARKER, require_ffmpeg, single_threaded, write_video
 from loading.errors import DataError, error_message
+from loading.protocols import PROTOCOLS
+
+UCF101, MSRVTT = PROTOCOLS["ucf101"], PROTOCOLS["msrvtt"]  # the layouts written, their folders
 
 # Pairs (2k, 2k+1): class 2k+1 is class 2k played backwards.
 SYNTHETIC_CLASSES = (
@@ -129,13 +132,13 @@ def render_synthetic_clip(class_index: int, generator: torch.Generator) -> tuple
 
 def _write_synthetic_ucf101(root: Path, generator: torch.Generator) -> None:
     """UCF101 layout: groups 1-4 are the test split, 5-16 the training split."""
-    (root / "ucfTrainTestlist").mkdir(parents=True)
+    (root / UCF101.annotations).mkdir(parents=True)
     train_lines, test_lines = [], []
     for label, name in enumerate(SYNTHETIC_CLASSES):
         for group in range(1, SYNTHETIC_GROUPS + 1):
             for clip in range(1, SYNTHETIC_CLIPS_PER_GROUP + 1):
                 entry = f"{name}/v_{name}_g{group:02d}_c{clip:02d}.avi"
-                write_video(root / "UCF-101" / entry, render_synthetic_clip(label, generator)[0], SYNTHETIC_FPS)
+                write_video(root / UCF101.videos / entry, render_synthetic_clip(label, generator)[0], SYNTHETIC_FPS)
                 if group <= SYNTHETIC_TEST_GROUPS:
                     test_lines.append(entry)
                 else:
@@ -146,19 +149,19 @@ def _write_synthetic_ucf101(root: Path, generator: torch.Generator) -> None:
         ("trainlist01.txt", train_lines),
         ("testlist01.txt", test_lines),
     ):
-        (root / "ucfTrainTestlist" / file_name).write_text("\n".join(lines) + "\n")
+        (root / UCF101.annotations / file_name).write_text("\n".join(lines) + "\n")
 
 
 def _write_synthetic_msrvtt(root: Path, generator: torch.Generator) -> None:
     """MSR-VTT layout: three captions per video; the test file pairs each test video with one."""
-    (root / "msrvtt_data").mkdir(parents=True)
+    (root / MSRVTT.annotations).mkdir(parents=True)
     videos, sentences, train_ids, test_rows = [], [], [], []
     per_class = SYNTHETIC_RETRIEVAL_TRAIN + SYNTHETIC_RETRIEVAL_TEST
     for number in range(per_class * len(SYNTHETIC_CLASSES)):
         class_name = SYNTHETIC_CLASSES[number % len(SYNTHETIC_CLASSES)]
         video_id = f"video{number}"
         frames, colour, shape = render_synthetic_clip(number % len(SYNTHETIC_CLASSES), generator)
-        write_video(root / "MSRVTT_Videos" / f"{video_id}.mp4", frames, SYNTHETIC_FPS)
+        write_video(root / MSRVTT.videos / f"{video_id}.mp4", frames, SYNTHETIC_FPS)
         captions = [f"a {colour} {shape} {phrase}" for phrase in PHRASES[class_name]]
         in_test = number >= SYNTHETIC_RETRIEVAL_TRAIN * len(SYNTHETIC_CLASSES)
         videos.append({"video_id": video_id, "id": number, "split": "test" if in_test else "train"})
@@ -170,12 +173,12 @@ def _write_synthetic_msrvtt(root: Path, generator: torch.Generator) -> None:
             test_rows.append([f"ret{len(test_rows)}", f"msr{number}", video_id, chosen])
         else:
             train_ids.append([video_id])
-    (root / "msrvtt_data" / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
+    (root / MSRVTT.annotations / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
     for file_name, header, rows in (
         ("MSRVTT_train.9k.csv", ["video_id"], train_ids),
         ("MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], test_rows),
     ):
-        with (root / "msrvtt_data" / file_name).open("w", newline="") as file:
+        with (root / MSRVTT.annotations / file_name).open("w", newline="") as file:
             csv.writer(file).writerows([header, *rows])
 
 
