@@ -188,8 +188,8 @@ def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]
 def convolve_together(x: torch.Tensor, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
     """``cat([first(x), second(x)], dim=1)`` as one convolution, for two convolutions with the same window.
 
-    Small convolutions cost a GPU mostly their launch (about 120 of them took 8.9 ms of a 44 ms STOP training step
-    on an H100): one launch over the stacked kernels does the work of two. Padding is ``first``'s.
+    Small convolutions cost a GPU mostly their launch: one launch over the stacked kernels does the work of two.
+    Padding is ``first``'s.
     """
     weight = torch.cat([first.weight, second.weight])
     bias = None if first.bias is None else torch.cat([first.bias, second.bias])
@@ -674,8 +674,8 @@ class STOPModel(nn.Module):
         A prompted block's whole step is one segment, its prompt generators included: only the tokens entering
         the block are kept. Keeping the generators' activations and recomputing only the frozen attention and
         MLP would also keep what their backward needs (``ln_1(h)``, ``h^s``, ``ln_1(h^s)``: four ``[B*T, 1+N, D]``
-        tensors a block instead of one) for little: measured with ViT-B/32, 12 frames, batch 2 on the CPU, 148 MiB
-        more at the peak (+18 %) for a 2 % shorter step. The generators are small; recomputing them is cheap.
+        tensors a block instead of one), a higher peak for a step barely shorter. The generators are small;
+        recomputing them is cheap.
         """
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(function, *args, use_reentrant=False)
