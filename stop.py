@@ -1,22 +1,32 @@
 """STOP: integrated spatial-temporal dynamic prompting over a frozen CLIP (CVPR 2025, arXiv 2503.15973).
 
-The baseline is CLIP4Clip "meanP" with a frozen CLIP: every frame goes through the image tower on its own
-and the video feature is the mean of the frame features, L2-normalised. STOP keeps every CLIP weight frozen
-and, in each prompted block ``l``, trains two small prompt generators (``docs/method.md``). This file follows
-the method's steps in order:
+A frozen CLIP ViT reads a video's frames; STOP keeps every CLIP weight frozen and, in each prompted block ``l``,
+trains two small prompt generators (``docs/method.md``). The video feature meets the text through one of two
+readouts (``READOUTS``):
 
-1. ``cls_attention_map``: the frozen CLS attention ``A`` of each frame;
+- ``cls`` (Figure 2a, the default): the video has one CLS token, CLIP's class embedding at position 0, which in
+  every block attends to itself, to every frame's patches and to every real temporal prompt; the feature is
+  that token's. With one frame and no prompt this is CLIP's image forward;
+- ``mean`` (CLIP4Clip "meanP", the paper's baseline): every frame goes through the image tower with its own CLS
+  and the video feature is the mean of the frame features.
+
+Either way the feature is L2-normalised. ``attention`` (``ATTENTIONS``) says what a frame's patches attend to:
+their own frame, the video CLS and the prompts beside them (``frame``), or every token of the video (``joint``,
+Figure 2a taken literally: an ablation, with ``cls`` only). This file follows the method's steps in order:
+
+1. ``cls_attention_map``: the frozen CLS attention ``A`` of each frame (with ``cls``, the video CLS's);
 2. to 4. ``SpatialPrompter``: the temporal dynamics ``M`` (3-D conv ``N^s``) and ``A`` fused into ``W^s``, whose
    top patches are the regions ``r``; the prompter ``P^s`` adds ``r * W^s * p^s`` to those patch tokens (``h^s``);
 5. to 7. ``TemporalPrompter``: the variation ``W^t`` of each gap between frames (conv ``N^t`` over the frame
    difference) sets how many prompt tokens ``n_t = ceil(eta W^t)`` the prompter ``P^t`` puts between them;
-8. ``prompted_block``: each frame attends to the prompts of the two gaps beside it, in the frozen block.
+8. ``prompted_block`` (``mean``) and ``video_cls_block`` (``cls``): each frame attends to the prompts of the two
+   gaps beside it, in the frozen block; the video CLS attends to all of them.
 
 ``BlockPrompter`` holds one block's generators and runs steps 1-8; ``STOPModel`` runs every block, for STOP and
-for the ablation variants of ``PROMPT_VARIANTS``: ``none`` (the frozen baseline), ``static`` (VPT-deep style
+for the ablation variants of ``PROMPT_VARIANTS``: ``none`` (the frozen CLIP), ``static`` (VPT-deep style
 shared prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 0``). All ``B*T`` frames run as
-one batch through every block, and videos with different prompt counts share a batch through a key mask (never
-truncated, no Python loop over videos or frames).
+one batch through every block (with ``cls``, slot 0 of every frame holds the video CLS), and videos with
+different prompt counts share a batch through a key mask (never truncated, no Python loop over videos or frames).
 
 Readings where the paper is silent (each is explained where it is implemented):
 
@@ -57,6 +67,8 @@ from clip_model import CLIP, ResidualAttentionBlock
 from loading.errors import ConfigError
 
 PROMPT_VARIANTS = ("none", "static", "spatial", "temporal", "stop")
+READOUTS = ("mean", "cls")  # the video feature: the mean of per-frame CLS features, or one video CLS (Figure 2a)
+ATTENTIONS = ("frame", "joint")  # patches attend within their frame (step 8), or to the whole video (Figure 2a)
 PAPER_TRAINABLE_PARAMETERS = 7_530_000  # STOP's count for ViT-B/32 in the paper's MSR-VTT table
 VARIATION_DEAD_ZONE = 1e-3  # tau: a gap whose W^t is at most this gets no prompt (float noise, not motion)
 
@@ -70,7 +82,8 @@ class STOPConfig:
     times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
     regions per frame (``region_count``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
     ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
-    silent; VPT's prompt dropout).
+    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"cls"`` (Figure 2a) by default.
+    ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
     """
 
     prompt: str = "stop"
@@ -81,6 +94,8 @@ class STOPConfig:
     reduced_dim: int = 32
     prompt_layers: int | None = None
     dropout: float = 0.1
+    readout: str = "cls"
+    attention: str = "frame"
 
     def __post_init__(self) -> None:
         """Refuse a value of the wrong type or range (a checkpoint edited by hand, ``--beta inf``) with its name."""
@@ -106,6 +121,13 @@ class STOPConfig:
                 f"prompt_layers={self.prompt_layers!r}: expected an integer >= 1, or None for every block",
             ),
             (number(self.dropout) and 0 <= self.dropout < 1, f"dropout={self.dropout!r}: expected 0 <= dropout < 1"),
+            (self.readout in READOUTS, f"readout={self.readout!r}: expected one of {READOUTS}"),
+            (self.attention in ATTENTIONS, f"attention={self.attention!r}: expected one of {ATTENTIONS}"),
+            (
+                self.attention != "joint" or self.readout == "cls",
+                f"attention={self.attention!r} with readout={self.readout!r}: expected readout='cls' (a joint "
+                "attention has one video CLS to read)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,8 +135,13 @@ class STOPConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> STOPConfig:
-        """The fields of ``values`` that are STOP's (a checkpoint's run configuration holds training's too)."""
-        return cls(**{field.name: values[field.name] for field in fields(cls) if field.name in values})
+        """The fields of ``values`` that are STOP's (a checkpoint's run configuration holds training's too).
+
+        A configuration without ``readout`` is read as ``"mean"``: checkpoints written before the video CLS existed
+        all averaged frame features. One without ``attention`` is read as ``"frame"``.
+        """
+        known = {field.name: values[field.name] for field in fields(cls) if field.name in values}
+        return cls(**{"readout": "mean", "attention": "frame", **known})
 
 
 @dataclass
@@ -162,8 +189,8 @@ def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]
 def convolve_together(x: torch.Tensor, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
     """``cat([first(x), second(x)], dim=1)`` as one convolution, for two convolutions with the same window.
 
-    Small convolutions cost a GPU mostly their launch (about 120 of them took 8.9 ms of a 44 ms STOP training step
-    on an H100): one launch over the stacked kernels does the work of two. Padding is ``first``'s.
+    Small convolutions cost a GPU mostly their launch: one launch over the stacked kernels does the work of two.
+    Padding is ``first``'s.
     """
     weight = torch.cat([first.weight, second.weight])
     bias = None if first.bias is None else torch.cat([first.bias, second.bias])
@@ -181,22 +208,31 @@ def convolve_together(x: torch.Tensor, first: nn.Conv2d | nn.Conv3d, second: nn.
 
 
 @torch.no_grad()
-def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor) -> torch.Tensor:
-    """Step 1, ``A_t``: frame t's CLS-query attention to its patches in ``block``, head-averaged, min-max scaled.
+def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor, frames: int = 1) -> torch.Tensor:
+    """Step 1, ``A_t``: the CLS query's attention to frame t's patches in ``block``, head-averaged, min-max scaled
+    per frame.
 
-    ``normed`` is ``ln_1(h)`` ``[B*T, 1+N, D]``; returns ``[B*T, N]`` in ``[0, 1]``. These are the block's own
-    attention probabilities (softmax over all ``1+N`` keys, CLS included) without projecting any key: per head,
+    ``normed`` is ``ln_1(h)`` ``[B*T, 1+N, D]``; returns ``[B*T, N]`` in ``[0, 1]``. ``frames``: how many
+    consecutive frames share one CLS. With 1 (``readout="mean"``) each frame's CLS attends over its own ``1+N``
+    keys; with ``T`` (``readout="cls"``) the video CLS, held in slot 0 of every frame, attends over itself and
+    every frame's patches, ``1+T*N`` keys, and ``A_t`` is the part of that one softmax on frame t. These are the
+    block's own attention probabilities, computed without projecting any key: per head,
     ``q_cls . k_j = (W_k^T q_cls) . x_j + q_cls . b_k`` and the last term, equal for every key, cancels in the
     softmax. No gradient flows through ``A``.
     """
     attn = block.attn
-    width = normed.shape[-1]
+    groups, width = normed.shape[0] // frames, normed.shape[-1]
     head_dim = width // attn.heads
     query_weight, key_weight, _ = attn.in_proj_weight.chunk(3)  # each [D, D]
-    query = F.linear(normed[:, 0], query_weight, attn.in_proj_bias[:width]).view(-1, attn.heads, head_dim)
-    folded = torch.einsum("bhc,hcd->bhd", query, key_weight.view(attn.heads, head_dim, width))  # [B*T, H, D]
-    logits = normed @ folded.transpose(1, 2) * head_dim**-0.5  # [B*T, 1+N, H]
-    attention = logits.float().softmax(dim=1)[:, 1:].mean(dim=-1)  # [B*T, N]
+    cls = normed[::frames, 0]  # the CLS of each group: [B*T/frames, D]
+    query = F.linear(cls, query_weight, attn.in_proj_bias[:width]).view(-1, attn.heads, head_dim)
+    folded = torch.einsum("bhc,hcd->bhd", query, key_weight.view(attn.heads, head_dim, width))  # [., H, D]
+    tokens = normed.reshape(groups, -1, width)  # the group's frames one after the other: [., frames (1+N), D]
+    logits = tokens @ folded.transpose(1, 2) * head_dim**-0.5  # [., frames (1+N), H]
+    if frames > 1:  # keys: the CLS (of the first frame: the same token in every frame) and every frame's patches
+        per_frame = logits.unflatten(1, (frames, -1))  # [., frames, 1+N, H]
+        logits = torch.cat([per_frame[:, 0, :1], per_frame[:, :, 1:].flatten(1, 2)], dim=1)  # [., 1+frames N, H]
+    attention = logits.float().softmax(dim=1)[:, 1:].mean(dim=-1).reshape(normed.shape[0], -1)  # [B*T, N]
     low, high = attention.aminmax(dim=-1, keepdim=True)
     return (attention - low) / (high - low).clamp_min(1e-12)
 
@@ -385,10 +421,36 @@ def plain_block(block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Te
     return h + block.mlp(block.ln_2(h))
 
 
+def prompt_keys(block: ResidualAttentionBlock, p_t: torch.Tensor) -> torch.Tensor:
+    """The prompts ``p^t`` ``[B, T-1, eta, D]`` as the block's keys and values, ``[B, T-1, eta, 2D]``: they already
+    live in the space ``ln_1`` maps to, so they are projected as they are."""
+    width = p_t.shape[-1]
+    return F.linear(p_t, block.attn.in_proj_weight[width:], block.attn.in_proj_bias[width:])
+
+
+def beside_each_frame(
+    key: torch.Tensor, value: torch.Tensor, prompt_kv: torch.Tensor, n_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 8's keys: frame t's ``[slot 0, patches_t]`` ``[B*T, H, 1+N, Dh]`` followed by the prompts of gaps t-1
+    and t, ``2 eta`` slots, and the key mask ``[B*T, 1, 1, 1+N+2 eta]`` (absent gaps and unreal slots masked)."""
+    batch, gaps, slots, _ = prompt_kv.shape
+    heads, head_dim = key.shape[1], key.shape[-1]
+    prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, eta, 2D]: an empty gap before and after the video
+    beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2 eta, 2D]: gaps t-1 and t of frame t
+    beside = beside.reshape(batch * (gaps + 1), 2 * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2 eta, Dh]
+    value = torch.cat([value, beside[1]], dim=2)
+    real = torch.arange(slots, device=n_t.device) < F.pad(n_t, (1, 1))[..., None]  # [B, T+1, eta]: slot < n_t
+    real = torch.cat([real[:, :-1], real[:, 1:]], dim=-1).flatten(0, 1)  # [B*T, 2 eta]: gaps t-1 and t of frame t
+    key_mask = F.pad(real, (key.shape[2] - 2 * slots, 0), value=True)[:, None, None, :]  # [B*T, 1, 1, 1+N+2 eta]
+    return key, value, key_mask
+
+
 def prompted_block(
     block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, p_t: torch.Tensor, n_t: torch.Tensor
 ) -> torch.Tensor:
-    """Step 8 in one block: each frame attends to its own tokens and to the real prompts of the gaps beside it.
+    """Step 8 in one block (``readout="mean"``): each frame attends to its own tokens and to the real prompts of the
+    gaps beside it.
 
     ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``p_t`` ``[B, T-1, eta, D]``
     the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``n_t``
@@ -402,28 +464,101 @@ def prompted_block(
     pass is one graph for ``torch.compile``. Prompts with no slot (``spatial``, or single frames) run
     ``plain_block``, bit for bit.
     """
-    batch, gaps, slots, width = p_t.shape
-    if slots == 0:
+    if p_t.shape[2] == 0:
         return plain_block(block, h, normed)
-    frames = gaps + 1
     attn = block.attn
-    heads, head_dim = attn.heads, width // attn.heads
     query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
-
-    prompt_kv = F.linear(p_t, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # [B, T-1, eta, 2D]
-    prompt_kv = F.pad(prompt_kv, (0, 0, 0, 0, 1, 1))  # [B, T+1, eta, 2D]: an empty gap before and after the video
-    beside = torch.cat([prompt_kv[:, :-1], prompt_kv[:, 1:]], dim=2)  # [B, T, 2 eta, 2D]: gaps t-1 and t of frame t
-    beside = beside.reshape(batch * frames, 2 * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    key = torch.cat([key, beside[0]], dim=2)  # [B*T, H, 1+N+2 eta, Dh]
-    value = torch.cat([value, beside[1]], dim=2)
-
-    real = torch.arange(slots, device=n_t.device) < F.pad(n_t, (1, 1))[..., None]  # [B, T+1, eta]: slot < n_t
-    real = torch.cat([real[:, :-1], real[:, 1:]], dim=-1).flatten(0, 1)  # [B*T, 2 eta]: gaps t-1 and t of frame t
-    key_mask = F.pad(real, (h.shape[1], 0), value=True)[:, None, None, :]  # [B*T, 1, 1, 1+N+2 eta]
-
+    key, value, key_mask = beside_each_frame(key, value, prompt_keys(block, p_t), n_t)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)  # [B*T, H, 1+N, Dh]
     h = h + attn.out_proj(out.transpose(1, 2).flatten(2))
     return h + block.mlp(block.ln_2(h))
+
+
+# --------------------------------------------------------------------------- #
+# Step 8 with one video CLS (Figure 2a)
+# --------------------------------------------------------------------------- #
+
+
+def to_video(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Frame layout ``[B*T, *, 1+N, C]`` (the video CLS in slot 0 of every frame) -> one sequence per video,
+    ``[B, *, 1+T*N, C]``: the CLS once, then frame 1's patches, frame 2's, ..."""
+    x = x.unflatten(0, (batch, -1))  # [B, T, *, 1+N, C]
+    patches = x[..., 1:, :].movedim(1, -3).flatten(-3, -2)  # [B, *, T*N, C]
+    return torch.cat([x[:, 0, ..., :1, :], patches], dim=-2)
+
+
+def to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``to_video``'s inverse for tokens ``[B, 1+T*N, D]`` -> ``[B*T, 1+N, D]``, the CLS copied into every frame."""
+    batch, _, width = x.shape
+    cls = x[:, None, :1].expand(batch, frames, 1, width)  # [B, T, 1, D]
+    return torch.cat([cls, x[:, 1:].unflatten(1, (frames, -1))], dim=2).flatten(0, 1)
+
+
+def video_cls_block(
+    block: ResidualAttentionBlock,
+    h: torch.Tensor,
+    normed: torch.Tensor,
+    p_t: torch.Tensor,
+    n_t: torch.Tensor,
+    joint: bool = False,
+) -> torch.Tensor:
+    """Step 8 in one block with one video CLS (``readout="cls"``), for any block, prompted or not.
+
+    ``h`` ``[B*T, 1+N, D]`` holds the video CLS in slot 0 of every frame; ``normed``, ``p_t``, ``n_t`` as in
+    ``prompted_block`` (``p_t`` with 0 slots in an unprompted block). The video CLS is a query over itself, every
+    frame's patches and every real prompt of the video, ``1 + T*N + (T-1) eta`` keys (unreal slots masked).
+    ``attention="frame"``: frame t's patches attend to ``[CLS, patches_t, p^t_{t-1}, p^t_t]`` as in step 8;
+    ``attention="joint"`` (``joint``): they attend to the video CLS's keys too, so every token of the video is in
+    one attention, Figure 2a taken literally. The residual, ``out_proj`` and MLP run on one sequence per video, the
+    CLS once; it is then copied back into every frame's slot 0. Prompts are keys and values only, as in step 8.
+
+    With one frame and no prompt slot this is the frozen block on that frame: CLIP's own image forward.
+    """
+    batch, gaps, slots, _ = p_t.shape
+    frames, attn = gaps + 1, block.attn
+    query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
+    prompt_kv = prompt_keys(block, p_t)  # [B, T-1, eta, 2D]
+
+    heads, head_dim = query.shape[1], query.shape[-1]
+    video_kv = prompt_kv.reshape(batch, gaps * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, ., Dh]
+    video_key = torch.cat([to_video(key, batch), video_kv[0]], dim=2)  # [B, H, 1+T*N+(T-1) eta, Dh]
+    video_value = torch.cat([to_video(value, batch), video_kv[1]], dim=2)
+    video_mask = None  # [B, 1, 1, 1+T*N+(T-1) eta]: every token, the real prompt slots (slot < n_t)
+    if slots > 0:
+        real = torch.arange(slots, device=n_t.device) < n_t[..., None]  # [B, T-1, eta]
+        video_mask = F.pad(real.flatten(1), (video_key.shape[2] - gaps * slots, 0), value=True)[:, None, None, :]
+
+    if joint:
+        out = F.scaled_dot_product_attention(to_video(query, batch), video_key, video_value, attn_mask=video_mask)
+    else:
+        cls_query = query[::frames, :, :1]  # the video CLS, from the first frame: [B, H, 1, Dh]
+        cls_out = F.scaled_dot_product_attention(cls_query, video_key, video_value, attn_mask=video_mask)
+        frame_mask = None
+        if slots > 0:
+            key, value, frame_mask = beside_each_frame(key, value, prompt_kv, n_t)
+        patches_out = F.scaled_dot_product_attention(query[:, :, 1:], key, value, attn_mask=frame_mask)
+        patches_out = patches_out.unflatten(0, (batch, -1)).transpose(1, 2).flatten(2, 3)  # [B, H, T*N, Dh]
+        out = torch.cat([cls_out, patches_out], dim=2)
+    # out: [B, H, 1+T*N, Dh]
+    x = to_video(h, batch)  # [B, 1+T*N, D]
+    x = x + attn.out_proj(out.transpose(1, 2).flatten(2))
+    x = x + block.mlp(block.ln_2(x))
+    return to_frames(x, frames)
+
+
+def frozen_block(
+    block: ResidualAttentionBlock,
+    h: torch.Tensor,
+    normed: torch.Tensor,
+    p_t: torch.Tensor,
+    n_t: torch.Tensor,
+    readout: str,
+    attention: str,
+) -> torch.Tensor:
+    """Step 8 for ``STOPConfig.readout`` and ``attention``: ``prompted_block`` (``mean``) or ``video_cls_block``."""
+    if readout == "mean":
+        return prompted_block(block, h, normed, p_t, n_t)
+    return video_cls_block(block, h, normed, p_t, n_t, joint=attention == "joint")
 
 
 # --------------------------------------------------------------------------- #
@@ -443,6 +578,7 @@ class BlockPrompter(nn.Module):
         super().__init__()
         prompt, eta, reduced_dim, dropout = config.prompt, config.eta, config.reduced_dim, config.dropout
         self.eta = eta
+        self.readout, self.attention = config.readout, config.attention
         self.spatial = (
             SpatialPrompter(width, grid, reduced_dim, config.alpha, config.rho, dropout)
             if prompt in ("spatial", "stop")
@@ -463,7 +599,7 @@ class BlockPrompter(nn.Module):
         zeros = h.new_zeros(batch * frames, patches, dtype=torch.float32)
         A, M, W_s, r = zeros, zeros, zeros, torch.zeros_like(zeros, dtype=torch.bool)
         if self.spatial is not None:
-            A = cls_attention_map(block, normed)  # step 1: [B*T, N]
+            A = cls_attention_map(block, normed, frames if self.readout == "cls" else 1)  # step 1: [B*T, N]
             h, r, W_s, M = self.spatial(h, normed, A, batch)  # steps 2-4: h becomes h^s
             normed = block.ln_1(h)
 
@@ -477,7 +613,7 @@ class BlockPrompter(nn.Module):
             n_t.fill_(self.eta)
             W_t.fill_(1.0)
 
-        h = prompted_block(block, h, normed, p_t, n_t)  # step 8
+        h = frozen_block(block, h, normed, p_t, n_t, self.readout, self.attention)  # step 8
         details = PromptDetails(
             *(x.detach().view(batch, frames, patches) for x in (A, M, W_s, r)), variation=W_t.detach(), counts=n_t
         )
@@ -490,7 +626,8 @@ class BlockPrompter(nn.Module):
 
 
 class STOPModel(nn.Module):
-    """A frozen CLIP4Clip-meanP video encoder, prompted by STOP or one of its ablations (``STOPConfig.prompt``).
+    """A frozen CLIP video encoder, prompted by STOP or one of its ablations (``STOPConfig.prompt``), read out by one
+    video CLS or by the mean of frame features (``STOPConfig.readout``).
 
     ``grad_checkpoint``: recompute each block in the backward pass while training, to cut activation memory (how
     the model runs, not what it computes: not part of ``STOPConfig``).
@@ -524,14 +661,22 @@ class STOPModel(nn.Module):
         self.clip.eval()
         return self
 
+    def _unprompted(self, block: ResidualAttentionBlock, h: torch.Tensor, batch: int) -> torch.Tensor:
+        """A block without prompt generators: CLIP's own block, or with a video CLS the same block with no prompt."""
+        if self.config.readout == "mean":
+            return block(h)
+        no_prompt = h.new_zeros(batch, h.shape[0] // batch - 1, 0, h.shape[-1])  # [B, T-1, 0, D]
+        n_t = torch.zeros(no_prompt.shape[:2], dtype=torch.long, device=h.device)
+        return frozen_block(block, h, block.ln_1(h), no_prompt, n_t, self.config.readout, self.config.attention)
+
     def _run(self, function: Callable, *args):
         """``function(*args)``, recomputed in the backward pass when ``grad_checkpoint`` is on and training.
 
         A prompted block's whole step is one segment, its prompt generators included: only the tokens entering
         the block are kept. Keeping the generators' activations and recomputing only the frozen attention and
         MLP would also keep what their backward needs (``ln_1(h)``, ``h^s``, ``ln_1(h^s)``: four ``[B*T, 1+N, D]``
-        tensors a block instead of one) for little: measured with ViT-B/32, 12 frames, batch 2 on the CPU, 148 MiB
-        more at the peak (+18 %) for a 2 % shorter step. The generators are small; recomputing them is cheap.
+        tensors a block instead of one), a higher peak for a step barely shorter. The generators are small;
+        recomputing them is cheap.
         """
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(function, *args, use_reentrant=False)
@@ -542,8 +687,11 @@ class STOPModel(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[PromptDetails]]:
         """``video`` ``[B, T, 3, R, R]`` (CLIP-normalised) -> ``[B, E]``, L2-normalised.
 
-        Frame feature = ``ln_post(CLS) @ proj`` after the last block; video feature = mean over frames, then
-        L2-normalised (meanP). With ``return_details`` also a list, one ``PromptDetails`` per prompted block.
+        ``readout="cls"``: the video CLS enters as slot 0 of every frame (``visual.embed`` gives every frame the
+        same one), goes through every block (``video_cls_block``, prompted or not) and the feature is
+        ``ln_post(CLS) @ proj``. ``readout="mean"``: each frame's own CLS gives ``ln_post(CLS_t) @ proj``, and the
+        video feature is their mean (meanP). With ``return_details`` also a list, one ``PromptDetails`` per
+        prompted block.
         """
         visual = self.clip.visual
         resolution = visual.input_resolution
@@ -557,9 +705,12 @@ class STOPModel(nn.Module):
                 h, block_details = self._run(self.prompters[index], block, h, batch)
                 details.append(block_details)
             else:
-                h = self._run(block, h)
-        frame_features = visual.head(h[:, 0]).view(batch, frames, -1)  # [B, T, E]
-        features = F.normalize(frame_features.mean(dim=1), dim=-1)  # [B, E]
+                h = self._run(self._unprompted, block, h, batch)
+        if self.config.readout == "cls":
+            features = F.normalize(visual.head(h[::frames, 0]), dim=-1)  # the video CLS, from frame 1: [B, E]
+        else:
+            frame_features = visual.head(h[:, 0]).view(batch, frames, -1)  # [B, T, E]
+            features = F.normalize(frame_features.mean(dim=1), dim=-1)  # [B, E]
         return (features, details) if return_details else features
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,7 @@ def test_clip_is_frozen_and_stays_in_eval_mode(clip):
 
 
 def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(clip):
-    model = STOPModel(clip, STOPConfig("none"))
+    model = STOPModel(clip, STOPConfig("none", readout="mean"))
     video = random_videos(2)
     assert model.num_trainable_parameters() == 0 and model.trainable_state_dict() == {}
     expected = F.normalize(clip.encode_image(video.flatten(0, 1)).view(2, FRAMES, -1).mean(dim=1), dim=-1)
@@ -380,7 +380,8 @@ def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
 
 
 def test_bfloat16_autocast_forward_and_backward(clip, device):
-    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop"))).train()
+    """With the mean readout; ``test_readout.py`` checks the video CLS."""
+    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop", readout="mean"))).train()
     video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = F.cross_entropy(model.class_logits(video.to(device), text), torch.tensor([0, 1], device=device))
