@@ -1,11 +1,8 @@
 """Benchmarks: what STOP costs over the frozen CLIP4Clip-meanP baseline, and how fast a dataset's clips are read.
 
-``python bench.py model`` runs each row of ``ROWS`` (STOP built from ``STOPConfig`` fields, or full fine-tuning) on a
-random CLIP in a released shape, with no download and neither TorchCodec nor FFmpeg: eval forward, training step,
-peak memory, kernels and host syncs, and the frozen baseline's FLOP/s against the matmul rate. ``python bench.py
-data`` reads a dataset (``--root``) against its copy made by ``python prepare.py`` (``--prepared``) in one thread, as
-one DataLoader worker does. Both print markdown tables and write JSON with ``--out``; each function below says what
-its numbers are.
+``python bench.py model`` runs each row of ``ROWS`` on a random CLIP in a released shape (no download, no TorchCodec
+or FFmpeg); ``python bench.py data`` reads a dataset (``--root``) against its copy made by ``python prepare.py``
+(``--prepared``). Both print markdown tables and write JSON with ``--out``; the functions say what each number is.
 """
 
 from __future__ import annotations
@@ -15,14 +12,13 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -88,6 +84,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 def fmt(value: float | None, digits: int = 2, scale: float = 1) -> str:
+    """``value / scale`` with ``digits`` decimals (and thousands separated when scaled), ``—`` for no value."""
     return "—" if value is None else f"{value / scale:,.{digits}f}" if scale != 1 else f"{value:.{digits}f}"
 
 
@@ -128,36 +125,18 @@ def report(title: str, table: str, notes: list[str], result: dict[str, Any], out
             with os.fdopen(handle, "w") as file:
                 file.write(text)
             os.replace(temporary, out)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        finally:
+            Path(temporary).unlink(missing_ok=True)
         typer.echo(f"\nwrote {out}")
 
 
-# model: each row built, timed, profiled and (in a process of its own) weighed
-
-
-@dataclass(frozen=True)
-class ModelSetup:
-    """Everything a measurement needs; a memory probe gets it as JSON on its command line."""
-
-    backbone: str
-    frames: int
-    batch_size: int
-    classes: int
-    device: str
-    autocast: str
-    threads: int
-    seed: int
-
-
 class Bench:
-    """A row's model, optimiser and inputs. Under bf16/fp16 autocast the frozen CLIP keeps its matrix weights in that
-    dtype, as training does; full fine-tuning keeps fp32 master weights."""
+    """A row's model, optimiser and inputs (``setup``: the model command's options, as a memory probe gets them)."""
 
-    def __init__(self, row: Row, clip: clip_model.CLIP, setup: ModelSetup):
-        """Full fine-tuning trains ``clip`` itself: give that row a copy of its own."""
-        self.row, self.device, self.dtype = row, torch.device(setup.device), AUTOCAST_DTYPES[setup.autocast]
+    def __init__(self, row: Row, clip: clip_model.CLIP, setup: dict[str, Any]):
+        """Full fine-tuning trains ``clip`` itself: give that row a copy of its own. Under bf16/fp16 autocast the
+        frozen CLIP keeps its matrix weights in that dtype, as training does; full fine-tuning keeps fp32 ones."""
+        self.row, self.device, self.dtype = row, torch.device(setup["device"]), AUTOCAST_DTYPES[setup["autocast"]]
         if self.dtype is not None and not row.full_finetune:
             clip_model.convert_matmul_weights(clip, self.dtype)
         self.model = STOPModel(clip, STOPConfig(**row.config), grad_checkpoint=row.grad_checkpoint).to(self.device)
@@ -165,12 +144,12 @@ class Bench:
         trained = visual.requires_grad_(True).parameters() if row.full_finetune else self.model.trainable_parameters()
         self.parameters = list(trained)
         self.trains, self.evaluates = bool(self.parameters), not row.grad_checkpoint  # checkpointed eval = STOP's
-        generator = torch.Generator().manual_seed(setup.seed)
-        shape = (setup.batch_size, setup.frames, 3, visual.input_resolution, visual.input_resolution)
+        generator, batch, classes = torch.Generator().manual_seed(setup["seed"]), setup["batch_size"], setup["classes"]
+        shape = (batch, setup["frames"], 3, visual.input_resolution, visual.input_resolution)
         self.video = torch.randn(shape, generator=generator).to(self.device)  # [B, T, 3, R, R]
-        features = torch.randn(setup.classes, clip.config.embed_dim, generator=generator)
+        features = torch.randn(classes, clip.config.embed_dim, generator=generator)
         self.class_features = F.normalize(features, dim=-1).to(self.device)  # [C, E], fixed like cached class texts
-        self.labels = torch.randint(setup.classes, (setup.batch_size,), generator=generator).to(self.device)  # [B]
+        self.labels = torch.randint(classes, (batch,), generator=generator).to(self.device)  # [B]
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         lr = 1e-5 if row.full_finetune else 1e-3
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, **fused) if self.trains else None
@@ -196,12 +175,9 @@ class Bench:
 
 
 def kernels_and_syncs(function: Callable[[], Any], device: torch.device) -> tuple[int, int]:
-    """The kernels one call of ``function`` runs and its reads of a value back to the host (torch profiler).
-
-    On CUDA the GPU's kernels; on the CPU the aten operators with no aten operator below them (views included: each is
-    a dispatch the host pays for while a GPU would wait). A read-back is ``aten::_local_scalar_dense`` (``.item()``,
-    ``if tensor:``) outside ``Optimizer.step``, where fused AdamW reads its step counts, CPU tensors: no device sync.
-    """
+    """The kernels one call of ``function`` runs (the GPU's; on the CPU the aten operators with no aten operator below
+    them, each a dispatch the host pays for while a GPU would wait) and its reads of a value back to the host
+    (``.item()``, ``if tensor:``) outside ``Optimizer.step``, where fused AdamW reads its CPU step counts."""
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as p:
         timed(function, device)
 
@@ -219,45 +195,41 @@ def kernels_and_syncs(function: Callable[[], Any], device: torch.device) -> tupl
     return sum(map(kernel, p.events())), len(syncs)
 
 
-def resident_bytes(key: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (the peak since ``/proc/self/clear_refs`` was reset) from Linux ``/proc``;
-    elsewhere ``ru_maxrss``, the peak so far (which on Linux a probe would inherit from its parent over ``exec``)."""
-    with contextlib.suppress(OSError):
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def measure_memory(row: Row, setup: ModelSetup) -> dict[str, int]:
-    """Bytes: the model built (``model_bytes``), then the peaks above it of an eval forward and of training steps
-    (``max_memory_allocated`` on CUDA, the resident high-water mark on the CPU): the activations, gradients and
-    optimiser state added to the frozen CLIP that every row holds."""
-    torch.set_num_threads(setup.threads)
-    device = torch.device(setup.device)
+def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
+    """Bytes: the model built (``model_bytes``), then the peaks above it of an eval forward and of training steps:
+    the activations, gradients and optimiser state added to the frozen CLIP that every row holds. CUDA: allocated
+    bytes. CPU: Linux's resident size (``VmRSS``) and its high-water mark since a reset (``VmHWM``)."""
+    torch.set_num_threads(setup["threads"])
+    device = torch.device(setup["device"])
     cuda = device.type == "cuda"
-    now = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: resident_bytes("VmRSS:"))
-    peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else (lambda: resident_bytes("VmHWM:"))
+
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    now = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: status("VmRSS:"))
+    peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else (lambda: status("VmHWM:"))
     warm = torch.randn(512, 512, device=device)
     (warm @ warm).relu().sum().item()  # start the thread pool and the math libraries before the baseline
     before = now()
-    bench = Bench(row, clip_model.random_clip(BACKBONES[setup.backbone], seed=setup.seed).to(device), setup)
+    bench = Bench(row, clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]).to(device), setup)
     built = now()
     if cuda:  # building the model may have peaked higher than it stays: the peak starts over from here
         torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # resets VmHWM (Linux 4.0 and later)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux 4.0 and later)
     bench.eval_forward()
     result = {"model_bytes": built - before, "eval_peak_bytes": peak() - built}  # eval first: peaks only grow
-    for _ in range(2 if bench.trains else 0):  # the second step has the optimiser state the first one created
+    if bench.trains:
         bench.train_step()
+        bench.train_step()  # the second step has the optimiser state the first one created
         result["train_peak_bytes"] = peak() - built
     return result
 
 
-def memory_in_own_process(name: str, setup: ModelSetup) -> dict[str, int]:
+def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
     """``measure_memory`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
     above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
-    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, asdict(setup)])]
+    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, setup])]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if finished.returncode != 0:
@@ -269,7 +241,7 @@ def memory_in_own_process(name: str, setup: ModelSetup) -> dict[str, int]:
 def memory_probe(spec: str) -> None:
     """Internal: measure one row's peak memory in this process and print it as JSON."""
     name, setup = json.loads(spec)
-    typer.echo(json.dumps(measure_memory(ROWS[name], ModelSetup(**setup))))
+    typer.echo(json.dumps(measure_memory(ROWS[name], setup)))
 
 
 def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: int) -> dict[str, Any]:
@@ -277,17 +249,18 @@ def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: 
     matmul FLOP/s of the same rounds (``matmul``). Rows take turns, the first one rotating, so drift in the machine's
     speed hits them alike."""
     names, device = list(benches), benches[BASELINE].device
-    seconds = {kind: {name: [] for name in names if getattr(benches[name], flag)} for kind, flag in
-               (("eval", "evaluates"), ("train", "trains"))} | {"matmul": []}  # fmt: skip
-    a, b = (torch.randn(MATMUL_SIZES[device.type], MATMUL_SIZES[device.type], device=device, dtype=dtype) for _ in "ab")
+    seconds = {"eval": {n: [] for n in names if benches[n].evaluates}, "matmul": []}
+    seconds["train"], size = {n: [] for n in names if benches[n].trains}, MATMUL_SIZES[device.type]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for round_index in range(warmup + runs):
-        counted = round_index >= warmup
-        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             for kind, function in (("eval", benches[name].eval_forward), ("train", benches[name].train_step)):
-                if name in seconds[kind]:
-                    seconds[kind][name] += [timed(function, device)][: int(counted)]
-        fastest = min(timed(lambda: a @ b, device) for _ in range(3))
-        seconds["matmul"] += [2 * MATMUL_SIZES[device.type] ** 3 / fastest][: int(counted)]
+                elapsed = timed(function, device) if name in seconds[kind] else None
+                if elapsed is not None and round_index >= warmup:
+                    seconds[kind][name].append(elapsed)
+        rate = 2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3))
+        seconds["matmul"] += [rate] if round_index >= warmup else []
     return seconds
 
 
@@ -337,23 +310,22 @@ def targets_met(rows: dict[str, dict[str, Any]], flops_fraction: float) -> list[
 
 def model_table(results: dict[str, dict[str, Any]]) -> str:
     """The rows as a markdown table, ``—`` where a row has no such measurement."""
-    columns = {  # result key (or "row", "kernels", "syncs"): header, digits; a scale of 2**20 shows bytes as MiB
-        "row": ("model", 0, 1), "trainable_parameters": ("trainable params", 0, 1),
-        "eval_ms_per_clip": ("eval forward ms/clip", 0, 1), "eval_x_none": ("x none", 2, 1),
-        "train_ms_per_clip": ("train step ms/clip", 0, 1), "train_x_full": ("x full FT", 2, 1),
-        "eval_peak_bytes": ("eval peak MiB", 0, 2**20), "train_peak_bytes": ("train peak MiB", 0, 2**20),
-        "train_memory_x_full": ("x full FT", 2, 1), "train_total_memory_x_full": ("x full FT, model included", 2, 1),
-        "prompts_per_gap": ("prompts/gap", 2, 1), "kernels": ("kernels eval / train", 0, 1),
-        "syncs": ("host syncs eval / train", 0, 1),
+    columns = {  # result key: header, digits, scale (2**20: bytes shown as MiB)
+        "trainable_parameters": ("trainable params", 0, 1), "eval_ms_per_clip": ("eval forward ms/clip", 0, 1),
+        "eval_x_none": ("x none", 2, 1), "train_ms_per_clip": ("train step ms/clip", 0, 1),
+        "train_x_full": ("x full FT", 2, 1), "eval_peak_bytes": ("eval peak MiB", 0, 2**20),
+        "train_peak_bytes": ("train peak MiB", 0, 2**20), "train_memory_x_full": ("x full FT", 2, 1),
+        "train_total_memory_x_full": ("x full FT, model included", 2, 1), "prompts_per_gap": ("prompts/gap", 2, 1),
     }  # fmt: skip
     shown = []
     for name, result in results.items():
-        row = {key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}
-        row.update(row=name, trainable_parameters=f"{result['trainable_parameters']:,}")
-        for key, field in (("kernels", "kernels"), ("syncs", "host_syncs")):
-            row[key] = " / ".join(str(result.get(f"{kind}_{field}", "—")) for kind in ("eval", "train"))
+        row = {"row": name, **{key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}}
+        row["trainable_parameters"] = f"{result['trainable_parameters']:,}"
+        for key in ("kernels", "host_syncs"):
+            row[key] = " / ".join(str(result.get(f"{kind}_{key}", "—")) for kind in ("eval", "train"))
         shown.append(row)
-    return markdown_table(shown, {key: header for key, (header, _, _) in columns.items()})
+    headers = {"row": "model", **{key: header for key, (header, _, _) in columns.items()}}
+    return markdown_table(shown, headers | {"kernels": "kernels eval / train", "host_syncs": "host syncs eval / train"})
 
 
 @app.command("model")
@@ -371,7 +343,7 @@ def model_command(
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile each row's encode_video, fullgraph")
     ] = False,
-    memory: Annotated[bool, typer.Option(help="measure peak memory, one process per row")] = True,
+    memory: Annotated[bool, typer.Option(help="measure peak memory (Linux or CUDA), one process per row")] = True,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
 ) -> None:
@@ -383,13 +355,11 @@ def model_command(
     check_out(out)
     names = list(dict.fromkeys([BASELINE, *(rows or ROWS), FULL]))  # with the rows every ratio is taken against
     autocast = ("bf16" if device == "cuda" else "none") if autocast == "auto" else autocast
-    batch_size = batch_size or (16 if device == "cuda" else 2)
-    setup = ModelSetup(
-        backbone, frames, batch_size, classes, device, autocast, threads or torch.get_num_threads(), seed
-    )
-    torch.set_num_threads(setup.threads)
+    setup = dict(backbone=backbone, frames=frames, batch_size=batch_size or (16 if device == "cuda" else 2),
+                 classes=classes, device=device, autocast=autocast, threads=threads or torch.get_num_threads(),
+                 seed=seed)  # fmt: skip
+    torch.set_num_threads(setup["threads"])
     info = machine()
-
     clip = clip_model.random_clip(BACKBONES[backbone], seed=seed).to(device)
     benches = {name: Bench(ROWS[name], copy.deepcopy(clip) if name == FULL else clip, setup) for name in names}
     if compile:
@@ -397,18 +367,17 @@ def model_command(
             bench.model.encode_video = torch.compile(bench.model.encode_video, fullgraph=True)
     with FlopCounterMode(display=False) as counter:  # matrix products, convolutions and attention
         benches[BASELINE].eval_forward()
-    flops = counter.get_total_flops()
-    matmul_dtype = AUTOCAST_DTYPES[autocast] or torch.float32
+    flops, matmul_dtype = counter.get_total_flops(), AUTOCAST_DTYPES[autocast] or torch.float32
     seconds = time_rows(benches, matmul_dtype, warmup, runs)
     memory_bytes = {name: memory_in_own_process(name, setup) for name in names} if memory else {}
-    results = row_results(benches, seconds, memory_bytes, setup.batch_size)
+    results = row_results(benches, seconds, memory_bytes, setup["batch_size"])
 
     achieved = [flops / elapsed for elapsed in seconds["eval"][BASELINE]]  # FLOP/s of each counted round
     flops_fraction = median_ratio(achieved, seconds["matmul"])
     targets = targets_met(results, flops_fraction)
     size, dtype_name = MATMUL_SIZES[device], str(matmul_dtype).removeprefix("torch.")
     notes = [
-        f"Frozen baseline forward: {flops / setup.batch_size / 1e9:.1f} GFLOP per clip at "
+        f"Frozen baseline forward: {flops / setup['batch_size'] / 1e9:.1f} GFLOP per clip at "
         f"{statistics.median(achieved) / 1e9:.1f} GFLOP/s; measured {size}x{size} matmul rate "
         f"{statistics.median(seconds['matmul']) / 1e9:.1f} GFLOP/s ({dtype_name}): {100 * flops_fraction:.0f}% of it.",
         markdown_table(
@@ -421,13 +390,10 @@ def model_command(
         model_size = fmt(memory_bytes[BASELINE]["model_bytes"], 0, 2**20)
         notes.insert(1, f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
                      "the last memory column adds it back.")  # fmt: skip
-    setup_shown = {**asdict(setup), "warmup": warmup, "runs": runs, "compile": compile, **info}
-    result = {MARKER: "model", "setup": setup_shown, "forward_flops": flops, "matmul_flops_per_s": seconds["matmul"],
+    setup |= {"warmup": warmup, "runs": runs, "compile": compile, **info}
+    result = {MARKER: "model", "setup": setup, "forward_flops": flops, "matmul_flops_per_s": seconds["matmul"],
               "baseline_flops_fraction": flops_fraction, "rows": results, "targets": targets}  # fmt: skip
     report("bench.py model", model_table(results), notes, result, out)
-
-
-# data: a dataset as it is against its prepared copy, in one thread
 
 
 def read_rates(loaded: dict[str, data.VideoDataset], clips: int, rounds: int) -> dict[str, list[float]]:
@@ -462,7 +428,8 @@ def data_command(
     resolution: Annotated[int, typer.Option(min=8, help="model input size")] = 224,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
 ) -> None:
-    """Decode (+ sample + transform) clips/s of a dataset's training split in one thread: raw, and prepared."""
+    """Decode (+ sample + transform) clips/s of a dataset's training split in one thread (as in one DataLoader
+    worker): raw, and prepared."""
     check_out(out)
     import torchcodec
 
@@ -476,16 +443,12 @@ def data_command(
         num_frames = frames or protocols.protocol(dataset, task).frames
         name, raw_root = data.dataset_location(dataset, root, task)
         roots = {"raw": raw_root, **({"prepared": prepared} if prepared else {})}
-        loaded = {
-            kind: data.build_dataset(name, folder, "train", num_frames=num_frames, resolution=resolution)
-            for kind, folder in roots.items()
-        }
+        loaded = {kind: data.build_dataset(name, folder, "train", num_frames=num_frames, resolution=resolution)
+                  for kind, folder in roots.items()}  # fmt: skip
         if prepared and len(loaded["prepared"]) != len(loaded["raw"]):
-            raise DataError(
-                f"--prepared {prepared} lists {len(loaded['prepared'])} training videos, --root {raw_root} "
-                f"{len(loaded['raw'])}: expected a copy of --root made by python prepare.py"
-            )
-        with dataset_files.single_threaded():  # as in a DataLoader worker
+            counts = f"{len(loaded['prepared'])} training videos, --root {raw_root} {len(loaded['raw'])}"
+            raise DataError(f"--prepared {prepared} lists {counts}: expected a copy of --root made by prepare.py")
+        with dataset_files.single_threaded():
             rates = read_rates(loaded, clips, rounds)
         files = {}
         for kind, videos in loaded.items():  # the first clip's container, codec, size and frame rate
@@ -493,23 +456,23 @@ def data_command(
             size = f"{metadata.width}x{metadata.height}, {metadata.average_fps:.3g} fps"
             files[kind] = f"{videos.paths[0].suffix[1:].upper()}, {metadata.codec}, {size}"
     result: dict[str, Any] = {f"{key}_clips_per_s": statistics.median(values) for key, values in rates.items()}
-    if prepared:
-        result["decode_x"] = median_ratio(rates["prepared_decode"], rates["raw_decode"])
-        result["pipeline_x"] = median_ratio(rates["prepared_pipeline"], rates["raw_pipeline"])
+    shown = {"dataset": f"{dataset} ({num_frames} frames)", "raw": files["raw"], "prepared": files.get("prepared", "—")}
+    for stage in ("decode", "pipeline"):
+        if prepared:
+            result[f"{stage}_x"] = median_ratio(rates[f"prepared_{stage}"], rates[f"raw_{stage}"])
+        shown |= {f"{kind}_{stage}": fmt(result.get(f"{kind}_{stage}_clips_per_s"), 0) for kind in ("raw", "prepared")}
+        shown[f"{stage}_x"] = fmt(result.get(f"{stage}_x"), 1)
     columns = {
         "dataset": "dataset (frames sampled)", "raw": "clip", "prepared": "prepared clip",
         "raw_decode": "decode clips/s raw", "prepared_decode": "prepared", "decode_x": "x",
         "raw_pipeline": "+ transform clips/s raw", "prepared_pipeline": "prepared", "pipeline_x": "x",
     }  # fmt: skip
-    shown = {key: fmt(result.get(f"{key}_clips_per_s"), 0) for key in columns} | files
-    shown.update(dataset=f"{dataset} ({num_frames} frames)", decode_x=fmt(result.get("decode_x"), 1))
-    shown.update(pipeline_x=fmt(result.get("pipeline_x"), 1), prepared=files.get("prepared", "—"))
     setup = {"dataset": dataset, "root": str(raw_root), "prepared": prepared and str(prepared), "clips": clips}
-    setup.update(rounds=rounds, frames=num_frames, resolution=resolution, threads=1, **machine())
-    setup.update({"cores available": dataset_files.available_cores(), "torchcodec": torchcodec.__version__})
+    setup |= {"rounds": rounds, "frames": num_frames, "resolution": resolution, "threads": 1, **machine()}
+    setup |= {"cores available": dataset_files.available_cores(), "torchcodec": torchcodec.__version__}
     notes = [f"Training sampling (one random frame per segment); transform = random resized crop + flip to {resolution}"
              " px + normalise. A prepared copy: python prepare.py --dataset D --root RAW --out PREPARED."]  # fmt: skip
-    result.update(frames_sampled=num_frames, files=files, rates=rates)
+    result |= {"frames_sampled": num_frames, "files": files, "rates": rates}
     report("bench.py data", markdown_table([shown], columns), notes, {MARKER: "data", "setup": setup, **result}, out)
 
 
