@@ -82,8 +82,8 @@ class STOPConfig:
     times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
     regions per frame (``region_count``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
     ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
-    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"cls"`` (Figure 2a) by default.
-    ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
+    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``; ``"mean"`` by default until the synthetic demo
+    compares the two (``docs/fidelity.md``). ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
     """
 
     prompt: str = "stop"
@@ -94,7 +94,7 @@ class STOPConfig:
     reduced_dim: int = 32
     prompt_layers: int | None = None
     dropout: float = 0.1
-    readout: str = "cls"
+    readout: str = "mean"
     attention: str = "frame"
 
     def __post_init__(self) -> None:

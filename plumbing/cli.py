@@ -25,7 +25,7 @@ from plumbing.runtime import (
     rank,
     resolve_device,
 )
-from stop import PROMPT_VARIANTS, STOPConfig
+from stop import ATTENTIONS, PROMPT_VARIANTS, READOUTS, STOPConfig
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -75,6 +75,13 @@ def train_options(
     reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOPConfig.reduced_dim,
     prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
     dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOPConfig.dropout,
+    readout: Annotated[
+        Literal[READOUTS], typer.Option(help="Video feature: cls (one video CLS, Figure 2a) or mean (of frame CLS).")
+    ] = STOPConfig.readout,
+    attention: Annotated[
+        Literal[ATTENTIONS],
+        typer.Option(help="frame: patches attend to their frame; joint: to the whole video (needs --readout cls)."),
+    ] = STOPConfig.attention,
     frames: Annotated[
         int | None, typer.Option(min=2, help="Frames per video; default: the dataset's (protocols.py).")
     ] = None,

@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import bench
 import data
 import evaluate
 import prepare
@@ -322,12 +321,3 @@ def test_prepare_copies_the_layout_for_the_same_listing(kinetics_root, tmp_path:
             raw, prepared = build(kinetics_root, split), build(out, split)
             assert [p.relative_to(out) for p in prepared.paths] == [p.relative_to(kinetics_root) for p in raw.paths]
             assert (prepared.targets, prepared.classes) == (raw.targets, raw.classes)
-
-
-def test_bench_data_has_a_kinetics_stand_in(tmp_path: Path) -> None:
-    arguments = ["data", "--dataset", "kinetics400", "--videos", "1", "--clips", "1", "--rounds", "1"]
-    result = runner.invoke(bench.app, [*arguments, "--max-seconds", "0.5", "--keep", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "MP4, H.264, 640x360, 30 fps, 10 s" in result.output
-    prepared = tmp_path / "kinetics400" / "prepared" / "train" / "-kinetics00_000000_000010.mp4"
-    assert prepared.is_file() and (tmp_path / "kinetics400" / "prepared" / "annotations" / "train.csv").is_file()
