@@ -1,11 +1,21 @@
-"""Shared test fixtures: the reference material in ``tests/fixtures`` and the devices the model tests run on."""
+"""What the tests share: the reference material in ``tests/fixtures``, the devices the model tests run on, the
+datasets the commands run on, and the helpers that run a command and read what it wrote.
 
+The helpers are plain functions: a test file imports them with ``from conftest import run, error_lines``.
+"""
+
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import typer
+from typer.testing import CliRunner
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+import train
+
+PROJECT = Path(__file__).resolve().parent.parent
+FIXTURES = PROJECT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +83,15 @@ def msvd_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The synthetic dataset as ``synthetic.py`` writes it (UCF101 and MSR-VTT layouts), written once per session."""
+    from loading import synthetic
+
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """UCF101 layout, 8 classes x (1 training + 1 test) synthetic clips of 16 frames: runs of one or two steps."""
     import data
@@ -95,3 +113,46 @@ def tiny_root(tmp_path_factory) -> Path:
     (lists / "testlist01.txt").write_text("\n".join(lines["test"]) + "\n")
     (root / data.NO_FLIP_MARKER).write_text("never flip\n")
     return root
+
+
+# --------------------------------------------------------------------------- #
+# Running a command and reading what it wrote
+# --------------------------------------------------------------------------- #
+
+
+def run(app: typer.Typer, *args: object) -> tuple[int, str]:
+    """``app`` run in this process on ``args`` (each through ``str``): its exit code and its stdout then stderr."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout + result.stderr
+
+
+def error_lines(output: str) -> list[str]:
+    """The ``error:`` lines of a command's output."""
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def train_tiny(root: Path, clip: Path | str, out: Path, *extra: object) -> tuple[int, str]:
+    """``train.py recognize`` on ``tiny_root``: two epochs of one step each (batch 8), on one process without
+    workers, unless ``extra`` says otherwise (a repeated option's last value wins)."""
+    options = ["--dataset", "ucf101", "--root", root, "--clip", clip, "--out", out, "--frames", 4]
+    return run(train.app, "recognize", *options, "--batch-size", 8, "--workers", 0, "--epochs", 2, *extra)
+
+
+def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The STOP parameters a checkpoint holds."""
+    return torch.load(path, weights_only=True)["stop"]
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def records(out: Path) -> list[dict]:
+    """A run folder's metrics.jsonl without the timing, which differs from run to run."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "train_clips_per_second"} for line in lines]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Each file of ``folder`` by name, with its bytes."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}

@@ -1,30 +1,20 @@
-"""train.py and evaluate.py end to end on the synthetic data with the 32-px golden CLIP, and their bad input."""
+"""train.py and evaluate.py end to end on the synthetic data with the 32-px golden CLIP, and their bad input; each
+command's help; a run on the demo CLIP."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run, stop_tensors
 from typer.testing import CliRunner
 
 import clip_model
 import data
 import evaluate
 import train
-from loading import synthetic
+from loading import protocols
 from plumbing import runtime
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> Path:
-    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
-
-
-def run(app, *args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
 
 
 def quick(task: str, root: Path, clip: Path, out: Path, *extra: str, device: str = "auto") -> tuple[int, str]:
@@ -51,10 +41,6 @@ def quick(task: str, root: Path, clip: Path, out: Path, *extra: str, device: str
         1,
         *extra,
     )
-
-
-def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["stop"]
 
 
 def test_recognition_trains_resumes_exactly_and_evaluates(synthetic_root, golden_clip, tmp_path, monkeypatch, device):
@@ -275,3 +261,24 @@ def test_a_saved_checkpoint_evaluates_to_its_metrics_and_explains(synthetic_root
     )  # fmt: skip
     assert code == 0, output
     assert "top-5 of 8 synthetic classes" in output and (tmp_path / "saved.png").is_file()
+
+
+def test_a_demo_clip_checkpoint_is_evaluated_on_its_own_clip(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    options = ("--dataset", "ucf101", "--root", tiny_root, "--frames", 2, "--batch-size", 8, "--workers", 0)
+    code, output = run(train.app, "recognize", *options, "--epochs", 1, "--out", out)  # no --clip: the demo CLIP
+    assert code == 0 and "randomly initialised" in output, output
+    code, output = run(evaluate.app, "recognize", *options, "--checkpoint", out / "best.pt")
+    assert code == 0 and "randomly initialised" not in output, output
+    assert "CLIP: the checkpoint's, the small demo ViT-CLIP it was trained on" in output
+    assert json.loads((out / "eval-recognize-ucf101.json").read_text())["clip"] == runtime.DEMO_CLIP_NAME
+
+
+def test_each_command_has_its_own_task_options():
+    wide = {"COLUMNS": "300"}  # one option a line: nothing wrapped or cut
+    output = CliRunner().invoke(train.app, ["recognize", "--help"], env=wide).stdout
+    assert "<ucf101|hmdb51|ssv2|kinetics400|synthetic>" in output, output
+    assert not [name for name in protocols.RETRIEVAL_DATASETS if name in output]
+    output = CliRunner().invoke(evaluate.app, ["retrieve", "--help"], env=wide).stdout
+    assert "--words" in output and "<msrvtt|" in output, output
+    assert not [option for option in ("--views", "--crops", "--split-id") if option in output]

@@ -240,7 +240,7 @@ def test_archive_whose_setstate_has_a_side_effect_is_refused_without_running_it(
         clip_model.load(tmp_path / "trap.pt")
     assert not evidence.exists()
     with pytest.warns(FutureWarning):
-        torch.jit.load(tmp_path / "trap.pt")  # what loading used to do
+        torch.jit.load(tmp_path / "trap.pt")  # what a plain TorchScript load does
     assert evidence.exists()  # so the trap is real
 
 

@@ -23,14 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import records, run, stop_tensors, train_tiny
 from torch._dynamo.utils import counters
-from typer.testing import CliRunner
 
 import evaluate
 import train
-from loading import synthetic
-
-runner = CliRunner()
 
 # After the 2 AdamW steps of an epoch (lr 1e-3) compiled and eager parameters differ by <= 1e-7 (measured: 9e-8
 # for stop, 4e-8 for temporal): float sums in another order. A wrong graph, or other dropout masks, moves a
@@ -58,26 +55,10 @@ def eager_random() -> Iterator[None]:
         yield
 
 
-def run(app, *args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
-def train_tiny(root: Path, clip: Path, out: Path, *extra) -> tuple[int, str]:
-    """One epoch of two steps (batch 4 of the 8 training videos) on the CPU, without workers, unless ``extra``
+def train_two_steps(root: Path, clip: Path, out: Path, *extra) -> tuple[int, str]:
+    """``train_tiny`` for one epoch of two steps (batch 4 of the 8 training videos) on the CPU, unless ``extra``
     says otherwise."""
-    options = ["--dataset", "ucf101", "--root", root, "--clip", clip, "--out", out, "--frames", 4, "--device", "cpu"]
-    return run(train.app, "recognize", *options, "--batch-size", 4, "--workers", 0, "--epochs", 1, *extra)
-
-
-def stop_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["stop"]
-
-
-def records(out: Path) -> list[dict]:
-    """metrics.jsonl without the timing, which differs from run to run."""
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "train_clips_per_second"} for line in lines]
+    return train_tiny(root, clip, out, "--device", "cpu", "--batch-size", 4, "--epochs", 1, *extra)
 
 
 def compile_lines(output: str) -> list[str]:
@@ -113,9 +94,9 @@ def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_
     in both (``eager_random``): the saved prompts and the epoch's metrics agree within the stated tolerances, and
     each mode compiled once."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    code, output = train_tiny(tiny_root, golden_clip, eager, "--prompt", prompt, "--no-compile")
+    code, output = train_two_steps(tiny_root, golden_clip, eager, "--prompt", prompt, "--no-compile")
     assert code == 0 and compile_lines(output) == [], output
-    code, output = train_tiny(tiny_root, golden_clip, compiled, "--prompt", prompt, "--compile")
+    code, output = train_two_steps(tiny_root, golden_clip, compiled, "--prompt", prompt, "--compile")
     assert code == 0, output
     assert compile_lines(output) == ONE_COMPILATION_PER_MODE, output
     assert counters["stats"]["unique_graphs"] == 2  # training's and evaluation's, nothing recompiled
@@ -128,7 +109,7 @@ def test_compiled_run_resumed_equals_uninterrupted(tiny_root, golden_clip, tmp_p
     seeds as it seeds eager's."""
     two_epochs = ("--epochs", 2, "--compile")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    code, output = train_tiny(tiny_root, golden_clip, straight, *two_epochs)
+    code, output = train_two_steps(tiny_root, golden_clip, straight, *two_epochs)
     assert code == 0, output
 
     evaluations = []
@@ -141,9 +122,9 @@ def test_compiled_run_resumed_equals_uninterrupted(tiny_root, golden_clip, tmp_p
 
     with monkeypatch.context() as patch:
         patch.setattr(train, "evaluate_recognition", interrupt_at_second_evaluation)
-        code, output = train_tiny(tiny_root, golden_clip, killed, *two_epochs)
+        code, output = train_two_steps(tiny_root, golden_clip, killed, *two_epochs)
     assert code == 130 and len(records(killed)) == 1, output
-    code, output = train_tiny(tiny_root, golden_clip, killed, *two_epochs, "--resume")
+    code, output = train_two_steps(tiny_root, golden_clip, killed, *two_epochs, "--resume")
     assert code == 0 and "resuming" in output, output
     assert compile_lines(output) == ONE_COMPILATION_PER_MODE, output  # the new process compiles again
 
@@ -151,11 +132,6 @@ def test_compiled_run_resumed_equals_uninterrupted(tiny_root, golden_clip, tmp_p
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
     assert records(killed) == records(straight)
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> Path:
-    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_compiled_evaluation_with_a_smaller_last_batch_compiles_once(synthetic_root, golden, tmp_path):

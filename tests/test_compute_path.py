@@ -110,10 +110,10 @@ def copies_of_frozen_weights(model: STOPModel, video: torch.Tensor) -> int:
 
 
 def test_bf16_runs_cast_the_frozen_weights_once_and_match_fp32(clip, device):
-    """``runtime.build_model(..., precision="bf16")``: autocast no longer casts the frozen CLIP at every forward, and
-    the prompt generators keep fp32 weights. Tolerances: bf16 keeps 8 bits of mantissa, and through 3 random blocks
-    with random prompt generators the features stay within cosine 0.97 of fp32 (autocast over fp32 weights gives
-    the same 0.976 on the worst of these videos) and within cosine 0.99 of autocast over fp32 weights."""
+    """``runtime.build_model(..., precision="bf16")``: the frozen CLIP is cast once, not by autocast at every
+    forward, and the prompt generators keep fp32 weights. Tolerances: bf16 keeps 8 bits of mantissa, and through 3
+    random blocks with random prompt generators the features stay within cosine 0.97 of fp32 (autocast over fp32
+    weights gives the same 0.976 on the worst of these videos) and within cosine 0.99 of autocast over fp32 weights."""
     backbone = runtime.Backbone(copy.deepcopy(clip), "tiny", "", clip_model.byte_tokenize)
     reference = trained(runtime.build_model(backbone, STOPConfig("stop"), device)).eval()
     video = random_videos(2).to(device)

@@ -1,19 +1,22 @@
 """Tests for data.py: real encoded videos (MPEG-4 AVI, H.264 MP4, VP9 WebM) in each published layout, built in temporary
-folders, read through the loaders."""
+folders, read through the loaders; bad input and broken videos, met in the loader's worker processes too."""
 
 import csv
 import json
 import math
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_lines, run
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import AudioEncoder
 
 import data
+import evaluate
 from loading import dataset_files
 
 SIDE = 32  # test videos are tiny: SIDE x SIDE pixels (the ramp is wider)
@@ -522,6 +525,30 @@ def test_broken_count_is_shared_by_loader_workers(videos_with_broken_ones) -> No
     assert [tuple(batch[0].shape) for batch in batches] == [(2, 2, 3, RESOLUTION, RESOLUTION)] * 3
     assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == [0, 3, 3, 3, 5, 5]
     assert dataset.broken_count() == 3  # distinct videos, whichever worker met them and however often
+
+
+def test_data_errors_survive_pickling(tmp_path):
+    broken = dataset_files.BrokenVideoError(tmp_path / "a.avi", "no decodable frames")
+    copy = pickle.loads(pickle.dumps(broken))
+    assert type(copy) is dataset_files.BrokenVideoError and str(copy) == str(broken)
+    assert (copy.path, copy.reason) == (broken.path, broken.reason)
+    assert str(pickle.loads(pickle.dumps(data.DataError("bad\nlayout")))) == "bad\nlayout"
+
+
+def test_strict_error_in_a_worker_is_one_line(tiny_root, golden_clip, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    victim = root / "UCF-101" / "MovingUp" / "v_MovingUp_g01_c01.avi"  # the third test video
+    victim.write_bytes(b"not a video")
+    lines = {}
+    for workers in (0, 2):
+        code, output = run(
+            evaluate.app, "recognize", "--dataset", "ucf101", "--root", root, "--clip", golden_clip,
+            "--frames", 2, "--batch-size", 2, "--workers", workers, "--strict", "--out", tmp_path / "e.json",
+        )  # fmt: skip
+        assert code == 1 and "Traceback" not in output and "Caught" not in output, output
+        (lines[workers],) = error_lines(output)
+    assert lines[0] == lines[2] and lines[0].startswith(f"error: cannot decode video {victim}")
 
 
 def test_loader_shuffle_order_follows_the_seed(videos_with_broken_ones) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run
 from PIL import Image, ImageDraw, ImageFont
 from torchcodec.decoders import decode_png
 from torchvision import tv_tensors
-from typer.testing import CliRunner
 
 import clip_model
 import data
@@ -27,8 +27,6 @@ import stop
 from loading import dataset_files
 from plumbing import runs
 from stop import STOPConfig, STOPModel
-
-runner = CliRunner()
 
 SIZE = 64  # video pixels; the golden CLIP sees 32 (4 x 4 patches of 8)
 BAR_ROWS = {"top": 40, "bottom": 56}  # the moving bar's first video row: patch rows 2 and 3 of the model's grid
@@ -93,11 +91,6 @@ def write_checkpoint(path: Path, clip_file: Path, background: torch.Tensor, temp
     torch.save(checkpoint, path)
 
 
-def run(*args) -> tuple[int, str]:
-    result = runner.invoke(evaluate.app, ["explain", *(str(a) for a in args)])
-    return result.exit_code, result.stdout + result.stderr
-
-
 def coloured(picture: torch.Tensor, colour: tuple[int, int, int]) -> torch.Tensor:
     """``[3, H, W]`` uint8 -> ``[H, W]`` bool: pixels of exactly ``colour``."""
     return (picture == torch.tensor(colour, dtype=torch.uint8)[:, None, None]).all(dim=0)
@@ -115,7 +108,7 @@ def test_regions_sit_where_the_video_changes_and_repeated_frames_get_no_prompts(
     write_checkpoint(checkpoint, golden_clip, background, kernel)
     out = tmp_path / "explain.png"
 
-    code, output = run(corner_video, "--checkpoint", checkpoint, "--out", out)
+    code, output = run(evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--out", out)
 
     assert code == 0, output
     picture = decode_png(out)  # [3, H, W]
@@ -152,8 +145,9 @@ def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, b
     write_checkpoint(checkpoint, golden_clip, background, [-1.0, 2.0, -1.0])
 
     code, output = run(
-        corner_video, "--checkpoint", checkpoint, "--labels-from", "ucf101", "--root", root, "--out", tmp_path / "l.png"
-    )
+        evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--labels-from", "ucf101", "--root", root,
+        "--out", tmp_path / "l.png",
+    )  # fmt: skip
 
     assert code == 0, output
     model, backbone, _ = runs.load_trained(checkpoint, str(golden_clip), torch.device("cpu"))
@@ -167,8 +161,9 @@ def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, b
     assert f"top-5 of 6 ucf101 classes: {expected}" in output.splitlines()
 
     code, output = run(
-        corner_video, "--checkpoint", checkpoint, "--caption", "a bar jumps", "--out", tmp_path / "a.png"
-    )
+        evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--caption", "a bar jumps",
+        "--out", tmp_path / "a.png",
+    )  # fmt: skip
     assert code == 0, output
     assert re.search(r'cosine similarity -?\d\.\d{3} \(logit -?\d+\.\d{2}\) to "a bar jumps"', output), output
 
@@ -184,7 +179,7 @@ def test_every_prompted_block_gets_a_row(golden_clip, tmp_path, background, corn
     torch.save(saved, checkpoint)
     out = tmp_path / "all.png"
 
-    code, output = run(corner_video, "--checkpoint", checkpoint, "--all-blocks", "--out", out)
+    code, output = run(evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--all-blocks", "--out", out)
 
     assert code == 0, output
     assert "block 1: temporal prompts" in output and "block 2: temporal prompts" in output
@@ -213,7 +208,7 @@ def test_bad_input_gets_one_clear_message(golden_clip, tmp_path, background, cor
         ([corner_video, "--checkpoint", checkpoint, "--labels-from", "ucf101", "--caption", "x", *out], "both given"),
     ]
     for args, message in cases:
-        code, output = run(*args)
+        code, output = run(evaluate.app, "explain", *args)
         assert code == 1, output
         assert output.startswith("error: ") and message in output and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "x.png").exists()
@@ -226,7 +221,7 @@ def test_a_failed_write_keeps_the_earlier_figure_and_leaves_no_temporary_file(
     write_checkpoint(checkpoint, golden_clip, background, [-1.0, 2.0, -1.0])
     out = tmp_path / "figures" / "explain.png"
     out.parent.mkdir()
-    code, output = run(corner_video, "--checkpoint", checkpoint, "--out", out)
+    code, output = run(evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--out", out)
     assert code == 0, output
     earlier = out.read_bytes()
     encoder = explain.PngEncoder
@@ -242,7 +237,7 @@ def test_a_failed_write_keeps_the_earlier_figure_and_leaves_no_temporary_file(
             raise RuntimeError("No space left on device")
 
     monkeypatch.setattr(explain, "PngEncoder", FullDisk)
-    code, output = run(corner_video, "--checkpoint", checkpoint, "--out", out)
+    code, output = run(evaluate.app, "explain", corner_video, "--checkpoint", checkpoint, "--out", out)
     assert code == 1
     assert output.startswith("error: ") and str(out) in output and len(output.strip().splitlines()) == 1, output
     assert out.read_bytes() == earlier

@@ -1,5 +1,6 @@
-"""train.py's defaults as a run builds them: the optimiser, the batch, gradient clipping and the per-dataset schedule,
-and the batch sizes it refuses with one ``error:`` line and nothing written."""
+"""train.py's defaults as a run builds them: the optimiser, the batch, gradient clipping, the per-dataset schedule, the
+options a default fills in (and only those: ``--lr 0`` is honoured), the worker count; and the batch sizes it refuses
+with one ``error:`` line and nothing written."""
 
 import inspect
 from dataclasses import fields
@@ -8,18 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import error_lines, run, same_tensors, train_tiny
 from typer.testing import CliRunner
 
 import train
-from loading import protocols, synthetic
-from plumbing import cli
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> Path:
-    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synthetic"))
+from loading import dataset_files, protocols
+from plumbing import cli, runtime
 
 
 def options(**given: Any) -> dict[str, Any]:
@@ -27,15 +22,6 @@ def options(**given: Any) -> dict[str, Any]:
     parameters = inspect.signature(cli.train_options).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.name not in ("resume", "overwrite")}
     return {**defaults, **given}
-
-
-def invoke(*args: Any) -> tuple[int, str, BaseException | None]:
-    result = runner.invoke(train.app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr, result.exception
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 def small_run(root: Path, clip: Path, out: Path, *extra: Any) -> list[Any]:
@@ -94,8 +80,8 @@ def one_step(monkeypatch, args: list[Any]) -> tuple[train.Run, list[tuple[float,
 
     monkeypatch.setattr(train, "build_run", recording_build_run)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    code, output, exception = invoke(*args)
-    assert isinstance(exception, OneStepDone), output
+    result = CliRunner().invoke(train.app, [str(a) for a in args])
+    assert isinstance(result.exception, OneStepDone), result.stdout + result.stderr
     return built[0], clipped
 
 
@@ -128,6 +114,50 @@ def test_grad_clip_0_turns_clipping_off(synthetic_root, golden_clip, tmp_path, m
     assert run.config.grad_clip == 0 and clipped == []
 
 
+def test_lr_zero_is_honoured(tiny_root, golden_clip, tmp_path, monkeypatch):
+    initial, build_run = {}, train.build_run
+
+    def remembering_the_initial_prompts(config, checkpoint):
+        built = build_run(config, checkpoint)
+        initial.update({k: v.detach().clone() for k, v in built.model.trainable_state_dict().items()})
+        return built
+
+    monkeypatch.setattr(train, "build_run", remembering_the_initial_prompts)
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 0, "--epochs", 1)
+    assert code == 0, output
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["config"]["lr"] == 0.0 and saved["config"]["epochs"] == 1
+    assert initial and same_tensors(saved["stop"], initial)  # AdamW's step, weight decay included, is lr times
+
+
+def test_run_config_fills_in_only_the_options_not_given(monkeypatch):
+    parameters = inspect.signature(cli.train_options).parameters
+    options = {name: p.default for name, p in parameters.items() if name not in ("resume", "overwrite")}
+    none_default = sorted(name for name, value in options.items() if value is None)
+    defaults_of_the_dataset = ["frames", "words", "batch_size", "epochs", "lr"]
+    assert none_default == sorted(["root", "clip", *defaults_of_the_dataset, "workers", "compile", "out"])
+    monkeypatch.setattr(dataset_files, "available_cores", lambda: 3)
+    options["dataset"] = "ucf101"
+    config = train.run_config("recognize", options)
+    expected = {"root": None, "clip": None, "frames": 8, "words": None, "batch_size": 32, "epochs": 10, "lr": 1e-3,
+                "workers": 3, "out": str(Path("runs") / "recognize-ucf101-stop")}  # fmt: skip
+    assert {name: getattr(config, name) for name in expected} == expected  # the spec's defaults, README's table
+    for name, falsy in {"frames": 0, "words": 0, "batch_size": 0, "epochs": 0, "lr": 0.0, "workers": 0}.items():
+        assert getattr(train.run_config("recognize", {**options, name: falsy}), name) == falsy, name
+    assert train.run_config("recognize", {**options, "clip": ""}).clip == ""
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    assert runtime.default_workers() <= dataset_files.available_cores()
+    for cores in (1, 2, 64):
+        monkeypatch.setattr(dataset_files, "available_cores", lambda cores=cores: cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert runtime.default_workers() == min(8, cores)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share its cores
+        assert 2 * runtime.default_workers() <= cores
+
+
 # --------------------------------------------------------------------------- #
 # Batch sizes refused: one error line, no run folder
 # --------------------------------------------------------------------------- #
@@ -140,7 +170,7 @@ def test_a_batch_not_divisible_by_the_processes_is_refused(synthetic_root, golde
     monkeypatch.setattr(train, "world_size", lambda: 2)  # as under torchrun --nproc_per_node 2
     monkeypatch.setattr(train, "build_run", never_built)
     out = tmp_path / "run"
-    code, output, _ = invoke(*small_run(synthetic_root, golden_clip, out, "--batch-size", 3))
+    code, output = run(train.app, *small_run(synthetic_root, golden_clip, out, "--batch-size", 3))
     assert code == 1
     assert output.strip().splitlines() == ["error: --batch-size 3: expected a multiple of the 2 processes"]
     assert not out.exists()
@@ -148,7 +178,7 @@ def test_a_batch_not_divisible_by_the_processes_is_refused(synthetic_root, golde
 
 def test_a_batch_larger_than_the_training_set_is_refused(synthetic_root, golden_clip, tmp_path):
     out = tmp_path / "run"
-    code, output, _ = invoke(*small_run(synthetic_root, golden_clip, out, "--batch-size", 100_000))
+    code, output = run(train.app, *small_run(synthetic_root, golden_clip, out, "--batch-size", 100_000))
     assert code == 1 and "Traceback" not in output
     assert len(error_lines(output)) == 1 and output.strip().splitlines()[-1] == error_lines(output)[0]
     assert error_lines(output)[0].startswith("error: --batch-size 100000 is larger than the ")
