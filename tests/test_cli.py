@@ -2,11 +2,14 @@
 command's help; a run on the demo CLIP."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run, stop_tensors
+from conftest import PROJECT, run, stop_tensors
 from typer.testing import CliRunner
 
 import clip_model
@@ -282,3 +285,31 @@ def test_each_command_has_its_own_task_options():
     output = CliRunner().invoke(evaluate.app, ["retrieve", "--help"], env=wide).stdout
     assert "--words" in output and "<msrvtt|" in output, output
     assert not [option for option in ("--views", "--crops", "--split-id") if option in output]
+
+
+def test_a_bug_in_the_training_step_keeps_its_traceback(tiny_root, golden_clip, tmp_path):
+    """A shape bug planted in ``batch_loss`` is a ValueError from PyTorch, not bad input: the command must end with
+    its traceback, naming the planted line, and never turn it into one ``error:`` line."""
+    planted = (
+        "import sys, torch.nn.functional as F, train\n"
+        "def buggy(run, videos, targets):\n"
+        "    return F.cross_entropy(torch.zeros(4, 3), torch.zeros(8, dtype=torch.long))  # the bug\n"
+        "import torch\n"
+        "train.batch_loss = buggy\n"
+        "sys.argv = ['train.py', *sys.argv[1:]]\n"
+        "train.app()\n"
+    )
+    options = ["recognize", "--dataset", "ucf101", "--root", tiny_root, "--clip", golden_clip, "--frames", 4]
+    options += ["--batch-size", 8, "--workers", 0, "--epochs", 1, "--out", tmp_path / "run"]
+    result = subprocess.run(
+        [sys.executable, "-c", planted, *map(str, options)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "_TYPER_STANDARD_TRACEBACK": "1"},  # Python's own layout, not Rich's boxes
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback (most recent call last)" in result.stderr and "in buggy" in result.stderr, result.stderr
+    assert "Expected input batch_size (4) to match target batch_size (8)" in result.stderr
+    assert not any(line.startswith("error:") for line in result.stderr.splitlines()), result.stderr
