@@ -399,7 +399,7 @@ def dataset_location(dataset: str, root: Path | None, task: str) -> tuple[str, P
         raise DataError(f"--dataset {dataset} is not a {task} dataset")
     if root is None:
         raise DataError(f"--root is required for --dataset {dataset}: the folder holding it (see docs/datasets.md)")
-    return dataset, root
+    return dataset, require_path(Path(root), dataset, Path(root))  # checked before any CLIP is loaded or downloaded
 
 
 def build_dataset(

@@ -216,6 +216,10 @@ def evaluated_model(
         )
     backbone = runtime.load_backbone(options.clip)
     model = runtime.build_model(backbone, STOPConfig(prompt="none"), device, precision)
+    note = f"no --checkpoint: this evaluates CLIP {backbone.name} zero-shot, frozen and with no prompts (--prompt none)"
+    if options.clip is None:
+        note += "; the demo CLIP's weights are random, so the numbers are at chance: a trained run needs --checkpoint"
+    runtime.echo(note)
     return model, backbone, options.frames or protocols.protocol(options.dataset, task).frames, options.words
 
 
@@ -226,9 +230,9 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
     checkpoint_file, dataset = options.checkpoint, options.dataset
     out = options.out or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
     on_rank_zero(check_output_file, out)
+    name, location = on_rank_zero(data.dataset_location, dataset, options.root, task)  # before any CLIP download
     model, backbone, frames, words = evaluated_model(task, options, device, precision)
 
-    name, location = on_rank_zero(data.dataset_location, dataset, options.root, task)
     test_set = data.build_dataset(name, location, "test", num_frames=frames, split_id=options.split_id,
                                   resolution=model.clip.visual.input_resolution, views=options.views,
                                   crops=options.crops, strict=options.strict)  # fmt: skip

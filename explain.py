@@ -1,7 +1,7 @@
 """Explain STOP on one video: draw where in each frame it prompts (regions ``r``) and between which frames (``n_t``).
 
 ``python evaluate.py explain VIDEO --checkpoint RUN/best.pt [--block K | --all-blocks]
-[--labels-from DATASET [--root DIR] | --caption TEXT] --out explain.png``
+[--labels-from DATASET [--root DIR] | --caption TEXT] [--out FIGURE.png]``
 
 STOP makes two decisions in every prompted block (``docs/method.md``). This module draws both, as
 ``STOPModel.encode_video(video, return_details=True)`` reports them, into one PNG:
@@ -335,7 +335,11 @@ def command(
         Path | None, typer.Option(help="Folder of --labels-from; default: the checkpoint's, for its own dataset.")
     ] = None,
     caption: Annotated[str | None, typer.Option(help="Show the video's similarity to this text.")] = None,
-    out: Annotated[Path, typer.Option(help="The PNG to write; its folder must exist.")] = Path("explain.png"),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The PNG to write; its folder must exist. Default: CHECKPOINT-explain.png beside it."),
+    ] = None,
 ) -> None:
+    out = out or checkpoint.with_name(f"{checkpoint.stem}-explain.png")  # runs/x/best.pt: runs/x/best-explain.png
     with reported_errors():
         explain_video(video, checkpoint, clip, block, all_blocks, labels_from, root, caption, out)

@@ -11,14 +11,16 @@ takes 40-100% of the frame's area and resizes it to 224, so a 256-pixel source k
 evaluation resizes the short side to 224 anyway.
 
 A run can be killed and rerun: finished videos are kept, and no file is ever half written. ``prepare`` writes only
-into its own output: a new or empty folder, which it marks as the copy of that source with those settings, or a
-folder it marked so before, which it resumes.
+into its own output, outside its source: a new or empty folder, which it marks as the copy of that source with those
+settings, or a folder it marked so before, which it resumes; one prepare at a time, which holds a lock on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import fcntl  # POSIX file locks
 import json
 import math
 import os
@@ -26,14 +28,14 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import typer
-from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -43,6 +45,7 @@ from loading.dataset_files import (
     NO_FLIP_MARKER,
     BrokenVideoError,
     available_cores,
+    open_video,
     require_ffmpeg,
     require_path,
     single_threaded,
@@ -70,6 +73,7 @@ PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
 }
 PREPARE_MARKER_FILE = "prepare.json"  # marks a prepared copy: its source root and settings
 PREPARE_FAILURES_FILE = "prepare_failures.txt"
+PREPARE_LOCK_FILE = "prepare.lock"  # held by the prepare writing the copy (``_claimed``)
 PREPARE_CHUNK = 32  # source frames decoded at a time; only their resized copies are kept
 
 
@@ -131,7 +135,7 @@ def prepare_video(source: Path, target: Path, settings: PrepareSettings) -> None
     if suffix not in PREPARED_CODECS:
         raise DataError(f"prepare: no codec for {target.suffix!r} files; known: {sorted(PREPARED_CODECS)}")
     try:
-        decoder = VideoDecoder(source, seek_mode="exact", num_ffmpeg_threads=1)
+        decoder = open_video(source, seek_mode="exact")  # one thread; a file with no video stream is named so
         metadata = decoder.metadata
         begin, end = metadata.begin_stream_seconds or 0.0, metadata.end_stream_seconds
         if not metadata.num_frames or end is None or end <= begin:
@@ -195,8 +199,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
-    """Mark ``out`` as the copy of ``root`` with ``settings``, or check that it is; refuse any other folder.
+def _check_claim(out: Path, wanted: dict) -> bool:
+    """Whether ``out`` is already the copy ``wanted`` describes (False: a new or empty folder); refuse any other.
 
     ``prepare`` only ever writes into its own output: the marker (PREPARE_MARKER_FILE) it writes into a new or
     empty ``out`` records the source root and the settings, and a rerun resumes only a folder whose marker names
@@ -204,7 +208,6 @@ def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
     refused, so none of its files is overwritten, deleted or counted as a video already done.
     """
     marker = out / PREPARE_MARKER_FILE
-    wanted = {"source": str(root.resolve()), "settings": dataclasses.asdict(settings)}
     if out.exists() and not out.is_dir():
         raise DataError(f"prepare: --out {out} is a file; expected a new or empty folder, or a copy to resume")
     if marker.is_file():
@@ -219,7 +222,7 @@ def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
             )
         if found["source"] != wanted["source"]:
             raise DataError(
-                f"prepare: --out {out} is a copy of {found['source']}, not of --root {root}; "
+                f"prepare: --out {out} is a copy of {found['source']}, not of --root {wanted['source']}; "
                 "use another --out, or that --root to resume it"
             )
         if found["settings"] != wanted["settings"]:
@@ -227,19 +230,53 @@ def _claim_out(out: Path, root: Path, settings: PrepareSettings) -> None:
                 f"prepare: --out {out} was prepared with other settings ({found['settings']}); asked for "
                 f"{wanted['settings']}. Use another --out, or the same settings to resume it"
             )
-        return
-    partial = out / f".{PREPARE_MARKER_FILE}.partial"  # all that a run killed while marking ``out`` leaves in it
-    if out.is_dir() and any(entry != partial for entry in out.iterdir()):
+        return True
+    leftovers = {f".{PREPARE_MARKER_FILE}.partial", PREPARE_LOCK_FILE}  # all that a run killed while marking leaves
+    if out.is_dir() and any(entry.name not in leftovers for entry in out.iterdir()):
         raise DataError(
             f"prepare: --out {out} is not empty and is no copy made by prepare (it has no {PREPARE_MARKER_FILE}); "
             "choose a new or empty folder"
         )
+    return False
+
+
+@contextlib.contextmanager
+def _claimed(out: Path, root: Path, settings: PrepareSettings) -> Iterator[None]:
+    """Own ``out`` while the body runs: it is checked (``_check_claim``), locked, checked again and marked.
+
+    The lock (``fcntl.flock`` on PREPARE_LOCK_FILE, taken at once or refused) keeps two prepares out of one folder,
+    so two runs with other settings cannot both write into a new ``out``: the second is refused, and a later one
+    finds the first one's marker. The lock file is never followed if it is a symbolic link, and goes when the run
+    ends. Nothing is written into a folder refused by the first check.
+    """
+    wanted = {"source": str(root.resolve()), "settings": dataclasses.asdict(settings)}
+    _check_claim(out, wanted)
     out.mkdir(parents=True, exist_ok=True)
+    lock = out / PREPARE_LOCK_FILE
+    while True:
+        if lock.is_symlink():
+            raise DataError(f"prepare: {lock} is a symbolic link, which prepare never follows; remove it")
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise DataError(f"prepare: --out {out} is in use by another prepare (it holds {lock})") from None
+        if lock.exists() and os.stat(lock, follow_symlinks=False).st_ino == os.fstat(handle).st_ino:
+            break  # the lock file was not removed by its previous owner between our open and our lock
+        os.close(handle)
     try:
-        partial.write_text(json.dumps(wanted, indent=2) + "\n")
-        os.replace(partial, marker)
+        if not _check_claim(out, wanted):  # again, now that no other prepare can mark it
+            partial = out / f".{PREPARE_MARKER_FILE}.partial"
+            try:
+                partial.write_text(json.dumps(wanted, indent=2) + "\n")
+                os.replace(partial, out / PREPARE_MARKER_FILE)
+            finally:
+                partial.unlink(missing_ok=True)
+        yield
     finally:
-        partial.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # while still held, so that no one locks the old file after us
+        os.close(handle)
 
 
 def prepare_dataset(
@@ -257,7 +294,7 @@ def prepare_dataset(
     ``prepare_video`` to the same relative path, name and container, so the split files, which are copied
     unchanged with the label files (and NO_FLIP_MARKER), find them. Resumable and idempotent: a video already
     in ``out`` is skipped, so a rerun only does what is left; ``out`` must be new, empty, or a copy of the same
-    ``root`` with the same settings (``_claim_out``). A broken source does not stop the run: it is
+    ``root`` with the same settings (``_claimed``). A broken source does not stop the run: it is
     listed in ``out/prepare_failures.txt`` (rewritten by each run) and in the report, and stays absent from the
     copy, where the loaders report it as they would in the original.
     """
@@ -269,47 +306,54 @@ def prepare_dataset(
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} not found.\nExpected layout (ROOT = {root}):\n{LAYOUTS[name]}")
-    if out.resolve() == root.resolve():
+    resolved_root, resolved_out = root.resolve(), out.resolve()
+    if resolved_out == resolved_root:
         raise DataError(f"prepare: --out {out} is the dataset root itself; choose another folder")
+    if resolved_out.is_relative_to(resolved_root):
+        raise DataError(
+            f"prepare: --out {out} is inside the dataset it copies (--root {root}); choose a folder outside it"
+        )
+    if resolved_root.is_relative_to(resolved_out):
+        raise DataError(f"prepare: --out {out} holds the dataset it copies (--root {root}); choose a folder outside it")
     require_ffmpeg()
     video_dir = require_path(root / PROTOCOLS[name].videos, name, root)
-    if out.resolve().is_relative_to(video_dir.resolve()):
-        raise DataError(f"prepare: --out {out} is inside the videos it copies ({video_dir}); choose another folder")
     metadata_dir = require_path(root / PROTOCOLS[name].annotations, name, root)
-    _claim_out(out, root, settings)
+    with _claimed(out, root, settings):
+        shutil.copytree(metadata_dir, out / PROTOCOLS[name].annotations, dirs_exist_ok=True)
+        if (root / NO_FLIP_MARKER).exists():
+            shutil.copy2(root / NO_FLIP_MARKER, out / NO_FLIP_MARKER)
+        sources = sorted(p for p in video_dir.rglob("*") if p.suffix.lower() in PREPARED_CODECS and p.is_file())
+        jobs, skipped = [], 0
+        for source in sources:
+            target = out / source.relative_to(root)
+            if target.exists():
+                skipped += 1
+            else:
+                jobs.append((source, target, settings))
 
-    shutil.copytree(metadata_dir, out / PROTOCOLS[name].annotations, dirs_exist_ok=True)
-    if (root / NO_FLIP_MARKER).exists():
-        shutil.copy2(root / NO_FLIP_MARKER, out / NO_FLIP_MARKER)
-    sources = sorted(p for p in video_dir.rglob("*") if p.suffix.lower() in PREPARED_CODECS and p.is_file())
-    jobs, skipped = [], 0
-    for source in sources:
-        target = out / source.relative_to(root)
-        if target.exists():
-            skipped += 1
+        failures = []
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                outcomes = tqdm(
+                    pool.map(_prepare_one, jobs, chunksize=4),
+                    total=len(jobs),
+                    desc=f"prepare {name}",
+                    disable=not progress,
+                )
+                failures = [(job[0], reason) for job, reason in zip(jobs, outcomes) if reason is not None]
         else:
-            jobs.append((source, target, settings))
+            for job in tqdm(jobs, desc=f"prepare {name}", disable=not progress):
+                reason = _prepare_one(job)
+                if reason is not None:
+                    failures.append((job[0], reason))
 
-    failures = []
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            outcomes = tqdm(
-                pool.map(_prepare_one, jobs, chunksize=4), total=len(jobs), desc=f"prepare {name}", disable=not progress
-            )
-            failures = [(job[0], reason) for job, reason in zip(jobs, outcomes) if reason is not None]
-    else:
-        for job in tqdm(jobs, desc=f"prepare {name}", disable=not progress):
-            reason = _prepare_one(job)
-            if reason is not None:
-                failures.append((job[0], reason))
-
-    listed = [(source.relative_to(root).as_posix(), " ".join(reason.split())) for source, reason in failures]
-    failures_file = out / PREPARE_FAILURES_FILE
-    if listed:
-        failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
-    else:
-        failures_file.unlink(missing_ok=True)
-    return PrepareReport(written=len(jobs) - len(failures), skipped=skipped, failures=listed)
+        listed = [(source.relative_to(root).as_posix(), " ".join(reason.split())) for source, reason in failures]
+        failures_file = out / PREPARE_FAILURES_FILE
+        if listed:
+            failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
+        else:
+            failures_file.unlink(missing_ok=True)
+        return PrepareReport(written=len(jobs) - len(failures), skipped=skipped, failures=listed)
 
 
 app = typer.Typer(add_completion=False)
@@ -317,28 +361,33 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def prepare(
-    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
-    root: Annotated[Path, typer.Option(help="the dataset as published (layouts: docs/datasets.md)")],
+    dataset: Annotated[Literal[DATASETS], typer.Option(help="Which dataset.", show_default=False)],
+    root: Annotated[
+        Path, typer.Option(help="The dataset as published (layouts: docs/datasets.md).", show_default=False)
+    ],
     out: Annotated[
         Path,
         typer.Option(
-            help="where the prepared copy goes (same layout): a new or empty folder, or this copy to resume; "
-            "pass it as --root later"
+            help="Where the prepared copy goes (same layout), outside --root: a new or empty folder, or this copy to "
+            "resume; pass it as --root later.",
+            show_default=False,
         ),
     ],
     fps: Annotated[
-        float, typer.Option(help="frames per second kept; 3 as in the authors' preprocessing")
+        float, typer.Option(help="Frames per second kept; 3 as in the authors' preprocessing.")
     ] = PrepareSettings.fps,
-    min_frames: Annotated[int, typer.Option(help="at least, in a short video")] = PrepareSettings.min_frames,
+    min_frames: Annotated[
+        int, typer.Option(help="Frames kept at least, in a short video.")
+    ] = PrepareSettings.min_frames,
     short_side: Annotated[
         int,
         typer.Option(
-            help="pixels; never upscaled. 256, not 224: training's random resized crop takes 40-100% of the area "
-            "and resizes it to 224, so a larger source keeps more real pixels; evaluation resizes to 224 anyway"
+            help="Pixels; never upscaled. 256, not 224: training's random resized crop takes 40-100% of the area "
+            "and resizes it to 224, so a larger source keeps more real pixels; evaluation resizes to 224 anyway."
         ),
     ] = PrepareSettings.short_side,
-    keyframe_interval: Annotated[int, typer.Option(help="frames; 0: the container's choice")] = 0,
-    workers: Annotated[int, typer.Option(help="processes; 0: one per core")] = 0,
+    keyframe_interval: Annotated[int, typer.Option(help="Frames between keyframes; 0: the container's choice.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes; 0: one per core.")] = 0,
 ) -> None:
     """Re-encode a dataset's videos once into a small, seek-friendly copy; rerun to resume."""
     with reported_errors():

@@ -17,8 +17,8 @@ import csv
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -182,14 +182,31 @@ def _write_synthetic_msrvtt(root: Path, generator: torch.Generator) -> None:
             csv.writer(file).writerows([header, *rows])
 
 
-SYNTHETIC_ENTRIES = {"COMPLETE", "ucf101", "msrvtt"}  # all that ensure_synthetic puts in its root
+# Where a marker without a manifest (written before manifests) says the generator wrote: its folders and files.
+SYNTHETIC_FOLDERS = ("ucf101/UCF-101/", "ucf101/ucfTrainTestlist/", "msrvtt/MSRVTT_Videos/", "msrvtt/msrvtt_data/")
+SYNTHETIC_FILES = {"COMPLETE", f"ucf101/{NO_FLIP_MARKER}", f"msrvtt/{NO_FLIP_MARKER}"}
 
 
 def _holds_synthetic(root: Path) -> bool:
-    """Whether ``root`` holds what ensure_synthetic writes (of any version or seed) and nothing else."""
+    """Whether ``root`` holds a dataset ensure_synthetic wrote (of any version or seed): its marker."""
     marker = root / "COMPLETE"
-    names = {path.name for path in root.iterdir()}
-    return names <= SYNTHETIC_ENTRIES and marker.is_file() and marker.read_text().startswith("version ")
+    return marker.is_file() and marker.read_text().startswith("version ")
+
+
+def _foreign_files(root: Path) -> list[str]:
+    """The files (and links) under a synthetic ``root`` that ensure_synthetic did not write, relative to ``root``.
+
+    Its own are the marker and what the marker's manifest lists (its lines after the first). A marker of one line
+    was written before manifests: then every file in the generator's folders (SYNTHETIC_FOLDERS) counts as its own.
+    """
+    listed = (root / "COMPLETE").read_text().splitlines()[1:]
+    found = sorted(
+        path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_symlink() or not path.is_dir()
+    )
+    if listed:
+        own = {"COMPLETE", *listed}
+        return [name for name in found if name not in own]
+    return [name for name in found if name not in SYNTHETIC_FILES and not name.startswith(SYNTHETIC_FOLDERS)]
 
 
 def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path:
@@ -198,26 +215,36 @@ def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path
     ``root/ucf101`` (UCF101 layout, 8 classes x (48 train + 16 test) clips) and ``root/msrvtt`` (MSR-VTT layout, 256
     train videos x 3 captions, 64 test pairs): 64x64 px, 16 frames at 8 fps, real MPEG-4 AVI and H.264 MP4 files. It is
     built in a scratch folder beside ``root`` and renamed into place with a marker file written last, so an interrupted
-    run is never mistaken for a finished one. Only what this function wrote is ever replaced (a synthetic dataset of
-    another version or seed, or an empty folder): any other ``root`` is refused with a DataError, and so is one where
-    nothing can be written.
+    run is never mistaken for a finished one; the marker's first line names the version and seed, the others list
+    every file written (the manifest). Only what this function wrote is ever replaced (a synthetic dataset of another
+    version or seed, or an empty folder): any other ``root``, or one holding a file the manifest does not list (a run
+    saved inside it), is refused with a DataError, and so is one where nothing can be written.
     """
     root = Path(root)
     marker = root / "COMPLETE"
     stamp = f"version {SYNTHETIC_VERSION} seed {seed}\n"
     try:
-        if marker.is_file() and marker.read_text() == stamp:
+        if marker.is_file() and marker.read_text().startswith(stamp):
             return root
         if root.exists() and not root.is_dir():
             raise DataError(f"synthetic: {root} is a file; --root must be a folder for the generated dataset")
-        if root.is_dir() and any(root.iterdir()) and not _holds_synthetic(root):
-            raise DataError(
-                f"synthetic: {root} is not empty and holds no synthetic dataset (no COMPLETE marker); its files are "
-                "left alone: choose a new or empty folder for the generated data"
-            )
+        if root.is_dir() and any(root.iterdir()):
+            if not _holds_synthetic(root):
+                raise DataError(
+                    f"synthetic: {root} is not empty and holds no synthetic dataset (no COMPLETE marker); its files "
+                    "are left alone: choose a new or empty folder for the generated data"
+                )
+            foreign = _foreign_files(root)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise DataError(
+                    f"synthetic: {root} holds files the generator did not write ({shown}); replacing its dataset "
+                    "would delete them: move them out of it, or choose another --root"
+                )
         require_ffmpeg()
         root.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        scratch = root.parent / f".{root.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        scratch.mkdir()  # its mode follows the umask, as the folder it becomes should
     except OSError as error:
         raise DataError(f"synthetic: cannot create the dataset at {root}: {error_message(error)}") from None
     retired = scratch.with_name(scratch.name + "-old")
@@ -229,7 +256,8 @@ def ensure_synthetic(root: Path = Path("data/synthetic"), seed: int = 0) -> Path
             _write_synthetic_msrvtt(scratch / "msrvtt", generator)
         for layout in ("ucf101", "msrvtt"):
             (scratch / layout / NO_FLIP_MARKER).write_text("Left and right are part of the labels: never flip.\n")
-        (scratch / "COMPLETE").write_text(stamp)
+        manifest = sorted(path.relative_to(scratch).as_posix() for path in scratch.rglob("*") if path.is_file())
+        (scratch / "COMPLETE").write_text(stamp + "".join(f"{name}\n" for name in manifest))
         if root.exists():
             os.replace(root, retired)  # an empty folder, or this function's data of another version or seed
         os.replace(scratch, root)

@@ -9,16 +9,20 @@ consistent).
 """
 
 import contextlib
+import copy
 import inspect
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
+import torch
 import typer
 
 from loading import protocols
+from loading.dataset_files import available_cores
 from loading.errors import EXPECTED_ERRORS, RankError, RunError, error_message
 from plumbing.runtime import (
     process_group,
@@ -29,7 +33,7 @@ from stop import ATTENTIONS, PROMPT_VARIANTS, READOUTS, STOPConfig
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Prompt = Literal[PROMPT_VARIANTS]
+TrainedPrompt = Literal[tuple(variant for variant in PROMPT_VARIANTS if variant != "none")]  # none trains nothing
 TASK_DATASETS = {
     "recognize": Literal[(*protocols.RECOGNITION_DATASETS, "synthetic")],
     "retrieve": Literal[(*protocols.RETRIEVAL_DATASETS, "synthetic")],
@@ -42,11 +46,11 @@ RootOption = Annotated[Path | None, typer.Option(help="Dataset folder in its pub
 ClipOption = Annotated[
     str | None, typer.Option(help="CLIP name (ViT-B/32, ...) or path; default: the checkpoint's, else the demo CLIP.")
 ]
-PromptOption = Annotated[Prompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
+PromptOption = Annotated[TrainedPrompt, typer.Option(help="Ablation row: which prompt modules STOP trains.")]
 SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
 WordsOption = Annotated[
     int | None,
-    typer.Option(min=3, help="Caption tokens; default: the checkpoint's, else the dataset's (32 or 64)."),
+    typer.Option(min=3, help="Caption tokens; default: the checkpoint's, else the dataset's:"),
 ]
 WorkersOption = Annotated[
     int | None, typer.Option(min=0, help="DataLoader worker processes; default: this machine's cores, at most 8.")
@@ -54,6 +58,9 @@ WorkersOption = Annotated[
 DeviceOption = Annotated[Device, typer.Option(help="auto: CUDA when present.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")]
 StrictOption = Annotated[bool, typer.Option(help="A broken video is an error instead of a warning.")]
+ThreadsOption = Annotated[
+    int, typer.Option(min=0, help="torch threads; 0: this machine's cores shared by its torchrun processes.")
+]
 CompileOption = Annotated[
     bool | None,
     typer.Option(
@@ -71,7 +78,9 @@ def train_options(
     alpha: Annotated[float, typer.Option(help="W^s = alpha*A + (1-alpha)*M.")] = STOPConfig.alpha,
     beta: Annotated[float, typer.Option(help="Extra weight of region patches in W^t.")] = STOPConfig.beta,
     eta: Annotated[int, typer.Option(help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")] = STOPConfig.eta,
-    rho: Annotated[float, typer.Option(help="Fraction of patches that are regions (6/49).")] = STOPConfig.rho,
+    rho: Annotated[
+        float, typer.Option(help="Fraction of patches that are regions.", show_default=f"6/49 = {6 / 49:.4f}...")
+    ] = STOPConfig.rho,
     reduced_dim: Annotated[int, typer.Option(help="d_r, width of the prompt modules.")] = STOPConfig.reduced_dim,
     prompt_layers: Annotated[int, typer.Option(min=0, help="Prompt the first k blocks; 0: all.")] = 0,
     dropout: Annotated[float, typer.Option(help="Dropout of the prompters.")] = STOPConfig.dropout,
@@ -83,17 +92,15 @@ def train_options(
         typer.Option(help="frame: patches attend to their frame; joint: to the whole video (needs --readout cls)."),
     ] = STOPConfig.attention,
     frames: Annotated[
-        int | None, typer.Option(min=2, help="Frames per video; default: the dataset's (protocols.py).")
+        int | None, typer.Option(min=2, help="Frames per video; default: the dataset's (protocols.py):")
     ] = None,
     words: WordsOption = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, help="The batch the loss sees, over all processes; default: the dataset's."),
+        typer.Option(min=1, help="The batch the loss sees, over all processes; default: the dataset's:"),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (protocols.py).")] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's (protocols.py).")
-    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (protocols.py):")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's:")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.2,
     warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")] = 0.1,
     grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
@@ -123,11 +130,11 @@ class EvaluationOptions:
     checkpoint: Annotated[Path | None, typer.Option(help="best.pt or last.pt of a train.py run.")] = None
     clip: ClipOption = None
     prompt: Annotated[
-        Prompt | None,
+        Literal["none"] | None,
         typer.Option(help="Without --checkpoint only: 'none' (zero-shot CLIP4Clip); a checkpoint has its own."),
     ] = None
     frames: Annotated[
-        int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else the dataset's.")
+        int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else the dataset's:")
     ] = None
     words: WordsOption = None
     views: Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")] = 1
@@ -180,22 +187,39 @@ def reported_errors() -> Iterator[None]:
 def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: Callable[..., None]) -> None:
     """Add ``task`` to ``app``, with ``options``'s parameters for its task, calling ``run(task, values, given)``
     inside ``reported_errors`` and, under torchrun, the process group; ``given`` names the options typed on the
-    command line (``--resume`` checks them against the run)."""
+    command line (``--resume`` checks them against the run). ``--threads`` is every command's, applied here and
+    never passed on: a run may change it."""
     left_out = RETRIEVAL_ONLY if task == "recognize" else RECOGNITION_ONLY
     parameters = inspect.signature(options).parameters.values()
     defaults = {parameter.name: parameter.default for parameter in parameters if parameter.name in left_out}
     dataset = Annotated[TASK_DATASETS[task], typer.Option(help="Which dataset; synthetic is generated on first use.")]
     declared = [
-        parameter.replace(annotation=dataset) if parameter.name == "dataset" else parameter
+        parameter.replace(annotation=dataset) if parameter.name == "dataset" else with_defaults(parameter, task)
         for parameter in parameters
         if parameter.name not in left_out
     ]
 
-    def command(context: typer.Context, **values: Any) -> None:
+    def command(context: typer.Context, threads: int, **values: Any) -> None:
         with reported_errors(), process_group(resolve_device(values["device"])):
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's on this machine
+            torch.set_num_threads(threads or max(1, available_cores() // processes))
             given = {name for name in values if context.get_parameter_source(name).name != "DEFAULT"}
             run(task, {**values, **defaults}, given)
 
     context = inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    command.__signature__ = inspect.Signature([context, *declared])
+    threads = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=0, annotation=ThreadsOption)
+    command.__signature__ = inspect.Signature([context, *declared, threads])
     app.command(task, help=help)(command)
+
+
+PROTOCOL_FIELDS = {"frames": "frames", "words": "words", "batch_size": "batch", "epochs": "epochs", "lr": "lr"}
+
+
+def with_defaults(parameter: inspect.Parameter, task: str) -> inspect.Parameter:
+    """An option whose default is the dataset's, its help ending in the values of ``task``'s datasets."""
+    if parameter.name not in PROTOCOL_FIELDS or parameter.default is not None:
+        return parameter
+    kind, option = get_args(parameter.annotation)
+    option = copy.copy(option)
+    option.help = f"{option.help} {protocols.defaults_help(PROTOCOL_FIELDS[parameter.name], task)}."
+    return parameter.replace(annotation=Annotated[kind, option])
