@@ -237,7 +237,10 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
                                   resolution=model.clip.visual.input_resolution, views=options.views,
                                   crops=options.crops, strict=options.strict)  # fmt: skip
     workers = runtime.default_workers() if options.workers is None else options.workers
-    loader = data.build_loader(test_set, batch_size=options.batch_size, shuffle=False, workers=workers,
+    per_process = max(
+        1, options.batch_size // runtime.world_size()
+    )  # --batch-size is over every process, as in training
+    loader = data.build_loader(test_set, batch_size=per_process, shuffle=False, workers=workers,
                                sampler=shard(test_set, train=False))  # fmt: skip
     tower = runtime.VideoTower(model, options.compile)
     with rank_local_errors():

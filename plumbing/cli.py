@@ -142,7 +142,9 @@ class EvaluationOptions:
         int, typer.Option(help="Spatial views: 1 (centre square) or 3 (squares along the long side, X-CLIP's test).")
     ] = 1
     split_id: SplitOption = 1
-    batch_size: Annotated[int, typer.Option(min=1, help="Videos per forward in each process.")] = 32
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Videos per forward, over all processes (each takes its share).")
+    ] = 32
     workers: WorkersOption = None
     device: DeviceOption = "auto"
     precision: PrecisionOption = "auto"
