@@ -4,11 +4,11 @@ A frozen CLIP ViT reads a video's frames; STOP keeps every CLIP weight frozen an
 trains two small prompt generators (``docs/method.md``). The video feature meets the text through one of two
 readouts (``READOUTS``):
 
-- ``cls`` (Figure 2a, the default): the video has one CLS token, CLIP's class embedding at position 0, which in
-  every block attends to itself, to every frame's patches and to every real temporal prompt; the feature is
-  that token's. With one frame and no prompt this is CLIP's image forward;
-- ``mean`` (CLIP4Clip "meanP", the paper's baseline): every frame goes through the image tower with its own CLS
-  and the video feature is the mean of the frame features.
+- ``mean`` (the default; CLIP4Clip "meanP", the paper's baseline): every frame goes through the image tower with
+  its own CLS and the video feature is the mean of the frame features;
+- ``cls`` (Figure 2a): the video has one CLS token, CLIP's class embedding at position 0, which in every block
+  attends to itself, to every frame's patches and to every real temporal prompt; the feature is that token's.
+  With one frame and no prompt this is CLIP's image forward.
 
 Either way the feature is L2-normalised. ``attention`` (``ATTENTIONS``) says what a frame's patches attend to:
 their own frame, the video CLS and the prompts beside them (``frame``), or every token of the video (``joint``,
@@ -28,26 +28,9 @@ shared prompts), ``spatial`` (steps 1-4) and ``temporal`` (steps 5-8 with ``r = 
 one batch through every block (with ``cls``, slot 0 of every frame holds the video CLS), and videos with
 different prompt counts share a batch through a key mask (never truncated, no Python loop over videos or frames).
 
-Readings where the paper is silent (each is explained where it is implemented):
-
-- the prompt generators read ``ln_1(h)``, the block's own normalised tokens, rather than the raw residual
-  stream, whose scale grows with depth;
-- the 3-D convolutions over frames pad by replicating the edge frame, and ``P^s``'s dropout draws one mask per
-  video, so a video of identical frames gives identical frames after spatial prompting, hence ``W^t = 0`` and no
-  temporal prompts, for any weights, in training as in evaluation;
-- ``N^t`` has a temporal kernel of 1, so ``W^t_t`` depends on gap ``t`` alone and a change between two
-  frames prompts only the gap between them;
-- prompt tokens are keys/values of the block's attention only, so they are produced directly in the space
-  that attention reads (after ``ln_1``): a LayerNorm would undo the ``W^t`` scaling and with it ``N^t``'s
-  gradient;
-- ``P^t`` pools 3x3-convolved difference tokens plus a learned position embedding, so a prompt knows where
-  the change is and in which direction it goes (a frame difference alone cancels CLIP's positions);
-- ``n_t = ceil(eta W^t)`` has a dead zone: a gap with ``W^t <= tau = 1e-3`` (``VARIATION_DEAD_ZONE``) gets no
-  prompt, so float noise between identical frames never becomes one.
-
-For speed on a GPU the forward pass has shapes that never depend on the data: every gap carries ``eta`` prompt
-slots and a key mask marks the ``n_t`` real ones, so nothing is read back to the host and ``torch.compile`` sees
-one graph; two convolutions that read the same input through the same window run as one.
+The choices this file makes where the paper is silent, each with the function that implements it, are listed in
+``docs/method.md`` ("Choices where the paper is silent"), and why identical frames get no temporal prompts is argued
+there once ("Identical frames").
 """
 
 from __future__ import annotations
@@ -82,8 +65,8 @@ class STOPConfig:
     times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
     regions per frame (``region_count``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
     ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
-    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``; ``"mean"`` by default until the synthetic demo
-    compares the two (``docs/fidelity.md``). ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
+    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"mean"`` by default (``docs/method.md``).
+    ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
     """
 
     prompt: str = "stop"
@@ -137,8 +120,8 @@ class STOPConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> STOPConfig:
         """The fields of ``values`` that are STOP's (a checkpoint's run configuration holds training's too).
 
-        A configuration without ``readout`` is read as ``"mean"``: checkpoints written before the video CLS existed
-        all averaged frame features. One without ``attention`` is read as ``"frame"``.
+        A configuration without ``readout`` is read as ``"mean"`` and one without ``attention`` as ``"frame"``: a
+        checkpoint that records neither was trained with those.
         """
         known = {field.name: values[field.name] for field in fields(cls) if field.name in values}
         return cls(**{"readout": "mean", "attention": "frame", **known})
@@ -178,9 +161,8 @@ def from_volume(volume: torch.Tensor) -> torch.Tensor:
 def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
     """A 3-D convolution over ``[T, G, G]`` that keeps the shape, padding by replicating edges.
 
-    Replicating (rather than zero-padding) the first and last frame means a video whose frames are all equal
-    gives equal outputs for every frame, whatever the weights: the identical-frames invariant then holds
-    after training too, not only at initialisation.
+    Replicating (rather than zero-padding) the first and last frame keeps a video of identical frames identical, for
+    any weights (``docs/method.md``, "Identical frames").
     """
     padding = tuple(size // 2 for size in kernel)
     return nn.Conv3d(in_channels, out_channels, kernel, padding=padding, padding_mode="replicate")
@@ -251,8 +233,8 @@ def region_count(rho: float, patches: int) -> int:
 def video_dropout(x: torch.Tensor, batch: int, p: float, training: bool) -> torch.Tensor:
     """Dropout of ``x`` ``[B*T, K, D]`` with one mask per video, shared by its ``T`` frames.
 
-    A mask drawn per frame would make identical frames differ after spatial prompting, and so give them temporal
-    prompts while training; one mask per video keeps the identical-frames invariant in both modes.
+    One mask per video keeps a video of identical frames identical while training (``docs/method.md``, "Identical
+    frames").
     """
     if not training or p == 0:
         return x
@@ -336,9 +318,8 @@ class SpatialPrompter(nn.Module):
 def prompt_counts(W_t: torch.Tensor, eta: int) -> torch.Tensor:
     """Step 6, ``n_t = ceil(eta W^t)`` where ``W^t > tau``, else 0: ``[B, T-1]`` int64 in ``0..eta``.
 
-    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise. Identical frames give ``W^t = 0`` in exact
-    arithmetic, but a matrix product may round the same row differently at two batch positions (it does on a
-    16-core Xeon in fp32, and more so in bf16), and ``ceil`` would turn a ``W^t`` of 1e-7 into a whole prompt.
+    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise, which ``ceil`` would turn into a whole prompt
+    (``docs/method.md``, "Identical frames").
     """
     return torch.where(W_t > VARIATION_DEAD_ZONE, torch.ceil(eta * W_t), 0).long()
 
@@ -374,9 +355,8 @@ class TemporalPrompter(nn.Module):
     """Steps 5-7 of one block: variation ``W^t`` (``N^t``), counts ``n_t``, and prompt candidates ``p^t`` (``P^t``).
 
     The frame difference ``Delta_t = ln_1(h^s)_{t+1} - ln_1(h^s)_t`` is taken after the bias-free reduction to
-    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free convolution with a temporal kernel of 1 (so a
-    ``Conv2d`` over each gap's ``G x G`` grid): identical frames give ``v = 0``, hence ``W^t = 0``, and gap t's
-    variation depends on gap t alone.
+    ``d_r`` (the same thing, cheaper). ``N^t`` is a bias-free convolution with a temporal kernel of 1, so a
+    ``Conv2d`` over each gap's ``G x G`` grid (``docs/method.md``, "Identical frames").
     """
 
     def __init__(self, width: int, grid: int, reduced_dim: int, beta: float, eta: int, dropout: float):
@@ -458,11 +438,10 @@ def prompted_block(
     of the first frame, right of the last) and the slots at or past ``n_t`` are masked out. Prompts are keys and
     values only: they are not queries, skip the MLP and are dropped after the block.
 
-    Every gap gets all ``eta`` slots whatever ``n_t`` is, and the key mask marks the real ones (``slot < n_t``): a
-    masked key adds nothing to the softmax, so this is the same attention as keeping only the real prompts, with
-    shapes that do not depend on the data. No value is read back to the host, and the whole forward and backward
-    pass is one graph for ``torch.compile``. Prompts with no slot (``spatial``, or single frames) run
-    ``plain_block``, bit for bit.
+    Every gap gets all ``eta`` slots whatever ``n_t`` is, and the key mask marks the real ones (``slot < n_t``): the
+    same attention as keeping only the real prompts, with shapes that do not depend on the data (``docs/method.md``,
+    "Prompt slots are masked, not cut"). Prompts with no slot (``spatial``, or single frames) run ``plain_block``,
+    bit for bit.
     """
     if p_t.shape[2] == 0:
         return plain_block(block, h, normed)

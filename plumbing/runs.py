@@ -1,18 +1,8 @@
-"""The run folder and the checkpoint format: one owner at a time, files written whole, ``--resume`` and ``--overwrite``.
+"""The run folder and the checkpoint format: ``RunFolder`` and its lock (``locked``), ``atomic_save``, ``save_epoch``
+and ``repair_run_folder``; ``checkpoint_state``, read back by ``read_checkpoint`` and ``load_trained``.
 
-Machinery a learner may skip. A run folder (``--out``) holds ``last.pt``, ``best.pt`` and ``metrics.jsonl``; what a
-checkpoint holds is ``checkpoint_state``, and ``read_checkpoint`` and ``load_trained`` read it back. The rules:
-
-- **One owner.** A run holds an exclusive lock on ``run.lock`` in its folder for as long as it may write there: a
-  second run on the same folder (``--resume`` of a run still going included) is refused at once. The lock file goes
-  when the run ends, and so does a folder the run created but never wrote to.
-- **Nothing half-written.** Every file is written through a temporary file and renamed (``atomic_save``); a failed
-  write (a full disk) removes its temporary file and ends with one line naming the file.
-- **Nothing replaced by accident.** An existing run is continued only with ``--resume`` and replaced only with
-  ``--overwrite``, which deletes only the run's own files, and only once the new run has an epoch to replace them
-  with. A folder that is not empty and holds no run is never written to.
-- **Kills are repaired.** ``last.pt`` is written first and is the commit point: ``--resume`` brings ``best.pt`` and
-  ``metrics.jsonl`` up to date from it (``repair_run_folder``), and deletes the temporary files a killed run left.
+Machinery a learner may skip. The rules a run folder keeps (one owner, nothing half-written, nothing replaced by
+accident, kills repaired, ``--resume`` and ``--overwrite``) are in ``docs/running.md`` ("The run folder").
 """
 
 from __future__ import annotations
