@@ -99,8 +99,8 @@ class _QuickGELUFunction(torch.autograd.Function):
     """``x * sigmoid(1.702 x)`` keeping only ``x`` for the backward pass, which recomputes the sigmoid.
 
     Autograd through the three plain operations keeps both ``x`` and ``sigmoid(1.702 x)``: two tensors the size
-    of the MLP's hidden activation ``[B, L, 4D]``, the widest of a block. One is enough: for a ViT-B/32 video
-    batch of 2 x 12 frames that is 169 MiB less at the training peak, for the same step time (measured).
+    of the MLP's hidden activation ``[B, L, 4D]``, the widest of a block. One is enough: recomputing the sigmoid
+    in the backward pass costs little beside the memory it saves (``docs/performance.md``).
     """
 
     @staticmethod
@@ -211,9 +211,8 @@ class VisionTransformer(nn.Module):
         The patch embedding ``conv1`` is a ``P x P`` convolution with stride ``P``: each output is one patch's
         ``3 P P`` pixels times the kernel. On CUDA it is computed as exactly that, one matrix product of the
         cut-out patches with the flattened kernel, which runs at matmul speed where cuDNN's strided convolution
-        does not (1.7 ms a call for ViT-B/32 at batch 16 x 12 frames in bf16 on an H100). On the CPU the
-        convolution is the faster of the two (88 against 104 ms for 24 frames of ViT-B/32, measured on 2 cores)
-        and sums in the order of OpenAI's reference, so it stays.
+        does not. On the CPU the convolution is the faster of the two and sums in the order of OpenAI's
+        reference, so it stays.
         """
         if images.device.type == "cuda":
             patches = patch_embedding_as_matmul(images, self.conv1.weight)  # [B, N, D]
@@ -324,8 +323,8 @@ def convert_matmul_weights(model: CLIP, dtype: torch.dtype) -> CLIP:
     """Store the weights of ``model``'s matrix products in ``dtype`` (bf16 or fp16), once; returns ``model``.
 
     Under autocast a matrix product casts an fp32 weight to the low precision at every call, and it caches the
-    cast only for weights that train: a frozen CLIP would be cast again at every forward (1,385 copy kernels in
-    one ViT-B/32 STOP training step, measured on an H100). So, as OpenAI's own ``convert_weights`` does for fp16,
+    cast only for weights that train: a frozen CLIP would be cast again at every forward, one copy kernel per
+    weight and call. So, as OpenAI's own ``convert_weights`` does for fp16,
     the linear layers, the patch embedding, the attention in-projections and the two output projections are kept
     in ``dtype``; LayerNorms, embeddings and ``logit_scale`` stay fp32 (autocast runs LayerNorm in fp32 anyway,
     and ``exp(logit_scale)`` in bf16 would be off by up to 2 %).

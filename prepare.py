@@ -58,8 +58,8 @@ from plumbing.cli import reported_errors
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
 # AVI and MP4 both hold MPEG-4 Part 2, which decodes several times faster than H.264 at these sizes; quantiser
 # held at 3 (like FFmpeg's ``-q:v 3``), a keyframe every 2 frames. WebM holds only VP8, VP9 and AV1: VP8 decodes
-# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (measured at 4 fps:
-# 4 s, once per SSv2 clip) decodes fastest.
+# fastest, and its keyframes cost so much more than its other frames that one every 16 frames (4 s of SSv2 at
+# 4 fps, once per clip) decodes fastest.
 PREPARED_CODECS: dict[str, tuple[str, dict[str, str], int]] = {
     ".avi": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
     ".mp4": ("mpeg4", {"qmin": "3", "qmax": "3"}, 2),
