@@ -178,7 +178,7 @@ def check_batch_memory(model: STOPModel, frames: int, clips: int, device: torch.
     if needed > available:
         raise RunError(
             f"--frames {frames} with a batch of {clips} clips and --eta {model.config.eta} needs at least "
-            f"{needed / 2**30:.1f} GiB for one batch, more than the {available / 2**30:.1f} GiB here: lower --frames "
+            f"{needed / 2**20:,.1f} MiB for one batch, more than the {available / 2**20:,.1f} MiB here: lower --frames "
             "or --batch-size"
         )
 
