@@ -486,7 +486,7 @@ def read_checkpoint_and_sha256(path: Path) -> tuple[dict[str, Any], str]:
     try:
         checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception:  # PyTorch's own message advises weights_only=False, which would run the file's code
-        raise RunError(f"{path}: not a STOP checkpoint (torch.load cannot read it: not a checkpoint, or truncated "
+        raise RunError(f"{path}: cannot be read as a STOP checkpoint (not a file torch.save wrote, or truncated "
                        "or corrupt)") from None  # fmt: skip
     if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
         raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")

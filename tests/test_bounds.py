@@ -100,7 +100,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
         code, output = run(evaluate.app, "recognize", "--checkpoint", path, "--out", tmp_path / "e.json")
         assert code == 1 and "weights_only" not in output and "Traceback" not in output, output
         (line,) = error_lines(output)
-        assert f"{path}: not a STOP checkpoint" in line, line
+        assert f"{path}: cannot be read as a STOP checkpoint" in line, line
     code, output = run(evaluate.app, "recognize", "--checkpoint", tmp_path, "--out", tmp_path / "e.json")
     assert code == 1 and f"{tmp_path} is a folder" in output and "no such checkpoint" not in output, output
 
