@@ -48,7 +48,8 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes, each t
 LOCK_FILE = "run.lock"
 EVALUATION_MARKER = "stop_evaluation"  # the key that marks a JSON file as evaluate.py's result (its format version)
 # What --resume may change; anything else given must match the saved run. --clip may name the same weights
-# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run; the others
+# elsewhere (their SHA256 is checked), --root the same dataset elsewhere (check_same_data), --epochs extends the
+# run; the others
 # change how the run computes, not what.
 RESUME_MAY_CHANGE = ("epochs", "workers", "device", "compile", "strict", "root", "clip")
 Config = TypeVar("Config")
