@@ -14,6 +14,7 @@ back in the dataset's order (``distributed.py``), so the metrics are those of on
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,27 @@ from stop import STOPConfig, STOPModel
 # --------------------------------------------------------------------------- #
 
 
+def nan_last(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN as ``-inf``, so that a NaN candidate ranks below every number (``topk`` takes NaN as the
+    largest, and every comparison with NaN is false)."""
+    return scores.masked_fill(scores.isnan(), -math.inf)
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Percentage of videos whose label is among the ``k`` highest scores, ``logits [N, C]``."""
-    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, k]
-    hits = ranked == labels[:, None]
+    """Percentage of videos whose label is among the ``k`` highest scores, ``logits [N, C]``; a NaN score ranks
+    last, so a label scored NaN is never a hit."""
+    label_is_nan = logits.gather(1, labels[:, None]).isnan()  # [N, 1]
+    ranked = nan_last(logits).topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, k]
+    hits = (ranked == labels[:, None]) & ~label_is_nan
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def ranks_among(scores: torch.Tensor, true_scores: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's true score ``true_scores [N]`` among its row of ``scores [N, M]``: 1 + the number
+    of candidates scored strictly higher, so a tie counts in the true match's favour, as CLIP4Clip's sort-then-find
+    does. A NaN score ranks last: a NaN candidate below every number, a NaN true score at rank ``M``."""
+    ranks = 1 + (nan_last(scores) > nan_last(true_scores)[:, None]).sum(dim=1)
+    return ranks.masked_fill(true_scores.isnan(), scores.shape[1])
 
 
 def direction_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -59,16 +76,13 @@ def direction_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     "moving right"), so a model blind to frame order (``none``, ``static``) stays at 50 here.
     """
     rows = torch.arange(len(labels))
+    logits = nan_last(logits)
     return 100.0 * (logits[rows, labels] > logits[rows, labels ^ 1]).float().mean().item()
 
 
 def ranks_of_matches(similarity: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the true match ``i`` in row ``i`` of ``similarity [N, N]``.
-
-    Rank = 1 + the number of candidates scored strictly higher: a tie counts in the true match's favour, as
-    CLIP4Clip's sort-then-find does.
-    """
-    return 1 + (similarity > similarity.diagonal()[:, None]).sum(dim=1)
+    """1-based rank of the true match ``i`` in row ``i`` of ``similarity [N, N]`` (``ranks_among``)."""
+    return ranks_among(similarity, similarity.diagonal())
 
 
 def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
@@ -101,10 +115,10 @@ def multi_caption_retrieval_metrics(similarity: torch.Tensor, video_of_caption: 
     video ``k`` scores the caption group of video ``j`` by its best caption, ``G[k, j] = max_{c: video c = j} s[c, k]``,
     and the rank of its own group among the ``N_video`` groups counts (not a rank among all captions). Ties count in
     the true match's favour, and MdR and MnR are CLIP4Clip's, as in ``retrieval_metrics``, which this equals when
-    every video has one caption.
+    every video has one caption. A NaN score ranks last (``ranks_among``).
     """
-    own_video_score = similarity.gather(1, video_of_caption[:, None])  # [N_caption, 1]
-    caption_ranks = 1 + (similarity > own_video_score).sum(dim=1)  # [N_caption]
+    caption_ranks = ranks_among(similarity, similarity.gather(1, video_of_caption[:, None])[:, 0])  # [N_caption]
+    similarity = nan_last(similarity)  # a group's best caption is a number when it has one
     num_videos = similarity.shape[1]
     group_scores = torch.full((num_videos, num_videos), -math.inf, dtype=similarity.dtype, device=similarity.device)
     group_scores.scatter_reduce_(1, video_of_caption.expand(num_videos, -1), similarity.t(), "amax")  # G [N_v, N_v]
@@ -129,11 +143,23 @@ def encode_videos(encode: Callable[[torch.Tensor], torch.Tensor], videos: torch.
     return torch.nn.functional.normalize(features, dim=-1)
 
 
+def check_finite(scores: torch.Tensor, source: str) -> None:
+    """Nothing non-finite is scored: a model whose features give NaN or infinite scores (a diverged run) is an
+    error naming ``source``, the model evaluated, instead of a rank computed from NaN."""
+    finite = scores.isfinite().all(dim=1)
+    if not finite.all():
+        raise RunError(
+            f"{source} gives video features or scores that are not finite (NaN or infinite) for "
+            f"{int((~finite).sum())} of its {len(finite)} test videos: nothing is scored"
+        )
+
+
 @torch.no_grad()
 def evaluate_recognition(
-    model, loader, class_features, device, precision, reversed_pairs=False, encode=None
+    model, loader, class_features, device, precision, reversed_pairs=False, encode=None, source="the model"
 ) -> dict[str, float]:
-    """Top-1/top-5; with ``reversed_pairs`` (the synthetic classes) also the direction accuracy."""
+    """Top-1/top-5; with ``reversed_pairs`` (the synthetic classes) also the direction accuracy. ``source`` names
+    the model in the error when its scores are not finite (``check_finite``)."""
     model.eval()
     encode = encode or model.encode_video
     logits, labels = [], []
@@ -143,6 +169,7 @@ def evaluate_recognition(
             logits.append(model.similarity(features, class_features).float().cpu())
         labels.append(batch_labels)
     logits, labels = gather_in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+    check_finite(logits, source)
     metrics = topk_accuracy(logits, labels)
     if reversed_pairs:
         metrics["direction"] = direction_accuracy(logits, labels)
@@ -150,12 +177,15 @@ def evaluate_recognition(
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, loader, tokenize, device, precision, encode=None) -> dict[str, dict[str, float]]:
+def evaluate_retrieval(
+    model, loader, tokenize, device, precision, encode=None, source="the model"
+) -> dict[str, dict[str, float]]:
     """The whole test set's ``[N_text, N_video]`` similarity; under torchrun every rank gathers all of it.
 
     One (video, caption) pair per item (MSR-VTT, LSMDC, the paragraphs of ActivityNet and DiDeMo): a square matrix,
     ``retrieval_metrics``. A multi-caption test set (MSVD, VATEX: ``caption_groups`` on the dataset, one item per
-    video) encodes each video once and all its captions: ``multi_caption_retrieval_metrics``.
+    video) encodes each video once and all its captions: ``multi_caption_retrieval_metrics``. Non-finite
+    similarities are an error naming ``source`` (``check_finite``).
     """
     model.eval()
     encode = encode or model.encode_video
@@ -170,6 +200,7 @@ def evaluate_retrieval(model, loader, tokenize, device, precision, encode=None) 
     with autocast(device, precision):
         caption_features = stop.text_features(model, tokenize, captions, device).float()
     similarity = caption_features @ video_features.t()  # [N_text, N_video]
+    check_finite(similarity.t(), source)  # a row per video
     if caption_groups is None:
         return retrieval_metrics(similarity)
     video_of_caption = torch.repeat_interleave(torch.tensor([len(group) for group in caption_groups]))
@@ -196,11 +227,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def evaluated_model(
     task: str, options: cli.EvaluationOptions, device: torch.device, precision: str
-) -> tuple[STOPModel, runtime.Backbone, int, int | None]:
-    """The model to evaluate, its backbone, the frames per video and the caption tokens (``None``: the dataset's):
-    a checkpoint's, or zero-shot CLIP4Clip's."""
+) -> tuple[STOPModel, runtime.Backbone, int, int | None, dict[str, Any]]:
+    """The model to evaluate, its backbone, the frames per video, the caption tokens (``None``: the dataset's) and
+    what the result records of the checkpoint (its path, epoch and SHA256): a checkpoint's, or zero-shot
+    CLIP4Clip's."""
     if options.checkpoint is not None:
-        checkpoint = runs.read_checkpoint(options.checkpoint)
+        checkpoint, sha256 = runs.read_checkpoint_and_sha256(options.checkpoint)
         config = checkpoint["config"]
         if config.get("task", task) != task:  # refused before its CLIP is loaded (or downloaded)
             raise RunError(
@@ -208,7 +240,9 @@ def evaluated_model(
                 f"'evaluate.py {config['task']}', or give a {task} checkpoint"
             )
         model, backbone, _ = runs.load_trained(options.checkpoint, options.clip, device, precision, checkpoint)
-        return model, backbone, options.frames or config["frames"], options.words or config.get("words")
+        epoch = checkpoint["epoch"] + 1 if "epoch" in checkpoint else None  # as metrics.jsonl counts them
+        measured = {"checkpoint": str(options.checkpoint), "checkpoint_epoch": epoch, "checkpoint_sha256": sha256}
+        return model, backbone, options.frames or config["frames"], options.words or config.get("words"), measured
     if options.prompt not in (None, "none"):
         raise RunError(
             f"--prompt {options.prompt} without --checkpoint would evaluate untrained prompts; "
@@ -220,26 +254,46 @@ def evaluated_model(
     if options.clip is None:
         note += "; the demo CLIP's weights are random, so the numbers are at chance: a trained run needs --checkpoint"
     runtime.echo(note)
-    return model, backbone, options.frames or protocols.protocol(options.dataset, task).frames, options.words
+    measured = {"checkpoint": None, "checkpoint_epoch": None, "checkpoint_sha256": None}
+    return model, backbone, options.frames or protocols.protocol(options.dataset, task).frames, options.words, measured
+
+
+def default_out(task: str, options: cli.EvaluationOptions) -> Path:
+    """``eval-<task>-<dataset>-<checkpoint's stem>[-views<V>][-crops<C>][-split<S>].json`` beside the checkpoint
+    (``zero-shot`` in ``runs/`` without one): evaluations of other checkpoints or settings never share a file."""
+    if options.checkpoint is not None:
+        folder, model = options.checkpoint.parent, options.checkpoint.stem
+    else:
+        clip = re.sub(r"[^A-Za-z0-9]+", "", options.clip or "")  # ViT-B/32: ViTB32
+        folder, model = Path("runs"), f"zero-shot-{clip}" if clip else "zero-shot"
+    settings = [f"-{name}{value}" for name, value in (("views", options.views), ("crops", options.crops),
+                                                      ("split", options.split_id)) if value != 1]  # fmt: skip
+    return folder / f"eval-{task}-{options.dataset}-{model}{''.join(settings)}.json"
 
 
 def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
-    """Build the model and the test loader, evaluate, and write (rank 0) the metrics JSON."""
+    """Build the model and the test loader, evaluate, and write (rank 0) the metrics JSON.
+
+    The JSON replaces only an earlier evaluation result (``runs.check_output_file``), checked before the evaluation
+    and again just before it is written."""
     device = runtime.resolve_device(options.device)
     precision = runtime.resolve_precision(options.precision, device)
-    checkpoint_file, dataset = options.checkpoint, options.dataset
-    out = options.out or (checkpoint_file.parent if checkpoint_file else Path("runs")) / f"eval-{task}-{dataset}.json"
+    dataset = options.dataset
+    out = options.out or default_out(task, options)
     on_rank_zero(check_output_file, out)
     name, location = on_rank_zero(data.dataset_location, dataset, options.root, task)  # before any CLIP download
-    model, backbone, frames, words = evaluated_model(task, options, device, precision)
+    model, backbone, frames, words, measured = evaluated_model(task, options, device, precision)
+    if measured["checkpoint"] is None:
+        source = f"zero-shot CLIP {backbone.name}"
+    else:
+        source = f"{measured['checkpoint']} (epoch {measured['checkpoint_epoch']})"
+    per_process = max(1, options.batch_size // runtime.world_size())  # --batch-size is over every process
+    runtime.check_batch_memory(model, frames, per_process * options.views * options.crops, device)
 
     test_set = data.build_dataset(name, location, "test", num_frames=frames, split_id=options.split_id,
                                   resolution=model.clip.visual.input_resolution, views=options.views,
                                   crops=options.crops, strict=options.strict)  # fmt: skip
     workers = runtime.default_workers() if options.workers is None else options.workers
-    per_process = max(
-        1, options.batch_size // runtime.world_size()
-    )  # --batch-size is over every process, as in training
     loader = data.build_loader(test_set, batch_size=per_process, shuffle=False, workers=workers,
                                sampler=shard(test_set, train=False))  # fmt: skip
     tower = runtime.VideoTower(model, options.compile)
@@ -249,19 +303,20 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
                 prompts = stop.class_texts(dataset, test_set.classes)
                 class_features = stop.text_features(model, backbone.tokenize, prompts, device)
             reversed_pairs = dataset == "synthetic"
-            metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower)
+            metrics = evaluate_recognition(model, loader, class_features, device, precision, reversed_pairs, tower,
+                                           source)  # fmt: skip
         else:
             words = words or protocols.protocol(dataset).words
             tokenize = runtime.caption_tokenizer(backbone, words)
-            metrics = evaluate_retrieval(model, loader, tokenize, device, precision, tower)
+            metrics = evaluate_retrieval(model, loader, tokenize, device, precision, tower, source)
     broken = broken_over_ranks(test_set)
     if rank() != 0:
         return  # rank 0 writes and prints the result
-    result = {"task": task, "dataset": dataset, "split_id": options.split_id, "frames": frames,
-              "views": options.views, "crops": options.crops, "prompt": model.prompt,
-              "checkpoint": str(checkpoint_file) if checkpoint_file else None, "clip": backbone.name,
-              "videos": len(test_set), "left_out_videos": len(test_set.left_out),
+    result = {runs.EVALUATION_MARKER: 1, "task": task, "dataset": dataset, "split_id": options.split_id,
+              "frames": frames, "views": options.views, "crops": options.crops, "prompt": model.prompt, **measured,
+              "clip": backbone.name, "videos": len(test_set), "left_out_videos": len(test_set.left_out),
               "words": words if task == "retrieve" else None, "broken_videos": int(broken), **metrics}  # fmt: skip
+    check_output_file(out)  # still no other kind of file there (another command may have written one meanwhile)
     atomic_save(json.dumps(result, indent=2) + "\n", out)
     typer.echo(format_metrics(metrics))
     typer.echo(f"metrics written to {out}")

@@ -93,7 +93,7 @@ class STOPConfig:
             (self.prompt in PROMPT_VARIANTS, f"prompt={self.prompt!r}: expected one of {PROMPT_VARIANTS}"),
             (number(self.alpha) and 0 <= self.alpha <= 1, f"alpha={self.alpha!r}: expected a weight in [0, 1]"),
             (number(self.beta) and self.beta >= 0, f"beta={self.beta!r}: expected a finite beta >= 0"),
-            (integer(self.eta) and self.eta >= 1, f"eta={self.eta!r}: expected an integer >= 1"),
+            (integer(self.eta) and 1 <= self.eta <= 64, f"eta={self.eta!r}: expected an integer in [1, 64]"),
             (number(self.rho) and 0 < self.rho <= 1, f"rho={self.rho!r}: expected 0 < rho <= 1"),
             (
                 integer(self.reduced_dim) and self.reduced_dim >= 1,

@@ -77,6 +77,8 @@ class TrainConfig(STOPConfig):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a finite number >= 0")
+        if self.lr > cli.MAX_LR:
+            raise ConfigError(f"--lr {self.lr}: expected at most {cli.MAX_LR:g}")
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -131,6 +133,8 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         )
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
+    per_process = config.batch_size // world_size()  # run_config checked that it divides
+    runtime.check_batch_memory(model, config.frames, per_process, device)
     frozen = sum(p.numel() for p in model.clip.parameters())
     trainable = model.num_trainable_parameters()
     echo(f"STOP --prompt {model.prompt}: {trainable:,} trainable parameters, CLIP's {frozen:,} frozen")
@@ -140,13 +144,14 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
                            resolution=model.clip.visual.input_resolution, strict=config.strict)
         for split in ("train", "test")
     )  # fmt: skip
-    per_process = config.batch_size // world_size()  # run_config checked that it divides
     # The training order is the seed's and the epoch's alone (``shard``), so --resume can start any epoch exactly.
     train_loader = data.build_loader(train_set, batch_size=per_process, shuffle=True, workers=config.workers,
                                      drop_last=True, sampler=runtime.shard(train_set, train=True, seed=config.seed),
                                      seed=config.seed)  # fmt: skip
     test_loader = data.build_loader(test_set, batch_size=per_process, shuffle=False, workers=config.workers,
                                     sampler=runtime.shard(test_set, train=False))  # fmt: skip
+    if checkpoint:
+        runs.check_same_data(checkpoint, runs.data_identity(train_set, test_set), config.root)
     if len(train_loader) == 0:
         raise RunError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training videos")
     class_features = None
@@ -190,14 +195,21 @@ def batch_loss(run: Run, videos: torch.Tensor, targets: torch.Tensor | list[str]
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2 * world_size()
 
 
-def evaluate_epoch(run: Run) -> tuple[dict[str, Any], float]:
-    """The test split's metrics, and the score that picks ``best.pt``: top-1, or text-to-video R@1."""
+def evaluate_epoch(run: Run, folder: runs.RunFolder, epoch: int) -> tuple[dict[str, Any], float]:
+    """The test split's metrics, and the score that picks ``best.pt``: top-1, or text-to-video R@1.
+
+    A model that gives non-finite scores, or holds non-finite parameters, has diverged: the run stops before the
+    epoch is saved, naming the last good checkpoint."""
     model, loader, device, precision = run.model, run.test_loader, run.device, run.precision
+    source = f"the model of epoch {epoch + 1} (not saved; last good checkpoint: {last_good(folder, epoch)})"
+    if not all(tensor.isfinite().all() for tensor in model.trainable_state_dict().values()):
+        raise RunError(f"{source} holds parameters that are not finite (NaN or infinite). Try a lower --lr")
     if run.config.task == "recognize":
         reversed_pairs = run.config.dataset == "synthetic"
-        metrics = evaluate_recognition(model, loader, run.class_features, device, precision, reversed_pairs, run.tower)
+        metrics = evaluate_recognition(model, loader, run.class_features, device, precision, reversed_pairs,
+                                       run.tower, source)  # fmt: skip
         return metrics, metrics["top1"]
-    metrics = evaluate_retrieval(model, loader, run.tokenize, device, precision, run.tower)
+    metrics = evaluate_retrieval(model, loader, run.tokenize, device, precision, run.tower, source)
     return metrics, metrics["text_to_video"]["R@1"]
 
 
@@ -227,10 +239,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     run.scaler.update()
                     run.scheduler.step()
                     log.step(loss.item() / (world_size() if config.task == "retrieve" else 1), len(videos), folder)
-                metrics, score = evaluate_epoch(run)  # evaluate
+                metrics, score = evaluate_epoch(run, folder, epoch)  # evaluate
             record = log.record(run, metrics)
             folder.save(epoch, score, record, metrics, model=run.model, optimizer=run.optimizer,
-                        scheduler=run.scheduler, scaler=run.scaler, backbone=run.backbone)  # fmt: skip
+                        scheduler=run.scheduler, scaler=run.scaler, backbone=run.backbone,
+                        data=runs.data_identity(run.train_set, run.test_set))  # fmt: skip
         best_name = "top-1" if config.task == "recognize" else "text-to-video R@1"
         echo(f"done: {folder.out / 'best.pt'} (best {best_name} {folder.best:.2f})")
 
@@ -270,12 +283,17 @@ def seed_epoch(seed: int, epoch: int) -> None:
     random.seed(epoch_seed)
 
 
+def last_good(folder: runs.RunFolder, epoch: int) -> str:
+    """The checkpoint a run that fails in ``epoch`` keeps: ``last.pt`` of the epoch before, which was saved only
+    because its model gave finite scores (``evaluate_epoch``)."""
+    return f"{folder.out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
+
+
 def raise_not_finite(folder: runs.RunFolder, epoch: int, step: int) -> None:
     """A loss that is no longer finite stops the run before anything is saved from it, naming the last good epoch."""
-    last_good = f"{folder.out / 'last.pt'} (epoch {epoch})" if epoch > 0 else "none (no epoch finished)"
     where = f"rank {rank()}: " if runtime.in_group() else ""
     raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step}; last good checkpoint: "
-                    f"{last_good}. Try a lower --lr")  # fmt: skip
+                    f"{last_good(folder, epoch)}. Try a lower --lr")  # fmt: skip
 
 
 def run_config(task: str, options: dict[str, Any]) -> TrainConfig:

@@ -38,6 +38,9 @@ TASK_DATASETS = {
     "recognize": Literal[(*protocols.RECOGNITION_DATASETS, "synthetic")],
     "retrieve": Literal[(*protocols.RETRIEVAL_DATASETS, "synthetic")],
 }
+# Upper bounds of the options, far above any benchmark's (protocols.py) and checked before anything is allocated;
+# a checkpoint's fields are held to the same (runs.read_checkpoint). 77: CLIP's text context.
+MAX_FRAMES, MAX_ETA, MAX_WORDS, MAX_BATCH, MAX_LR, MAX_SEED = 256, 64, 77, 4096, 10.0, 2**32 - 1
 RECOGNITION_ONLY = ("split_id", "views", "crops")  # options that mean nothing to retrieval
 RETRIEVAL_ONLY = ("words",)
 
@@ -50,7 +53,7 @@ PromptOption = Annotated[TrainedPrompt, typer.Option(help="Ablation row: which p
 SplitOption = Annotated[int, typer.Option(min=1, max=3, help="Official split (UCF101, HMDB51).")]
 WordsOption = Annotated[
     int | None,
-    typer.Option(min=3, help="Caption tokens; default: the checkpoint's, else the dataset's:"),
+    typer.Option(min=3, max=MAX_WORDS, help="Caption tokens; default: the checkpoint's, else the dataset's:"),
 ]
 WorkersOption = Annotated[
     int | None, typer.Option(min=0, help="DataLoader worker processes; default: this machine's cores, at most 8.")
@@ -77,7 +80,9 @@ def train_options(
     prompt: PromptOption = STOPConfig.prompt,
     alpha: Annotated[float, typer.Option(help="W^s = alpha*A + (1-alpha)*M.")] = STOPConfig.alpha,
     beta: Annotated[float, typer.Option(help="Extra weight of region patches in W^t.")] = STOPConfig.beta,
-    eta: Annotated[int, typer.Option(help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")] = STOPConfig.eta,
+    eta: Annotated[
+        int, typer.Option(min=1, max=MAX_ETA, help="Most temporal prompts per gap: n_t = ceil(eta*W^t).")
+    ] = STOPConfig.eta,
     rho: Annotated[
         float, typer.Option(help="Fraction of patches that are regions.", show_default=f"6/49 = {6 / 49:.4f}...")
     ] = STOPConfig.rho,
@@ -92,15 +97,17 @@ def train_options(
         typer.Option(help="frame: patches attend to their frame; joint: to the whole video (needs --readout cls)."),
     ] = STOPConfig.attention,
     frames: Annotated[
-        int | None, typer.Option(min=2, help="Frames per video; default: the dataset's (protocols.py):")
+        int | None, typer.Option(min=2, max=MAX_FRAMES, help="Frames per video; default: the dataset's:")
     ] = None,
     words: WordsOption = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, help="The batch the loss sees, over all processes; default: the dataset's:"),
+        typer.Option(min=1, max=MAX_BATCH, help="The batch the loss sees, over all processes; default: the dataset's:"),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Default: the dataset's (protocols.py):")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate; default: the dataset's:")] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0, max=MAX_LR, help="AdamW peak learning rate; default: the dataset's:")
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.2,
     warmup: Annotated[float, typer.Option(min=0, max=1, help="Fraction of the steps spent warming up.")] = 0.1,
     grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm to this; 0: no clipping.")] = 1.0,
@@ -110,7 +117,7 @@ def train_options(
     grad_checkpoint: Annotated[bool, typer.Option(help="Recompute frozen blocks in backward.")] = False,
     compile: CompileOption = None,
     seed: Annotated[
-        int, typer.Option(min=0, max=2**32 - 1, help="Seeds initialisation, shuffling, augmentation, dropout.")
+        int, typer.Option(min=0, max=MAX_SEED, help="Seeds initialisation, shuffling, augmentation, dropout.")
     ] = 0,
     strict: StrictOption = False,
     out: Annotated[Path | None, typer.Option(help="Run folder; default runs/<task>-<dataset>-<prompt>.")] = None,
@@ -134,7 +141,8 @@ class EvaluationOptions:
         typer.Option(help="Without --checkpoint only: 'none' (zero-shot CLIP4Clip); a checkpoint has its own."),
     ] = None
     frames: Annotated[
-        int | None, typer.Option(min=1, help="Frames per video; default: the checkpoint's, else the dataset's:")
+        int | None,
+        typer.Option(min=1, max=MAX_FRAMES, help="Frames per video; default: the checkpoint's, else the dataset's:"),
     ] = None
     words: WordsOption = None
     views: Annotated[int, typer.Option(min=1, help="Temporal views averaged per video.")] = 1
@@ -143,7 +151,7 @@ class EvaluationOptions:
     ] = 1
     split_id: SplitOption = 1
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Videos per forward, over all processes (each takes its share).")
+        int, typer.Option(min=1, max=MAX_BATCH, help="Videos per forward, over all processes (each takes its share).")
     ] = 32
     workers: WorkersOption = None
     device: DeviceOption = "auto"

@@ -8,20 +8,24 @@ accident, kills repaired, ``--resume`` and ``--overwrite``) are in ``docs/runnin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import random
+import re
+import secrets
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from loading.errors import RunError
+from loading.errors import ConfigError, RunError
+from plumbing import cli
 from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero, rank
 from stop import STOPConfig, STOPModel
 
@@ -30,22 +34,35 @@ try:
 except ImportError:  # Windows: no lock, the other rules still hold
     fcntl = None
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes, each through RUN_FILE + ".tmp"
-OWN_FILES = {*RUN_FILES, *(name + ".tmp" for name in RUN_FILES)}
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run writes, each through a temporary_name of it
 LOCK_FILE = "run.lock"
+EVALUATION_MARKER = "stop_evaluation"  # the key that marks a JSON file as evaluate.py's result (its format version)
 # What --resume may change; anything else given must match the saved run. --clip may name the same weights
-# elsewhere (their SHA256 is checked), --root the same dataset elsewhere, --epochs extends the run; the others
+# elsewhere (their SHA256 is checked), --root the same dataset elsewhere (check_same_data), --epochs extends the
+# run; the others
 # change how the run computes, not what.
 RESUME_MAY_CHANGE = ("epochs", "workers", "device", "compile", "strict", "root", "clip")
 Config = TypeVar("Config")
 
 
+def temporary_name(name: str) -> str:
+    """A temporary file's name for ``name``, unique to this write: two commands writing one file never share it."""
+    return f"{name}.{secrets.token_hex(6)}.tmp"
+
+
+def is_temporary_of(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a temporary file ``atomic_save`` made for one of ``names`` (``temporary_name``), or the
+    fixed ``<name>.tmp`` that earlier versions used."""
+    return any(re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{12})?\.tmp", path.name) for name in names)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """Write ``obj`` (text, or anything ``torch.save`` takes) through a temporary file and a rename: an interrupted
     save never leaves a half-written file, and a failed one (a full disk, ``path`` a folder) leaves no temporary
-    file either. The checkpoint is serialised in memory first, so a full disk is the ``OSError`` of the write,
-    named after ``path`` (a failed write(2) names no file of its own)."""
-    temporary = path.with_name(path.name + ".tmp")
+    file either. The temporary file's name is unique (``temporary_name``) and created anew, never an existing file
+    or link. The checkpoint is serialised in memory first, so a full disk is the ``OSError`` of the write, named
+    after ``path`` (a failed write(2) names no file of its own)."""
+    temporary = path.with_name(temporary_name(path.name))
     if isinstance(obj, str):
         payload = obj.encode()
     else:
@@ -53,7 +70,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, buffer)
         payload = buffer.getvalue()
     try:
-        with open(temporary, "wb") as file:
+        with open(temporary, "xb") as file:
             file.write(payload)
         os.replace(temporary, path)
     except OSError as error:
@@ -77,10 +94,26 @@ def check_writable(folder: Path, option: str) -> None:
         raise RunError(f"{option}: cannot write in {folder}: {error.strerror or error}") from None
 
 
+def is_evaluation_result(path: Path) -> bool:
+    """Whether ``path`` holds a result of ``evaluate.py``: a JSON object with ``EVALUATION_MARKER``."""
+    try:
+        with open(path, "rb") as file:
+            result = json.loads(file.read(1 << 20))  # a result is a few kB; anything larger is something else
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and EVALUATION_MARKER in result
+
+
 def check_output_file(out: Path) -> None:
-    """``--out``: a file name whose folder can be written, checked before the evaluation runs."""
+    """``--out``: a file name whose folder can be written, and nothing there yet but an earlier evaluation result
+    (never a checkpoint, or any other file), checked before the evaluation runs."""
     if out.is_dir():
         raise RunError(f"--out {out} is a folder; give the JSON file to write, such as {out / 'eval.json'}")
+    if (out.exists() or out.is_symlink()) and not is_evaluation_result(out):
+        raise RunError(
+            f"--out {out} exists and is not an evaluation result of evaluate.py (a JSON file with the key "
+            f"'{EVALUATION_MARKER}'): it is left alone; choose another --out"
+        )
     check_writable(out.parent, "--out")
 
 
@@ -104,7 +137,12 @@ def locked(out: Path) -> Iterator[None]:
         return
     lock = out / LOCK_FILE
     while True:
-        handle = open(lock, "a+b")  # held open, and locked, for the whole run
+        try:  # held open, and locked, for the whole run; never through a symbolic link, to a file outside the run
+            handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+b")
+        except OSError:
+            if not lock.is_symlink():
+                raise
+            raise RunError(f"{lock} is a symbolic link: a run's lock is its own file; remove the link") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,7 +171,7 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         return
-    if any(path.name not in {*OWN_FILES, LOCK_FILE} for path in out.iterdir()):
+    if any(path.name not in {*RUN_FILES, LOCK_FILE} and not is_temporary_of(path, RUN_FILES) for path in out.iterdir()):
         raise RunError(
             f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
             "choose a new or empty folder for --out"
@@ -192,8 +230,9 @@ class RunFolder:
         self.stack.callback(remove_empty, created)  # a run that writes nothing leaves no empty folder behind
         self.stack.enter_context(locked(out))
         check_run_folder(out, self.resume, self.overwrite)
-        for name in OWN_FILES - set(RUN_FILES):  # a killed save's leftovers; ours, since we hold the lock
-            (out / name).unlink(missing_ok=True)
+        for path in out.iterdir():  # a killed save's leftovers; ours, since we hold the lock
+            if is_temporary_of(path, RUN_FILES):
+                path.unlink(missing_ok=True)
         if not self.resume:
             return None
         checkpoint = read_run(out)
@@ -277,6 +316,7 @@ def checkpoint_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     backbone: Backbone,
+    data: dict[str, Any],
 ) -> dict[str, Any]:
     """What ``last.pt`` (and ``best.pt``) hold: STOP's parameters alone, never the frozen backbone, with what
     ``--resume`` needs to continue exactly and the run's configuration (``train.TrainConfig``), flat, that
@@ -294,7 +334,36 @@ def checkpoint_state(
         "rng": rng_states(),
         "config": asdict(config),
         "clip": {"name": backbone.name, "sha256": backbone.sha256},
+        "data": data,
     }
+
+
+def data_identity(train_set: Any, test_set: Any) -> dict[str, Any]:
+    """What identifies the data a run trains and is scored on (``data.VideoDataset``s), stored in its checkpoints:
+    the class list (recognition; ``None`` for retrieval), the number of videos of each split, and a SHA256 of the
+    test set's video file names and targets (labels, captions), which stay the same in a dataset moved elsewhere."""
+    digest = hashlib.sha256()
+    for path, target in zip(test_set.paths, test_set.targets, strict=True):
+        digest.update(json.dumps([Path(path).name, target]).encode())
+    return {"classes": test_set.classes, "train_videos": len(train_set), "test_videos": len(test_set),
+            "test_items": digest.hexdigest()}  # fmt: skip
+
+
+def check_same_data(checkpoint: Mapping[str, Any], identity: dict[str, Any], root: str | None) -> None:
+    """``--resume``: refuse data other than the run's (another ``--root`` may only hold the same dataset moved), so
+    that ``metrics.jsonl`` never mixes two test sets. A checkpoint from before ``data`` was stored is not checked."""
+    saved = checkpoint.get("data")
+    if not isinstance(saved, dict):
+        return
+    names = {"classes": "class list", "train_videos": "training videos", "test_videos": "test videos",
+             "test_items": "test videos' files and targets"}  # fmt: skip
+    changed = [names[key] for key in names if saved.get(key) != identity[key]]
+    if changed:
+        raise RunError(
+            f"--resume: the data in {root or 'the default root'} is not the data the run started on (other "
+            f"{', '.join(changed)}): a run trains and is scored on one dataset; resume it on its own data, or start "
+            "a new run in another --out"
+        )
 
 
 def delete_replaced_run(out: Path) -> None:
@@ -353,13 +422,63 @@ def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def integer_in(low: int, high: float) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def number_in(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: any(value is choice or (type(value) is type(choice) and value == choice) for choice in choices)
+
+
+def text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+# A checkpoint's run configuration outside STOPConfig (whose own checks cover its fields): each field, when
+# present, must be what train.py writes, within the options' bounds (cli.py), before anything is built from it.
+CHECKPOINT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": (one_of("recognize", "retrieve"), "'recognize' or 'retrieve'"),
+    "dataset": (lambda value: isinstance(value, str), "a dataset name"),
+    "root": (text_or_none, "a path or null"),
+    "split_id": (integer_in(1, 3), "an integer in [1, 3]"),
+    "clip": (text_or_none, "a CLIP name or path, or null"),
+    "frames": (integer_in(1, cli.MAX_FRAMES), f"an integer in [1, {cli.MAX_FRAMES}]"),
+    "words": (lambda value: value is None or integer_in(3, cli.MAX_WORDS)(value),
+              f"an integer in [3, {cli.MAX_WORDS}] or null"),
+    "batch_size": (integer_in(1, cli.MAX_BATCH), f"an integer in [1, {cli.MAX_BATCH}]"),
+    "epochs": (integer_in(1, math.inf), "an integer >= 1"),
+    "lr": (number_in(0, cli.MAX_LR), f"a number in [0, {cli.MAX_LR:g}]"),
+    "weight_decay": (number_in(0, math.inf), "a finite number >= 0"),
+    "warmup": (number_in(0, 1), "a number in [0, 1]"),
+    "grad_clip": (number_in(0, math.inf), "a finite number >= 0"),
+    "workers": (integer_in(0, math.inf), "an integer >= 0"),
+    "device": (one_of("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
+    "precision": (one_of("auto", "fp32", "bf16", "fp16"), "'auto', 'fp32', 'bf16' or 'fp16'"),
+    "grad_checkpoint": (one_of(True, False), "true or false"),
+    "compile": (one_of(True, False, None), "true, false or null"),
+    "seed": (integer_in(0, cli.MAX_SEED), f"an integer in [0, {cli.MAX_SEED}]"),
+    "strict": (one_of(True, False), "true or false"),
+    "out": (lambda value: isinstance(value, str), "a path"),
+}  # fmt: skip
+
+
+def read_checkpoint_and_sha256(path: Path) -> tuple[dict[str, Any], str]:
+    """A checkpoint written by ``train.py``, every field of its configuration checked, and the SHA256 of the bytes
+    it was read from (what an evaluation records). Anything else is one line naming ``path`` and what is wrong."""
+    if path.is_dir():
+        raise RunError(f"{path} is a folder, not a checkpoint: give a file in it, such as {path / 'best.pt'}")
     if not path.is_file():
         raise RunError(f"{path}: no such checkpoint")
+    payload = path.read_bytes()
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise RunError(f"{path}: cannot be read as a STOP checkpoint (truncated or corrupt?): {error}") from None
+        checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception:  # PyTorch's own message advises weights_only=False, which would run the file's code
+        raise RunError(f"{path}: cannot be read as a STOP checkpoint (not a file torch.save wrote, or truncated "
+                       "or corrupt)") from None  # fmt: skip
     if not isinstance(checkpoint, dict) or not {"stop", "config", "clip"} <= checkpoint.keys():
         raise RunError(f"{path}: not a checkpoint written by train.py (expected the keys 'stop', 'config', 'clip')")
     config, clip = checkpoint["config"], checkpoint["clip"]
@@ -371,7 +490,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a checkpoint written by train.py (its 'config' needs a positive 'frames' and a 'prompt', "
             "its 'clip' a 'name' and a 'sha256')"
         )
-    return checkpoint
+    for name, (valid, expected) in CHECKPOINT_FIELDS.items():
+        if name in config and not valid(config[name]):
+            raise ConfigError(f"{path}: its config field {name}={config[name]!r}: expected {expected}")
+    for name in ("epoch", "best_epoch"):
+        if name in checkpoint and not integer_in(0, math.inf)(checkpoint[name]):
+            raise ConfigError(f"{path}: its field {name}={checkpoint[name]!r}: expected an integer >= 0")
+    try:
+        STOPConfig.from_dict(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: its config field {error}") from None
+    return checkpoint, hashlib.sha256(payload).hexdigest()
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``train.py``, checked (``read_checkpoint_and_sha256``)."""
+    return read_checkpoint_and_sha256(path)[0]
 
 
 def check_same_backbone(checkpoint: Mapping[str, Any], backbone: Backbone, path: Path) -> None:

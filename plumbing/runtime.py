@@ -159,6 +159,30 @@ def build_model(
     return model.to(device)
 
 
+def memory_bytes(device: torch.device) -> int:
+    """The memory a batch can have on ``device``: the GPU's, or this machine's (the loader builds every batch here)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_batch_memory(model: STOPModel, frames: int, clips: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a batch of ``clips`` videos of ``frames`` frames that cannot fit: the
+    float32 pixels of the batch, and the tokens of one block (each frame's patches and class token, and the ``eta``
+    prompt slots of each gap), a lower bound of what the forward needs."""
+    visual = model.clip.visual
+    resolution, width = visual.input_resolution, visual.conv1.out_channels
+    tokens = frames * ((resolution // visual.conv1.kernel_size[0]) ** 2 + 1) + (frames + 1) * model.config.eta
+    needed = 4 * clips * (frames * 3 * resolution**2 + tokens * width)
+    available = min(memory_bytes(device), memory_bytes(torch.device("cpu")))
+    if needed > available:
+        raise RunError(
+            f"--frames {frames} with a batch of {clips} clips and --eta {model.config.eta} needs at least "
+            f"{needed / 2**20:,.1f} MiB for one batch, more than the {available / 2**20:,.1f} MiB here: lower --frames "
+            "or --batch-size"
+        )
+
+
 # --------------------------------------------------------------------------- #
 # Datasets and class texts
 # --------------------------------------------------------------------------- #

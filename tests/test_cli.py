@@ -102,7 +102,7 @@ def test_recognition_trains_resumes_exactly_and_evaluates(synthetic_root, golden
         2,
     )
     assert code == 0, output
-    result = json.loads((straight / "eval-recognize-synthetic.json").read_text())
+    result = json.loads((straight / "eval-recognize-synthetic-best-views2.json").read_text())
     assert result["views"] == 2 and result["frames"] == 4 and 0 <= result["top1"] <= result["top5"] <= 100
 
 

@@ -299,7 +299,7 @@ def test_train_evaluate_and_explain_on_a_kinetics_layout(kinetics_root, golden_c
     evaluation = ["recognize", *common, "--checkpoint", out / "best.pt", "--views", 2, "--crops", 3]
     result = runner.invoke(evaluate.app, [str(a) for a in evaluation])
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "eval-recognize-kinetics400.json").read_text())
+    report = json.loads((out / "eval-recognize-kinetics400-best-views2-crops3.json").read_text())
     assert (report["videos"], report["views"], report["crops"], report["broken_videos"]) == (2, 2, 3, 0)
     assert 0 <= report["top1"] <= report["top5"] == 100  # three classes: each label is in the top five
 
