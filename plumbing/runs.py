@@ -51,8 +51,8 @@ def temporary_name(name: str) -> str:
 
 
 def is_temporary_of(path: Path, names: tuple[str, ...]) -> bool:
-    """Whether ``path`` is a temporary file ``atomic_save`` made for one of ``names`` (``temporary_name``), or the
-    fixed ``<name>.tmp`` that earlier versions used."""
+    """Whether ``path`` is a temporary file ``atomic_save`` made for one of ``names`` (``temporary_name``), or a
+    plain ``<name>.tmp`` of a run killed while saving."""
     return any(re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{12})?\.tmp", path.name) for name in names)
 
 
@@ -169,7 +169,10 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file():
         if not overwrite:
-            raise RunError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise RunError(
+                f"{out} already holds a run: choose another --out for a new run (another seed or settings), pass "
+                "--resume to continue this one, or --overwrite to replace it"
+            )
         return
     if any(path.name not in {*RUN_FILES, LOCK_FILE} and not is_temporary_of(path, RUN_FILES) for path in out.iterdir()):
         raise RunError(

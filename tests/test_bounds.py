@@ -8,28 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import error_lines, run, train_tiny
 
 import data
 import evaluate
 import train
 from plumbing import runtime
-
-runner = CliRunner()
-
-
-def run(app, *args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
-
-
-def train_tiny(root: Path, clip: Path, out: Path, *extra) -> tuple[int, str]:
-    options = ["--dataset", "ucf101", "--root", root, "--clip", clip, "--out", out, "--frames", 4]
-    return run(train.app, "recognize", *options, "--batch-size", 8, "--workers", 0, "--epochs", 1, *extra)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +35,7 @@ def test_an_impossible_batch_is_refused_before_it_is_allocated(tiny_root, golden
         raise AssertionError("the data was read")
 
     monkeypatch.setattr(data, "build_dataset", never)
-    code, output = train_tiny(tiny_root, golden_clip, tmp_path / "run")
+    code, output = train_one_epoch(tiny_root, golden_clip, tmp_path / "run")
     assert code == 1, output
     (line,) = error_lines(output)
     # 8 clips of 4 frames of 3 x 32 x 32 float32 pixels alone are 384 KiB, 0.375 MiB
@@ -66,7 +50,7 @@ def test_an_impossible_batch_is_refused_before_it_is_allocated(tiny_root, golden
 @pytest.fixture(scope="module")
 def checkpoint(tiny_root, tmp_path_factory, golden) -> Path:
     out = tmp_path_factory.mktemp("fields") / "run"
-    code, output = train_tiny(tiny_root, golden / "tiny_clip_state_dict.pt", out)
+    code, output = train_one_epoch(tiny_root, golden / "tiny_clip_state_dict.pt", out)
     assert code == 0, output
     return out / "best.pt"
 
@@ -88,7 +72,7 @@ def test_an_edited_checkpoint_field_is_one_line(checkpoint, tiny_root, golden_cl
     resumed = tmp_path / "run"
     resumed.mkdir()
     shutil.copy(tmp_path / "edited.pt", resumed / "last.pt")
-    code, output = train_tiny(tiny_root, golden_clip, resumed, "--resume", "--epochs", 2)
+    code, output = train_one_epoch(tiny_root, golden_clip, resumed, "--resume", "--epochs", 2)
     assert code == 1 and "Traceback" not in output and field in error_lines(output)[0], output
 
 
@@ -107,20 +91,20 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
 
 def test_resume_refuses_other_data_but_accepts_the_same_data_moved(tiny_root, golden_clip, tmp_path):
     out = tmp_path / "run"
-    assert train_tiny(tiny_root, golden_clip, out)[0] == 0
+    assert train_one_epoch(tiny_root, golden_clip, out)[0] == 0
     other = tmp_path / "other"
     shutil.copytree(tiny_root, other)
     tests = (other / "ucfTrainTestlist" / "testlist01.txt").read_text().splitlines()
     (other / "ucfTrainTestlist" / "testlist01.txt").write_text("\n".join(tests[:-1]) + "\n")  # other test videos
     before = (out / "last.pt").read_bytes()
-    code, output = train_tiny(other, golden_clip, out, "--resume", "--epochs", 2)
+    code, output = train_one_epoch(other, golden_clip, out, "--resume", "--epochs", 2)
     assert code == 1 and "Traceback" not in output, output
     (line,) = error_lines(output)
     assert "not the data the run started on" in line and "test videos" in line, line
     assert (out / "last.pt").read_bytes() == before and len((out / "metrics.jsonl").read_text().splitlines()) == 1
     moved = tmp_path / "moved"
     shutil.copytree(tiny_root, moved)
-    code, output = train_tiny(moved, golden_clip, out, "--resume", "--epochs", 2)
+    code, output = train_one_epoch(moved, golden_clip, out, "--resume", "--epochs", 2)
     assert code == 0, output
 
 
@@ -129,8 +113,12 @@ def test_run_lock_is_never_followed_through_a_link(tiny_root, golden_clip, tmp_p
     out.mkdir()
     target = tmp_path / "outside.lock"
     os.symlink(target, out / "run.lock")
-    code, output = train_tiny(tiny_root, golden_clip, out)
+    code, output = train_one_epoch(tiny_root, golden_clip, out)
     assert code == 1 and "Traceback" not in output, output
     (line,) = error_lines(output)
     assert "run.lock is a symbolic link" in line, line
     assert not target.exists() and sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+def train_one_epoch(root: Path, clip: Path, out: Path, *extra: object) -> tuple[int, str]:
+    return train_tiny(root, clip, out, "--epochs", 1, *extra)

@@ -274,7 +274,7 @@ def test_a_demo_clip_checkpoint_is_evaluated_on_its_own_clip(tiny_root, tmp_path
     code, output = run(evaluate.app, "recognize", *options, "--checkpoint", out / "best.pt")
     assert code == 0 and "randomly initialised" not in output, output
     assert "CLIP: the checkpoint's, the small demo ViT-CLIP it was trained on" in output
-    assert json.loads((out / "eval-recognize-ucf101.json").read_text())["clip"] == runtime.DEMO_CLIP_NAME
+    assert json.loads((out / "eval-recognize-ucf101-best.json").read_text())["clip"] == runtime.DEMO_CLIP_NAME
 
 
 def test_each_command_has_its_own_task_options():

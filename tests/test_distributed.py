@@ -222,7 +222,8 @@ def test_bad_input_met_by_every_rank_is_reported_once(synthetic_root, golden, en
     code, output = torchrun(environment, "train.py", *training("recognize", synthetic_root, golden, out))
     assert code != 0
     assert worker_error_lines(output) == [
-        f"error: {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        f"error: {out} already holds a run: choose another --out for a new run (another seed or settings), pass "
+        "--resume to continue this one, or --overwrite to replace it"
     ]
     assert (out / "metrics.jsonl").read_text() == "precious\n"
     assert no_traceback_of_ours(output)

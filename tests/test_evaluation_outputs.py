@@ -6,22 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import error_lines, run
 
 import evaluate
 import train
 from plumbing import runs
-
-runner = CliRunner()
-
-
-def run(app, *args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")

@@ -1,31 +1,15 @@
 """Nothing non-finite is scored or saved: NaN ranks last, a diverged model is an error naming it, never a result."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import error_lines, run, train_tiny
 
 import evaluate
 import train
 
-runner = CliRunner()
 NAN = math.nan
-
-
-def run(app, *args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
-
-
-def train_tiny(root: Path, clip: Path, out: Path, *extra) -> tuple[int, str]:
-    options = ["--dataset", "ucf101", "--root", root, "--clip", clip, "--out", out, "--frames", 4]
-    return run(train.app, "recognize", *options, "--batch-size", 8, "--workers", 0, "--epochs", 2, *extra)
 
 
 def test_a_nan_score_ranks_last():
