@@ -56,6 +56,8 @@ class Row:
 
 ROWS = {row.name: row for row in [
     *[Row(variant, dict(prompt=variant)) for variant in PROMPT_VARIANTS],
+    Row("stop --readout cls", dict(prompt="stop", readout="cls")),
+    Row("stop --attention joint", dict(prompt="stop", readout="cls", attention="joint")),
     Row("stop --grad-checkpoint", dict(prompt="stop"), grad_checkpoint=True),
     Row("full fine-tune", dict(prompt="none"), full_finetune=True),
 ]}  # fmt: skip
