@@ -136,5 +136,5 @@ def test_bad_input_is_refused_by_name(tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.output.startswith("error: kinetics is not a recognition dataset")
     missing = tmp_path / "UCF101"
     result = CliRunner().invoke(bench.app, ["data", "--dataset", "ucf101", "--root", str(missing)])
-    assert result.exit_code == 1 and result.output.startswith(f"error: ucf101: dataset root {missing} not found")
+    assert result.exit_code == 1 and result.output.startswith(f"error: ucf101: {missing} not found")
     assert not missing.exists()
