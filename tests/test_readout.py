@@ -13,10 +13,12 @@ from dataclasses import astuple
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import error_lines, train_tiny
 
 import clip_model
 import stop
 from loading.errors import ConfigError
+from plumbing import runs
 from stop import PROMPT_VARIANTS, PromptDetails, STOPConfig, STOPModel, video_cls_block
 
 TINY = clip_model.CLIPConfig(32, 32, 3, 128, 8, 16, 100, 32, 1, 1)
@@ -361,3 +363,23 @@ def test_encode_video_compiles_to_one_graph_equal_to_eager(golden_clip, layout):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
     for compiled_gradient, eager_gradient in zip(*gradients):
         torch.testing.assert_close(compiled_gradient, eager_gradient, rtol=1e-4, atol=1e-5)
+
+
+def test_the_readout_is_a_saved_choice_of_the_run(tiny_root, golden, tmp_path, monkeypatch):
+    """``--attention joint`` needs ``--readout cls``: one line and nothing written. A run records its readout and
+    attention; ``--resume`` refuses another one, and ``evaluate.py`` builds the model the checkpoint names."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    clip_file = golden / "tiny_clip_state_dict.pt"
+    out = tmp_path / "run"
+    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "mean", "--attention", "joint")
+    assert code == 1 and error_lines(output) == [line for line in output.splitlines() if line.strip()][-1:], output
+    assert "attention='joint' with readout='mean'" in output and not out.exists()
+    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "cls", "--attention", "joint", "--epochs", 1)
+    assert code == 0, output
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert (saved["readout"], saved["attention"]) == ("cls", "joint")
+    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "mean", "--resume")
+    assert code == 1 and "--readout mean (the run has cls)" in output, output
+    assert len(torch.load(out / "last.pt", weights_only=True)["records"]) == 1  # the run is untouched
+    model, _, _ = runs.load_trained(out / "best.pt", str(clip_file), torch.device("cpu"))
+    assert (model.config.readout, model.config.attention) == ("cls", "joint")
