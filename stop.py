@@ -325,8 +325,8 @@ def prompt_counts(W_t: torch.Tensor, eta: int) -> torch.Tensor:
 
 
 class TemporalPromptNet(nn.Module):
-    """``P^t`` (Figure 2c): ``eta`` learned queries pool the difference tokens -> Linear -> ReLU -> Linear(-> D)
-    -> Dropout.
+    """``P^t``, this project's design: ``eta`` learned queries pool the difference tokens -> Linear -> ReLU ->
+    Linear(-> D) -> Dropout. Figure 2c draws another order (``docs/fidelity.md``, ``P^t``).
 
     The tokens are a 3x3 convolution of ``Delta`` (each token sees where its neighbours gained and lost content:
     the direction of motion) plus a learned position embedding (where: a difference cancels CLIP's own
