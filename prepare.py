@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fcntl  # POSIX file locks
 import json
 import math
 import os
@@ -53,6 +52,7 @@ from loading.dataset_files import (
 from loading.errors import DataError
 from loading.protocols import DATASETS, PROTOCOLS
 from plumbing.cli import reported_errors
+from plumbing.runs import held_lock
 
 # Codec, options and keyframe interval (frames) per container of a prepared copy, chosen by measured decoding
 # speed in one thread (``python bench.py data``) at a quality within about 1 dB PSNR of a lossless 4:2:0 encode.
@@ -244,28 +244,15 @@ def _check_claim(out: Path, wanted: dict) -> bool:
 def _claimed(out: Path, root: Path, settings: PrepareSettings) -> Iterator[None]:
     """Own ``out`` while the body runs: it is checked (``_check_claim``), locked, checked again and marked.
 
-    The lock (``fcntl.flock`` on PREPARE_LOCK_FILE, taken at once or refused) keeps two prepares out of one folder,
-    so two runs with other settings cannot both write into a new ``out``: the second is refused, and a later one
-    finds the first one's marker. The lock file is never followed if it is a symbolic link, and goes when the run
-    ends. Nothing is written into a folder refused by the first check.
+    The lock (PREPARE_LOCK_FILE, ``plumbing.runs.held_lock`` as a run folder's) keeps two prepares out of one
+    folder, so two runs with other settings cannot both write into a new ``out``: the second is refused, and a later
+    one finds the first one's marker. Nothing is written into a folder refused by the first check.
     """
     wanted = {"source": str(root.resolve()), "settings": dataclasses.asdict(settings)}
     _check_claim(out, wanted)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / PREPARE_LOCK_FILE
-    while True:
-        if lock.is_symlink():
-            raise DataError(f"prepare: {lock} is a symbolic link, which prepare never follows; remove it")
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            raise DataError(f"prepare: --out {out} is in use by another prepare (it holds {lock})") from None
-        if lock.exists() and os.stat(lock, follow_symlinks=False).st_ino == os.fstat(handle).st_ino:
-            break  # the lock file was not removed by its previous owner between our open and our lock
-        os.close(handle)
-    try:
+    with held_lock(lock, f"prepare: --out {out} is in use by another prepare (it holds {lock})"):
         if not _check_claim(out, wanted):  # again, now that no other prepare can mark it
             partial = out / f".{PREPARE_MARKER_FILE}.partial"
             try:
@@ -274,9 +261,6 @@ def _claimed(out: Path, root: Path, settings: PrepareSettings) -> Iterator[None]
             finally:
                 partial.unlink(missing_ok=True)
         yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still held, so that no one locks the old file after us
-        os.close(handle)
 
 
 def prepare_dataset(

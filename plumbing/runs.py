@@ -130,27 +130,28 @@ def rng_states() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold ``out/run.lock`` exclusively, or refuse at once: another process is writing this run folder."""
+def held_lock(lock: Path, in_use: str) -> Iterator[None]:
+    """Hold the file ``lock`` exclusively while the body runs, or refuse at once with the message ``in_use``: another
+    process owns the folder. Never through a symbolic link (a file outside the folder); the file goes when the body
+    ends. For run folders (``locked``) and ``prepare.py``'s copies."""
     if fcntl is None:
         yield
         return
-    lock = out / LOCK_FILE
     while True:
-        try:  # held open, and locked, for the whole run; never through a symbolic link, to a file outside the run
-            handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+b")
+        try:  # held open, and locked, for the whole body
+            handle = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), "r+b")
         except OSError:
             if not lock.is_symlink():
                 raise
-            raise RunError(f"{lock} is a symbolic link: a run's lock is its own file; remove the link") from None
+            raise RunError(
+                f"{lock} is a symbolic link: a lock is its own file, never followed; remove the link"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise RunError(
-                f"{out} is in use by another run (it holds {lock}): wait for it to end, or choose another --out"
-            ) from None
-        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            raise RunError(in_use) from None
+        if lock.exists() and os.stat(lock, follow_symlinks=False).st_ino == os.fstat(handle.fileno()).st_ino:
             break  # the lock file was not removed by its previous owner between our open and our lock
         handle.close()
     try:
@@ -158,6 +159,14 @@ def locked(out: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still held, so that no one locks the old file after us
         handle.close()
+
+
+def locked(out: Path) -> contextlib.AbstractContextManager:
+    """Hold ``out/run.lock`` exclusively, or refuse at once: another process is writing this run folder."""
+    lock = out / LOCK_FILE
+    return held_lock(
+        lock, f"{out} is in use by another run (it holds {lock}): wait for it to end, or choose another --out"
+    )
 
 
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
