@@ -168,20 +168,13 @@ def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]
     return nn.Conv3d(in_channels, out_channels, kernel, padding=padding, padding_mode="replicate")
 
 
-def convolve_together(x: torch.Tensor, first: nn.Conv2d | nn.Conv3d, second: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
-    """``cat([first(x), second(x)], dim=1)`` as one convolution, for two convolutions with the same window.
+def convolve_together(x: torch.Tensor, first: nn.Conv3d, second: nn.Conv3d) -> torch.Tensor:
+    """``cat([first(x), second(x)], dim=1)`` as one convolution, for two ``frame_conv`` with the same window.
 
     Small convolutions cost a GPU mostly their launch: one launch over the stacked kernels does the work of two.
-    Padding is ``first``'s.
     """
-    weight = torch.cat([first.weight, second.weight])
-    bias = None if first.bias is None else torch.cat([first.bias, second.bias])
-    padding = first.padding
-    if first.padding_mode == "replicate":
-        x = F.pad(x, [side for size in reversed(padding) for side in (size, size)], mode="replicate")
-        padding = 0
-    convolution = F.conv3d if isinstance(first, nn.Conv3d) else F.conv2d
-    return convolution(x, weight, bias, padding=padding)
+    x = F.pad(x, [side for size in reversed(first.padding) for side in (size, size)], mode="replicate")
+    return F.conv3d(x, torch.cat([first.weight, second.weight]), torch.cat([first.bias, second.bias]))
 
 
 # --------------------------------------------------------------------------- #
@@ -325,30 +318,44 @@ def prompt_counts(W_t: torch.Tensor, eta: int) -> torch.Tensor:
 
 
 class TemporalPromptNet(nn.Module):
-    """``P^t``, this project's design: ``eta`` learned queries pool the difference tokens -> Linear -> ReLU ->
-    Linear(-> D) -> Dropout. Figure 2c draws another order (``docs/fidelity.md``, ``P^t``).
+    """``P^t`` (Figure 2c) at width ``d_r``: Attention -> Conv3d -> ReLU -> Conv3d -> Linear (times ``W^t``) ->
+    Dropout, over the reduced differences ``Delta`` ``[B, T-1, N, d_r]`` of each gap.
 
-    The tokens are a 3x3 convolution of ``Delta`` (each token sees where its neighbours gained and lost content:
-    the direction of motion) plus a learned position embedding (where: a difference cancels CLIP's own
-    positions). ``TemporalPrompter`` runs that convolution together with ``N^t``, which reads the same ``Delta``
-    through the same window; ``forward`` takes its output. It has no bias: the position embedding is one.
+    - Attention: ``Delta`` plus a learned position embedding ``E``, one head over the ``N`` tokens of each gap, with
+      a residual: every token sees the whole change, where content left and where it arrived;
+    - Conv3d ``3x3x3`` over ``[T-1, G, G]`` (gaps t-1, t, t+1, edges replicated) -> ReLU -> Conv3d ``1x3x3``: each
+      token sees where its neighbours gained and lost content, the direction of motion;
+    - Linear: a learned map of a gap's ``N`` tokens to its ``eta`` candidates, then ``d_r -> D``; every candidate is
+      scaled by ``W^t_t``, which trains ``N^t``;
+    - Dropout.
+
+    The position embedding, the two parameter-free LayerNorms and the initialisation are this project's choices
+    (``docs/method.md``, "Choices where the paper is silent").
     """
 
     def __init__(self, width: int, grid: int, reduced_dim: int, eta: int, dropout: float):
         super().__init__()
-        self.local_conv = nn.Conv2d(reduced_dim, reduced_dim, 3, padding=1, bias=False)
-        self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))
-        self.queries = nn.Parameter(reduced_dim**-0.5 * torch.randn(eta, reduced_dim))
-        self.mlp = nn.Sequential(
-            nn.Linear(reduced_dim, reduced_dim), nn.ReLU(), nn.Linear(reduced_dim, width), nn.Dropout(dropout)
-        )
+        self.grid = grid
+        self.position = nn.Parameter(0.02 * torch.randn(grid * grid, reduced_dim))  # E
+        self.attention_norm = nn.LayerNorm(reduced_dim, elementwise_affine=False)
+        self.attention_in = nn.Linear(reduced_dim, 3 * reduced_dim)
+        self.attention_out = nn.Linear(reduced_dim, reduced_dim)
+        self.conv_in = frame_conv(reduced_dim, reduced_dim, (3, 3, 3))
+        self.conv_out = frame_conv(reduced_dim, reduced_dim, (1, 3, 3))
+        self.candidates = nn.Parameter((grid * grid) ** -0.5 * torch.randn(eta, grid * grid))  # N -> eta
+        self.out_norm = nn.LayerNorm(reduced_dim, elementwise_affine=False)
+        self.out = nn.Linear(reduced_dim, width)
+        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, local: torch.Tensor, W_t: torch.Tensor) -> torch.Tensor:
-        """``local_conv(Delta)`` ``[B, T-1, N, d_r]`` and ``W^t`` ``[B, T-1]`` -> ``p^t`` ``[B, T-1, eta, D]``."""
-        tokens = local + self.position  # [B, T-1, N, d_r]
-        pooling = (tokens @ self.queries.t() * tokens.shape[-1] ** -0.5).softmax(dim=2)  # [B, T-1, N, eta]
-        pooled = pooling.transpose(2, 3) @ tokens  # [B, T-1, eta, d_r]
-        return self.mlp(pooled) * W_t[..., None, None]  # each candidate scaled by W^t: [B, T-1, eta, D]
+    def forward(self, delta: torch.Tensor, W_t: torch.Tensor) -> torch.Tensor:
+        """``Delta`` ``[B, T-1, N, d_r]`` and ``W^t`` ``[B, T-1]`` -> ``p^t`` ``[B, T-1, eta, D]``."""
+        x = delta + self.position  # [B, T-1, N, d_r]
+        # one head per gap, pre-norm as in a transformer: query, key, value each [B, T-1, N, d_r]
+        query, key, value = self.attention_in(self.attention_norm(x)).chunk(3, dim=-1)
+        x = x + self.attention_out(F.scaled_dot_product_attention(query, key, value))
+        volume = self.conv_out(F.relu(self.conv_in(to_volume(x, x.shape[0], self.grid))))  # [B, d_r, T-1, G, G]
+        candidates = self.candidates @ from_volume(volume)  # [B, T-1, eta, d_r]
+        return self.dropout(self.out(self.out_norm(candidates)) * W_t[..., None, None])  # [B, T-1, eta, D]
 
 
 class TemporalPrompter(nn.Module):
@@ -378,15 +385,13 @@ class TemporalPrompter(nn.Module):
         reduced = self.reduce(normed)[:, 1:].unflatten(0, (batch, -1))  # [B, T, N, d_r] (CLS reduced, then dropped)
         delta = reduced[:, 1:] - reduced[:, :-1]  # Delta: [B, T-1, N, d_r]
         grids = delta.flatten(0, 1).transpose(1, 2).unflatten(-1, (self.grid, self.grid))  # [B*(T-1), d_r, G, G]
-        convolved = convolve_together(grids, self.variation_net, self.prompt_net.local_conv)  # [B*(T-1), 1+d_r, G, G]
-        convolved = convolved.flatten(2).transpose(1, 2).unflatten(0, (batch, -1))  # [B, T-1, N, 1+d_r]
-
-        v = convolved[..., 0].abs().float()  # step 5, v = |N^t(Delta)|: [B, T-1, N]
+        v = self.variation_net(grids).flatten(1).unflatten(0, (batch, -1))  # N^t(Delta): [B, T-1, N]
+        v = v.abs().float()  # step 5, v = |N^t(Delta)|
         r = r.view(batch, -1, r.shape[-1])
         weight = 1 + self.beta * (r[:, 1:] | r[:, :-1]).float()  # 1 + beta r, r of frame t or t+1: [B, T-1, N]
         W_t = torch.tanh((weight * v).sum(-1) / weight.sum(-1))  # step 5, W^t: [B, T-1]
         n_t = prompt_counts(W_t.detach(), self.eta)  # step 6, no gradient
-        p_t = self.prompt_net(convolved[..., 1:], W_t)  # step 7: [B, T-1, eta, D]
+        p_t = self.prompt_net(delta, W_t)  # step 7: [B, T-1, eta, D]
         return p_t, n_t, W_t
 
 
