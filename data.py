@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
-from torchcodec.decoders import VideoDecoder
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -126,31 +125,23 @@ def read_frames(
     raises BrokenVideoError.
     """
     try:
-        decoder = open_video(path, "approximate")
-        header_frames = _frames_within(decoder, decoder.metadata.num_frames, first_seconds)
-        if header_frames:
-            indices = sample_indices(header_frames, num_frames, train=train, views=views, generator=generator)
+        for seek_mode in ("approximate", "exact"):
+            decoder = open_video(path, seek_mode)
+            frames, fps = decoder.metadata.num_frames, decoder.metadata.average_fps
+            if frames and first_seconds is not None and fps:  # the frames of the first seconds only
+                frames = max(1, min(frames, math.ceil(first_seconds * fps)))
+            if not frames:
+                continue  # no count in the header: scan the file
+            indices = sample_indices(frames, num_frames, train=train, views=views, generator=generator)
             try:
                 return decoder.get_frames_at(indices.flatten()).data
             except (RuntimeError, IndexError):
-                pass  # the header promised frames that are not there: count them
-        decoder = open_video(path, "exact")
-        counted_frames = _frames_within(decoder, decoder.metadata.num_frames, first_seconds)
-        if not counted_frames:
-            raise BrokenVideoError(path, "no decodable frames")
-        indices = sample_indices(counted_frames, num_frames, train=train, views=views, generator=generator)
-        return decoder.get_frames_at(indices.flatten()).data
+                if seek_mode == "exact":
+                    raise
+                # the header promised frames that are not there: count them
+        raise BrokenVideoError(path, "no decodable frames")
     except (RuntimeError, ValueError, IndexError, OSError) as error:
         raise BrokenVideoError(path, f"{type(error).__name__}: {error}") from error
-
-
-def _frames_within(decoder: VideoDecoder, num_frames: int | None, first_seconds: float | None) -> int | None:
-    """How many of a video's ``num_frames`` frames fall in its first ``first_seconds`` seconds (all without a limit,
-    or when the frame rate is unknown)."""
-    fps = decoder.metadata.average_fps
-    if not num_frames or first_seconds is None or not fps:
-        return num_frames
-    return max(1, min(num_frames, math.ceil(first_seconds * fps)))
 
 
 def build_transform(resolution: int, *, train: bool, hflip: bool = True, crops: int = 1) -> v2.Compose:

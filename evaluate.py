@@ -35,7 +35,6 @@ from plumbing.runtime import (
     broken_over_ranks,
     gather_in_dataset_order,
     on_rank_zero,
-    rank,
     rank_local_errors,
     shard,
 )
@@ -163,7 +162,7 @@ def evaluate_recognition(
     model.eval()
     encode = encode or model.encode_video
     logits, labels = [], []
-    for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
+    for videos, batch_labels in tqdm(loader, desc="evaluate", leave=False, disable=runtime.RANK != 0):
         with autocast(device, precision):
             features = encode_videos(encode, videos.to(device, non_blocking=True))
             logits.append(model.similarity(features, class_features).float().cpu())
@@ -190,7 +189,7 @@ def evaluate_retrieval(
     model.eval()
     encode = encode or model.encode_video
     video_features, targets = [], []
-    for videos, batch_targets in tqdm(loader, desc="evaluate", leave=False, disable=rank() != 0):
+    for videos, batch_targets in tqdm(loader, desc="evaluate", leave=False, disable=runtime.RANK != 0):
         with autocast(device, precision):
             video_features.append(encode_videos(encode, videos.to(device, non_blocking=True)).float())
         targets.extend(batch_targets)
@@ -287,7 +286,7 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
         source = f"zero-shot CLIP {backbone.name}"
     else:
         source = f"{measured['checkpoint']} (epoch {measured['checkpoint_epoch']})"
-    per_process = max(1, options.batch_size // runtime.world_size())  # --batch-size is over every process
+    per_process = max(1, options.batch_size // runtime.WORLD_SIZE)  # --batch-size is over every process
     runtime.check_batch_memory(model, frames, per_process * options.views * options.crops, device)
 
     test_set = data.build_dataset(name, location, "test", num_frames=frames, split_id=options.split_id,
@@ -310,7 +309,7 @@ def run_evaluation(task: str, options: cli.EvaluationOptions) -> None:
             tokenize = runtime.caption_tokenizer(backbone, words)
             metrics = evaluate_retrieval(model, loader, tokenize, device, precision, tower, source)
     broken = broken_over_ranks(test_set)
-    if rank() != 0:
+    if runtime.RANK != 0:
         return  # rank 0 writes and prints the result
     result = {runs.EVALUATION_MARKER: 1, "task": task, "dataset": dataset, "split_id": options.split_id,
               "frames": frames, "views": options.views, "crops": options.crops, "prompt": model.prompt, **measured,

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_model import CLIP, ResidualAttentionBlock
-from loading.errors import ConfigError
+from loading.errors import ConfigError, is_number
 
 PROMPT_VARIANTS = ("none", "static", "spatial", "temporal", "stop")
 READOUTS = ("mean", "cls")  # the video feature: the mean of per-frame CLS features, or one video CLS (Figure 2a)
@@ -82,28 +82,24 @@ class STOPConfig:
 
     def __post_init__(self) -> None:
         """Refuse a value of the wrong type or range (a checkpoint edited by hand, ``--beta inf``) with its name."""
-
-        def number(value: Any) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-        def integer(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
         checks = [
             (self.prompt in PROMPT_VARIANTS, f"prompt={self.prompt!r}: expected one of {PROMPT_VARIANTS}"),
-            (number(self.alpha) and 0 <= self.alpha <= 1, f"alpha={self.alpha!r}: expected a weight in [0, 1]"),
-            (number(self.beta) and self.beta >= 0, f"beta={self.beta!r}: expected a finite beta >= 0"),
-            (integer(self.eta) and 1 <= self.eta <= 64, f"eta={self.eta!r}: expected an integer in [1, 64]"),
-            (number(self.rho) and 0 < self.rho <= 1, f"rho={self.rho!r}: expected 0 < rho <= 1"),
+            (is_number(self.alpha, 0, 1), f"alpha={self.alpha!r}: expected a weight in [0, 1]"),
+            (is_number(self.beta, 0), f"beta={self.beta!r}: expected a finite beta >= 0"),
+            (is_number(self.eta, 1, 64, integer=True), f"eta={self.eta!r}: expected an integer in [1, 64]"),
+            (is_number(self.rho, 0, 1) and self.rho > 0, f"rho={self.rho!r}: expected 0 < rho <= 1"),
             (
-                integer(self.reduced_dim) and self.reduced_dim >= 1,
+                is_number(self.reduced_dim, 1, integer=True),
                 f"reduced_dim={self.reduced_dim!r}: expected an integer >= 1",
             ),
             (
-                self.prompt_layers is None or (integer(self.prompt_layers) and self.prompt_layers >= 1),
+                self.prompt_layers is None or is_number(self.prompt_layers, 1, integer=True),
                 f"prompt_layers={self.prompt_layers!r}: expected an integer >= 1, or None for every block",
             ),
-            (number(self.dropout) and 0 <= self.dropout < 1, f"dropout={self.dropout!r}: expected 0 <= dropout < 1"),
+            (
+                is_number(self.dropout, 0, 1) and self.dropout < 1,
+                f"dropout={self.dropout!r}: expected 0 <= dropout < 1",
+            ),
             (self.readout in READOUTS, f"readout={self.readout!r}: expected one of {READOUTS}"),
             (self.attention in ATTENTIONS, f"attention={self.attention!r}: expected one of {ATTENTIONS}"),
             (
@@ -143,19 +139,8 @@ class PromptDetails:
 
 
 # --------------------------------------------------------------------------- #
-# Layout helpers
+# The convolutions over frames
 # --------------------------------------------------------------------------- #
-
-
-def to_volume(tokens: torch.Tensor, batch: int, grid: int) -> torch.Tensor:
-    """Patch tokens ``[B*T, N, C]`` (or ``[B, T, N, C]``) -> ``[B, C, T, G, G]``, the layout of ``Conv3d``."""
-    channels = tokens.shape[-1]
-    return tokens.reshape(batch, -1, grid, grid, channels).permute(0, 4, 1, 2, 3)
-
-
-def from_volume(volume: torch.Tensor) -> torch.Tensor:
-    """``[B, C, T, G, G]`` -> patch tokens ``[B, T, N, C]``."""
-    return volume.flatten(3).permute(0, 2, 3, 1)
 
 
 def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
@@ -166,15 +151,6 @@ def frame_conv(in_channels: int, out_channels: int, kernel: tuple[int, int, int]
     """
     padding = tuple(size // 2 for size in kernel)
     return nn.Conv3d(in_channels, out_channels, kernel, padding=padding, padding_mode="replicate")
-
-
-def convolve_together(x: torch.Tensor, first: nn.Conv3d, second: nn.Conv3d) -> torch.Tensor:
-    """``cat([first(x), second(x)], dim=1)`` as one convolution, for two ``frame_conv`` with the same window.
-
-    Small convolutions cost a GPU mostly their launch: one launch over the stacked kernels does the work of two.
-    """
-    x = F.pad(x, [side for size in reversed(first.padding) for side in (size, size)], mode="replicate")
-    return F.conv3d(x, torch.cat([first.weight, second.weight]), torch.cat([first.bias, second.bias]))
 
 
 # --------------------------------------------------------------------------- #
@@ -241,8 +217,6 @@ class SpatialPromptNet(nn.Module):
 
     Its first convolution sees frames t-1, t, t+1 of the reduced tokens ``u``; the second has a temporal kernel of
     1. The last Linear starts at zero, so at initialisation ``p^s = 0`` and ``h^s = h`` exactly.
-    ``SpatialPrompter`` runs the first convolution together with ``N^s``, which reads the same ``u`` through the
-    same window; ``forward`` takes its output.
     """
 
     def __init__(self, width: int, reduced_dim: int, dropout: float):
@@ -254,17 +228,17 @@ class SpatialPromptNet(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, first_conv: torch.Tensor, regions_index: torch.Tensor) -> torch.Tensor:
-        """``conv_in(u)`` ``[B, d_r, T, G, G]`` and the regions' patch indices ``[B*T, K_s]`` -> ``p^s`` there.
+    def forward(self, u: torch.Tensor, regions_index: torch.Tensor) -> torch.Tensor:
+        """``u`` ``[B, d_r, T, G, G]`` and the regions' patch indices ``[B*T, K_s]`` -> ``p^s`` there.
 
         ``r p^s`` is zero off the regions, so the Linear layers run at the ``K_s`` regions only: ``N/K_s`` (8 for
         ViT-B/32) times less work and memory than projecting every patch to width ``D``. Returns ``[B*T, K_s, D]``.
         """
-        batch = first_conv.shape[0]
-        features = from_volume(self.conv_out(F.relu(first_conv))).flatten(0, 1)  # [B*T, N, d_r]
+        features = self.conv_out(F.relu(self.conv_in(u)))  # [B, d_r, T, G, G]
+        features = features.flatten(3).permute(0, 2, 3, 1).flatten(0, 1)  # [B*T, N, d_r]
         index = regions_index.unsqueeze(-1).expand(-1, -1, features.shape[-1])
         p_s = self.mlp(features.gather(1, index))  # [B*T, K_s, D]
-        return video_dropout(p_s, batch, self.dropout, self.training)
+        return video_dropout(p_s, u.shape[0], self.dropout, self.training)
 
 
 class SpatialPrompter(nn.Module):
@@ -286,16 +260,16 @@ class SpatialPrompter(nn.Module):
         self, h: torch.Tensor, normed: torch.Tensor, A: torch.Tensor, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h``, ``normed = ln_1(h)`` ``[B*T, 1+N, D]``, ``A`` ``[B*T, N]`` -> ``(h^s, r, W^s, M)``."""
-        # u: [B, d_r, T, G, G]; reducing CLS too and dropping it after avoids copying the patch slice
-        u = to_volume(self.reduce(normed)[:, 1:], batch, self.grid)
-        convolved = convolve_together(u, self.dynamics_net, self.prompt_net.conv_in)  # [B, 1+d_r, T, G, G]
+        reduced = self.reduce(normed)[:, 1:]  # [B*T, N, d_r]; reducing CLS too and dropping it after avoids a copy
+        grids = reduced.reshape(batch, -1, self.grid, self.grid, reduced.shape[-1])  # [B, T, G, G, d_r]
+        u = grids.permute(0, 4, 1, 2, 3)  # u: [B, d_r, T, G, G]
 
-        M = torch.sigmoid(convolved[:, 0]).reshape(A.shape)  # step 2, M = sigmoid(N^s(u)): [B*T, N]
+        M = torch.sigmoid(self.dynamics_net(u)).reshape(A.shape)  # step 2, M = sigmoid(N^s(u)): [B*T, N]
         W_s = self.alpha * A + (1 - self.alpha) * M  # step 3, W^s = alpha A + (1 - alpha) M: [B*T, N]
         top = W_s.detach().topk(self.num_regions, dim=-1).indices  # the regions' patch indices: [B*T, K_s]
         r = torch.zeros_like(W_s, dtype=torch.bool).scatter_(-1, top, True)  # step 3, r: [B*T, N]
 
-        p_s = self.prompt_net(convolved[:, 1:], top)  # step 4, p^s at the regions: [B*T, K_s, D]
+        p_s = self.prompt_net(u, top)  # step 4, p^s at the regions: [B*T, K_s, D]
         # r W^s p^s at the regions, where r = 1; W^s keeps N^s trainable through the hard top-K: [B*T, K_s, D]
         prompts = W_s.gather(1, top).unsqueeze(-1) * p_s
         index = (top + 1).unsqueeze(-1).expand(-1, -1, h.shape[-1])  # + 1: CLS comes first
@@ -353,8 +327,9 @@ class TemporalPromptNet(nn.Module):
         # one head per gap, pre-norm as in a transformer: query, key, value each [B, T-1, N, d_r]
         query, key, value = self.attention_in(self.attention_norm(x)).chunk(3, dim=-1)
         x = x + self.attention_out(F.scaled_dot_product_attention(query, key, value))
-        volume = self.conv_out(F.relu(self.conv_in(to_volume(x, x.shape[0], self.grid))))  # [B, d_r, T-1, G, G]
-        candidates = self.candidates @ from_volume(volume)  # [B, T-1, eta, d_r]
+        volume = x.unflatten(2, (self.grid, self.grid)).permute(0, 4, 1, 2, 3)  # [B, d_r, T-1, G, G]
+        volume = self.conv_out(F.relu(self.conv_in(volume)))
+        candidates = self.candidates @ volume.flatten(3).permute(0, 2, 3, 1)  # [eta, N] @ [B, T-1, N, d_r]
         return self.dropout(self.out(self.out_norm(candidates)) * W_t[..., None, None])  # [B, T-1, eta, D]
 
 
@@ -406,13 +381,6 @@ def plain_block(block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Te
     return h + block.mlp(block.ln_2(h))
 
 
-def prompt_keys(block: ResidualAttentionBlock, p_t: torch.Tensor) -> torch.Tensor:
-    """The prompts ``p^t`` ``[B, T-1, eta, D]`` as the block's keys and values, ``[B, T-1, eta, 2D]``: they already
-    live in the space ``ln_1`` maps to, so they are projected as they are."""
-    width = p_t.shape[-1]
-    return F.linear(p_t, block.attn.in_proj_weight[width:], block.attn.in_proj_bias[width:])
-
-
 def beside_each_frame(
     key: torch.Tensor, value: torch.Tensor, prompt_kv: torch.Tensor, n_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -432,27 +400,28 @@ def beside_each_frame(
 
 
 def prompted_block(
-    block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, p_t: torch.Tensor, n_t: torch.Tensor
+    block: ResidualAttentionBlock, h: torch.Tensor, normed: torch.Tensor, prompt_kv: torch.Tensor, n_t: torch.Tensor
 ) -> torch.Tensor:
     """Step 8 in one block (``readout="mean"``): each frame attends to its own tokens and to the real prompts of the
     gaps beside it.
 
-    ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``p_t`` ``[B, T-1, eta, D]``
-    the candidates of each gap (``p^t``, already in the space ``ln_1`` maps to), of which the first ``n_t``
-    ``[B, T-1]`` are real. Frame t's keys/values are ``[CLS_t, patches_t, p^t_{t-1}, p^t_t]``; absent gaps (left
-    of the first frame, right of the last) and the slots at or past ``n_t`` are masked out. Prompts are keys and
-    values only: they are not queries, skip the MLP and are dropped after the block.
+    ``h`` ``[B*T, 1+N, D]`` the frame tokens (``h^s``), ``normed = block.ln_1(h)``; ``prompt_kv``
+    ``[B, T-1, eta, 2D]`` the keys and values of each gap's candidates (``p^t`` projected by the block's key and
+    value weights, ``BlockPrompter.forward``), of which the first ``n_t`` ``[B, T-1]`` are real. Frame t's keys and
+    values are ``[CLS_t, patches_t, p^t_{t-1}, p^t_t]``; absent gaps (left of the first frame, right of the last)
+    and the slots at or past ``n_t`` are masked out. Prompts are keys and values only: they are not queries, skip
+    the MLP and are dropped after the block.
 
     Every gap gets all ``eta`` slots whatever ``n_t`` is, and the key mask marks the real ones (``slot < n_t``): the
     same attention as keeping only the real prompts, with shapes that do not depend on the data (``docs/method.md``,
     "Prompt slots are masked, not cut"). Prompts with no slot (``spatial``, or single frames) run ``plain_block``,
     bit for bit.
     """
-    if p_t.shape[2] == 0:
+    if prompt_kv.shape[2] == 0:
         return plain_block(block, h, normed)
     attn = block.attn
     query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
-    key, value, key_mask = beside_each_frame(key, value, prompt_keys(block, p_t), n_t)
+    key, value, key_mask = beside_each_frame(key, value, prompt_kv, n_t)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)  # [B*T, H, 1+N, Dh]
     h = h + attn.out_proj(out.transpose(1, 2).flatten(2))
     return h + block.mlp(block.ln_2(h))
@@ -482,14 +451,14 @@ def video_cls_block(
     block: ResidualAttentionBlock,
     h: torch.Tensor,
     normed: torch.Tensor,
-    p_t: torch.Tensor,
+    prompt_kv: torch.Tensor,
     n_t: torch.Tensor,
     joint: bool = False,
 ) -> torch.Tensor:
     """Step 8 in one block with one video CLS (``readout="cls"``), for any block, prompted or not.
 
-    ``h`` ``[B*T, 1+N, D]`` holds the video CLS in slot 0 of every frame; ``normed``, ``p_t``, ``n_t`` as in
-    ``prompted_block`` (``p_t`` with 0 slots in an unprompted block). The video CLS is a query over itself, every
+    ``h`` ``[B*T, 1+N, D]`` holds the video CLS in slot 0 of every frame; ``normed``, ``prompt_kv``, ``n_t`` as in
+    ``prompted_block`` (``prompt_kv`` with 0 slots in an unprompted block). The video CLS is a query over itself, every
     frame's patches and every real prompt of the video, ``1 + T*N + (T-1) eta`` keys (unreal slots masked).
     ``attention="frame"``: frame t's patches attend to ``[CLS, patches_t, p^t_{t-1}, p^t_t]`` as in step 8;
     ``attention="joint"`` (``joint``): they attend to the video CLS's keys too, so every token of the video is in
@@ -498,10 +467,9 @@ def video_cls_block(
 
     With one frame and no prompt slot this is the frozen block on that frame: CLIP's own image forward.
     """
-    batch, gaps, slots, _ = p_t.shape
+    batch, gaps, slots, _ = prompt_kv.shape
     frames, attn = gaps + 1, block.attn
     query, key, value = attn.qkv(normed)  # each [B*T, H, 1+N, Dh]
-    prompt_kv = prompt_keys(block, p_t)  # [B, T-1, eta, 2D]
 
     heads, head_dim = query.shape[1], query.shape[-1]
     video_kv = prompt_kv.reshape(batch, gaps * slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, ., Dh]
@@ -528,21 +496,6 @@ def video_cls_block(
     x = x + attn.out_proj(out.transpose(1, 2).flatten(2))
     x = x + block.mlp(block.ln_2(x))
     return to_frames(x, frames)
-
-
-def frozen_block(
-    block: ResidualAttentionBlock,
-    h: torch.Tensor,
-    normed: torch.Tensor,
-    p_t: torch.Tensor,
-    n_t: torch.Tensor,
-    readout: str,
-    attention: str,
-) -> torch.Tensor:
-    """Step 8 for ``STOPConfig.readout`` and ``attention``: ``prompted_block`` (``mean``) or ``video_cls_block``."""
-    if readout == "mean":
-        return prompted_block(block, h, normed, p_t, n_t)
-    return video_cls_block(block, h, normed, p_t, n_t, joint=attention == "joint")
 
 
 # --------------------------------------------------------------------------- #
@@ -597,7 +550,14 @@ class BlockPrompter(nn.Module):
             n_t.fill_(self.eta)
             W_t.fill_(1.0)
 
-        h = frozen_block(block, h, normed, p_t, n_t, self.readout, self.attention)  # step 8
+        # step 8: the prompts are keys and values of the frozen attention. They already live in the space ln_1 maps
+        # to, so the block's key and value weights project them as they are (docs/method.md, "Where prompts live").
+        attn = block.attn
+        prompt_kv = F.linear(p_t, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # [B, T-1, eta, 2D]
+        if self.readout == "mean":
+            h = prompted_block(block, h, normed, prompt_kv, n_t)
+        else:
+            h = video_cls_block(block, h, normed, prompt_kv, n_t, joint=self.attention == "joint")
         details = PromptDetails(
             *(x.detach().view(batch, frames, patches) for x in (A, M, W_s, r)), variation=W_t.detach(), counts=n_t
         )
@@ -649,9 +609,9 @@ class STOPModel(nn.Module):
         """A block without prompt generators: CLIP's own block, or with a video CLS the same block with no prompt."""
         if self.config.readout == "mean":
             return block(h)
-        no_prompt = h.new_zeros(batch, h.shape[0] // batch - 1, 0, h.shape[-1])  # [B, T-1, 0, D]
+        no_prompt = h.new_zeros(batch, h.shape[0] // batch - 1, 0, 2 * h.shape[-1])  # keys and values: [B, T-1, 0, 2D]
         n_t = torch.zeros(no_prompt.shape[:2], dtype=torch.long, device=h.device)
-        return frozen_block(block, h, block.ln_1(h), no_prompt, n_t, self.config.readout, self.config.attention)
+        return video_cls_block(block, h, block.ln_1(h), no_prompt, n_t, joint=self.config.attention == "joint")
 
     def _run(self, function: Callable, *args):
         """``function(*args)``, recomputed in the backward pass when ``grad_checkpoint`` is on and training.

@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from evaluate import evaluate_recognition, evaluate_retrieval, format_metrics
 from loading import protocols
 from loading.errors import ConfigError, RankError, RunError
 from plumbing import cli, runs, runtime
-from plumbing.runtime import VideoTower, all_gather_with_grad, autocast, echo, rank, world_size
+from plumbing.runtime import VideoTower, all_gather_with_grad, autocast, echo
 from stop import STOPConfig, STOPModel
 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # CLIP's and the authors' (torch's defaults are (0.9, 0.999), 1e-8)
@@ -81,16 +82,12 @@ class TrainConfig(STOPConfig):
             raise ConfigError(f"--lr {self.lr}: expected at most {cli.MAX_LR:g}")
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up from 0 to 1, then a cosine down to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate's factor at ``step``: a linear warm-up from 0 to 1, then a cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
@@ -133,7 +130,7 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
         )
     if model.num_trainable_parameters() == 0:
         raise RunError("--prompt none has nothing to train (CLIP is frozen); evaluate it with evaluate.py")
-    per_process = config.batch_size // world_size()  # run_config checked that it divides
+    per_process = config.batch_size // runtime.WORLD_SIZE  # run_config checked that it divides
     runtime.check_batch_memory(model, config.frames, per_process, device)
     frozen = sum(p.numel() for p in model.clip.parameters())
     trainable = model.num_trainable_parameters()
@@ -163,7 +160,8 @@ def build_run(config: TrainConfig, checkpoint: Mapping[str, Any] | None) -> Run:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                   weight_decay=config.weight_decay)  # fmt: skip
     total_steps = config.epochs * len(train_loader)
-    schedule = cosine_with_warmup(total_steps, max(1, round(config.warmup * total_steps)))
+    warmup_steps = max(1, round(config.warmup * total_steps))
+    schedule = partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 alone needs loss scaling
     if checkpoint:
@@ -192,7 +190,7 @@ def batch_loss(run: Run, videos: torch.Tensor, targets: torch.Tensor | list[str]
         caption_features = model.encode_text(run.tokenize(list(targets)).to(device))  # frozen text tower: [b, E]
     logits = model.similarity(all_gather_with_grad(video_features), all_gather_with_grad(caption_features))  # [B, B]
     labels = torch.arange(logits.shape[0], device=device)  # pair i on the diagonal
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2 * world_size()
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2 * runtime.WORLD_SIZE
 
 
 def evaluate_epoch(run: Run, folder: runs.RunFolder, epoch: int) -> tuple[dict[str, Any], float]:
@@ -222,10 +220,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
         config = folder.config  # a resumed run's own
         run = build_run(config, folder.checkpoint) if folder.first_epoch < config.epochs else None
         for epoch in range(folder.first_epoch, config.epochs):
-            seed_epoch(config.seed, epoch)
+            epoch_seed = config.seed + epoch + runtime.RANK * 2**32  # dropout's: epoch and rank alone, for --resume
+            torch.manual_seed(epoch_seed)
+            random.seed(epoch_seed)
             run.train_loader.set_epoch(epoch)
             run.model.train()
-            log = EpochLog(epoch, config.epochs, run.train_loader)
+            log = EpochLog(epoch, config, run.train_loader)
             with runtime.rank_local_errors():  # a broken video of this rank's share (--strict) is reported by it
                 for videos, targets in log.progress:
                     with runtime.autocast(run.device, run.precision):
@@ -238,7 +238,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, gi
                     run.scaler.step(run.optimizer)  # step
                     run.scaler.update()
                     run.scheduler.step()
-                    log.step(loss.item() / (world_size() if config.task == "retrieve" else 1), len(videos), folder)
+                    log.step(loss.item(), len(videos), folder)
                 metrics, score = evaluate_epoch(run, folder, epoch)  # evaluate
             record = log.record(run, metrics)
             folder.save(epoch, score, record, metrics, model=run.model, optimizer=run.optimizer,
@@ -252,12 +252,14 @@ class EpochLog:
     """An epoch's progress bar and its record in ``metrics.jsonl``: the mean loss of its clips (retrieval's loss
     unscaled, see ``batch_loss``), the learning rate, clips/s and the broken videos met, summed over every rank."""
 
-    def __init__(self, epoch: int, epochs: int, loader: data.VideoLoader):
+    def __init__(self, epoch: int, config: TrainConfig, loader: data.VideoLoader):
         self.epoch, self.started, self.steps, self.loss_sum, self.clips = epoch, time.perf_counter(), 0, 0.0, 0
-        self.progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank() != 0)
+        self.scale = runtime.WORLD_SIZE if config.task == "retrieve" else 1  # batch_loss's scaling, undone
+        self.progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=runtime.RANK != 0)
 
     def step(self, loss: float, clips: int, folder: runs.RunFolder) -> None:
         self.steps += 1
+        loss /= self.scale
         if not math.isfinite(loss):
             raise_not_finite(folder, self.epoch, self.steps)
         self.loss_sum, self.clips = self.loss_sum + loss * clips, self.clips + clips
@@ -275,14 +277,6 @@ class EpochLog:
                 "train_clips_per_second": clips / seconds, "broken_videos": broken}  # fmt: skip
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Dropout's random stream for ``epoch``: the seed's and the epoch's alone (each rank its own), never the epochs
-    before, so --resume continues exactly. The clips' frames and augmentation have their own (``data.py``)."""
-    epoch_seed = seed + epoch + rank() * 2**32
-    torch.manual_seed(epoch_seed)
-    random.seed(epoch_seed)
-
-
 def last_good(folder: runs.RunFolder, epoch: int) -> str:
     """The checkpoint a run that fails in ``epoch`` keeps: ``last.pt`` of the epoch before, which was saved only
     because its model gave finite scores (``evaluate_epoch``)."""
@@ -291,7 +285,7 @@ def last_good(folder: runs.RunFolder, epoch: int) -> str:
 
 def raise_not_finite(folder: runs.RunFolder, epoch: int, step: int) -> None:
     """A loss that is no longer finite stops the run before anything is saved from it, naming the last good epoch."""
-    where = f"rank {rank()}: " if runtime.in_group() else ""
+    where = f"rank {runtime.RANK}: " if runtime.in_group() else ""
     raise RankError(f"{where}loss is not finite at epoch {epoch + 1}, step {step}; last good checkpoint: "
                     f"{last_good(folder, epoch)}. Try a lower --lr")  # fmt: skip
 
@@ -313,8 +307,8 @@ def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
     paths = {name: str(given[name]) for name in ("root", "out") if name in given}  # stored as text in checkpoints
     given |= {"task": task, "prompt_layers": options["prompt_layers"] or None, **paths}
     config = TrainConfig(**{**defaults, **given})
-    if config.batch_size % world_size():
-        raise RunError(f"--batch-size {config.batch_size}: expected a multiple of the {world_size()} processes")
+    if config.batch_size % runtime.WORLD_SIZE:
+        raise RunError(f"--batch-size {config.batch_size}: expected a multiple of the {runtime.WORLD_SIZE} processes")
     return config
 
 

@@ -7,6 +7,9 @@ else, a ``ValueError`` or ``RuntimeError`` from inside the model or the loop inc
 traceback.
 """
 
+import math
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input: its message is all the user sees. Picklable (one argument), so a DataLoader worker can send it."""
@@ -42,3 +45,10 @@ def error_message(error: Exception) -> str:
         return str(error)
     target = f" -> {error.filename2}" if error.filename2 is not None else ""
     return f"{error.filename}{target}: {error.strerror or error}"
+
+
+def is_number(value: Any, low: float = -math.inf, high: float = math.inf, *, integer: bool = False) -> bool:
+    """Whether ``value`` is a finite number in ``[low, high]`` (an ``int`` when ``integer``), never a ``bool``: the
+    check of an option or a checkpoint field before anything is built from it."""
+    kind = int if integer else int | float
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high

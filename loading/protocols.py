@@ -102,23 +102,3 @@ def protocol(dataset: str, task: str | None = None) -> Protocol:
         names = RETRIEVAL_DATASETS if task == "retrieve" else RECOGNITION_DATASETS if task else DATASETS
         raise DataError(f"{dataset} is not a {kind} dataset; those are {', '.join(names)} and synthetic")
     return PROTOCOLS[dataset]
-
-
-def defaults_help(field: str, task: str) -> str:
-    """``field``'s value (``frames``, ``words``, ``batch``, ``epochs`` or ``lr``) in each of ``task``'s rows, for
-    ``--help``: "25 (synthetic); 10 (ucf101, hmdb51, ssv2, kinetics400)", datasets of one value together."""
-    rows = {"synthetic": SYNTHETIC[task]} | {
-        name: PROTOCOLS[name] for name in (RECOGNITION_DATASETS if task == "recognize" else RETRIEVAL_DATASETS)
-    }
-    names_of: dict[float, list[str]] = {}
-    for name, row in rows.items():
-        names_of.setdefault(getattr(row, field), []).append(name)
-    return "; ".join(f"{_shown(value)} ({', '.join(names)})" for value, names in names_of.items())
-
-
-def _shown(value: float) -> str:
-    """An integer as it is, a rate as 1e-2 (not 0.01)."""
-    if isinstance(value, int):
-        return str(value)
-    mantissa, exponent = f"{value:e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"

@@ -24,11 +24,8 @@ import typer
 from loading import protocols
 from loading.dataset_files import available_cores
 from loading.errors import EXPECTED_ERRORS, RankError, RunError, error_message
-from plumbing.runtime import (
-    process_group,
-    rank,
-    resolve_device,
-)
+from plumbing import runtime
+from plumbing.runtime import process_group, resolve_device
 from stop import ATTENTIONS, PROMPT_VARIANTS, READOUTS, STOPConfig
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -183,11 +180,11 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except EXPECTED_ERRORS as error:
-        if rank() == 0 or isinstance(error, RankError):
+        if runtime.RANK == 0 or isinstance(error, RankError):
             typer.echo(f"error: {error_message(error)}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        if rank() == 0:
+        if runtime.RANK == 0:
             typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     finally:
@@ -226,10 +223,17 @@ PROTOCOL_FIELDS = {"frames": "frames", "words": "words", "batch_size": "batch", 
 
 
 def with_defaults(parameter: inspect.Parameter, task: str) -> inspect.Parameter:
-    """An option whose default is the dataset's, its help ending in the values of ``task``'s datasets."""
+    """An option whose default is the dataset's, its help ending in that value for each of ``task``'s datasets:
+    "25 (synthetic); 10 (ucf101, hmdb51, ssv2, kinetics400)", datasets of one value together."""
     if parameter.name not in PROTOCOL_FIELDS or parameter.default is not None:
         return parameter
+    datasets = protocols.RECOGNITION_DATASETS if task == "recognize" else protocols.RETRIEVAL_DATASETS
+    rows = {"synthetic": protocols.SYNTHETIC[task]} | {name: protocols.PROTOCOLS[name] for name in datasets}
+    names_of: dict[float, list[str]] = {}
+    for name, row in rows.items():
+        names_of.setdefault(getattr(row, PROTOCOL_FIELDS[parameter.name]), []).append(name)
     kind, option = get_args(parameter.annotation)
     option = copy.copy(option)
-    option.help = f"{option.help} {protocols.defaults_help(PROTOCOL_FIELDS[parameter.name], task)}."
+    values = "; ".join(f"{value:g} ({', '.join(names)})" for value, names in names_of.items())
+    option.help = f"{option.help} {values}."
     return parameter.replace(annotation=Annotated[kind, option])

@@ -1,4 +1,4 @@
-"""The run folder and the checkpoint format: ``RunFolder`` and its lock (``locked``), ``atomic_save``, ``save_epoch``
+"""The run folder and the checkpoint format: ``RunFolder`` and its lock (``held_lock``), ``atomic_save``, ``save_epoch``
 and ``repair_run_folder``; ``checkpoint_state``, read back by ``read_checkpoint`` and ``load_trained``.
 
 Machinery a learner may skip. The rules a run folder keeps (one owner, nothing half-written, nothing replaced by
@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from loading.errors import ConfigError, RunError
-from plumbing import cli
-from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero, rank
+from loading.errors import ConfigError, RunError, is_number
+from plumbing import cli, runtime
+from plumbing.runtime import Backbone, build_model, echo, load_backbone, on_rank_zero
 from stop import STOPConfig, STOPModel
 
 try:
@@ -133,7 +133,7 @@ def rng_states() -> dict[str, Any]:
 def held_lock(lock: Path, in_use: str) -> Iterator[None]:
     """Hold the file ``lock`` exclusively while the body runs, or refuse at once with the message ``in_use``: another
     process owns the folder. Never through a symbolic link (a file outside the folder); the file goes when the body
-    ends. For run folders (``locked``) and ``prepare.py``'s copies."""
+    ends. For run folders (``RunFolder.open``) and ``prepare.py``'s copies."""
     if fcntl is None:
         yield
         return
@@ -159,35 +159,6 @@ def held_lock(lock: Path, in_use: str) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still held, so that no one locks the old file after us
         handle.close()
-
-
-def locked(out: Path) -> contextlib.AbstractContextManager:
-    """Hold ``out/run.lock`` exclusively, or refuse at once: another process is writing this run folder."""
-    lock = out / LOCK_FILE
-    return held_lock(
-        lock, f"{out} is in use by another run (it holds {lock}): wait for it to end, or choose another --out"
-    )
-
-
-def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run unless ``--resume`` (continue it) or ``--overwrite`` (start it afresh), and
-    any other non-empty folder in every case: only a run's own files are ever replaced."""
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
-        return
-    if (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file():
-        if not overwrite:
-            raise RunError(
-                f"{out} already holds a run: choose another --out for a new run (another seed or settings), pass "
-                "--resume to continue this one, or --overwrite to replace it"
-            )
-        return
-    if any(path.name not in {*RUN_FILES, LOCK_FILE} and not is_temporary_of(path, RUN_FILES) for path in out.iterdir()):
-        raise RunError(
-            f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
-            "choose a new or empty folder for --out"
-        )
 
 
 def read_run(out: Path) -> dict[str, Any]:
@@ -235,16 +206,35 @@ class RunFolder:
         self.stack.close()
 
     def open(self) -> dict[str, Any] | None:
-        """Lock the folder, check it may be written as asked, and read (and repair) a run to resume."""
+        """Lock the folder (``run.lock``: another process is writing it), check that it may be written as asked, and
+        read (and repair) a run to resume.
+
+        An existing run is touched only with ``--resume`` (continue it) or ``--overwrite`` (start it afresh), and any
+        other non-empty folder never: only a run's own files are ever replaced.
+        """
         out = self.out
         created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
         check_writable(out, "--out")
         self.stack.callback(remove_empty, created)  # a run that writes nothing leaves no empty folder behind
-        self.stack.enter_context(locked(out))
-        check_run_folder(out, self.resume, self.overwrite)
-        for path in out.iterdir():  # a killed save's leftovers; ours, since we hold the lock
-            if is_temporary_of(path, RUN_FILES):
-                path.unlink(missing_ok=True)
+        lock = out / LOCK_FILE
+        in_use = f"{out} is in use by another run (it holds {lock}): wait for it to end, or choose another --out"
+        self.stack.enter_context(held_lock(lock, in_use))
+        has_run = (out / "metrics.jsonl").is_file() or (out / "last.pt").is_file()
+        if self.resume and not (out / "last.pt").is_file():
+            raise RunError(f"--resume: {out / 'last.pt'} does not exist; nothing to resume")
+        if has_run and not (self.resume or self.overwrite):
+            raise RunError(
+                f"{out} already holds a run: choose another --out for a new run (another seed or settings), pass "
+                "--resume to continue this one, or --overwrite to replace it"
+            )
+        leftovers = [path for path in out.iterdir() if is_temporary_of(path, RUN_FILES)]  # of a killed save
+        if not has_run and any(path.name not in {*RUN_FILES, LOCK_FILE} for path in set(out.iterdir()) - {*leftovers}):
+            raise RunError(
+                f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
+                "choose a new or empty folder for --out"
+            )
+        for path in leftovers:  # ours to remove, since we hold the lock
+            path.unlink(missing_ok=True)
         if not self.resume:
             return None
         checkpoint = read_run(out)
@@ -271,7 +261,7 @@ class RunFolder:
         if score > self.best:
             self.best, self.best_epoch = score, epoch
         self.records = [*self.records, {**record, **metrics}]
-        if rank() != 0:
+        if runtime.RANK != 0:
             return
         if self.overwrite and epoch == self.first_epoch:
             delete_replaced_run(self.out)  # only now: a new run that failed in its first epoch replaced nothing
@@ -434,16 +424,9 @@ def repair_run_folder(out: Path, checkpoint: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def integer_in(low: int, high: float) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def number_in(low: float, high: float) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
-
-
-def one_of(*choices: Any) -> Callable[[Any], bool]:
-    return lambda value: any(value is choice or (type(value) is type(choice) and value == choice) for choice in choices)
+def one_of(value: Any, choices: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``choices``, of its type too (``1`` is not ``True``)."""
+    return any(value is choice or (type(value) is type(choice) and value == choice) for choice in choices)
 
 
 def text_or_none(value: Any) -> bool:
@@ -453,27 +436,28 @@ def text_or_none(value: Any) -> bool:
 # A checkpoint's run configuration outside STOPConfig (whose own checks cover its fields): each field, when
 # present, must be what train.py writes, within the options' bounds (cli.py), before anything is built from it.
 CHECKPOINT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "task": (one_of("recognize", "retrieve"), "'recognize' or 'retrieve'"),
+    "task": (lambda value: one_of(value, ("recognize", "retrieve")), "'recognize' or 'retrieve'"),
     "dataset": (lambda value: isinstance(value, str), "a dataset name"),
     "root": (text_or_none, "a path or null"),
-    "split_id": (integer_in(1, 3), "an integer in [1, 3]"),
+    "split_id": (lambda value: is_number(value, 1, 3, integer=True), "an integer in [1, 3]"),
     "clip": (text_or_none, "a CLIP name or path, or null"),
-    "frames": (integer_in(1, cli.MAX_FRAMES), f"an integer in [1, {cli.MAX_FRAMES}]"),
-    "words": (lambda value: value is None or integer_in(3, cli.MAX_WORDS)(value),
+    "frames": (lambda value: is_number(value, 1, cli.MAX_FRAMES, integer=True), f"an integer in [1, {cli.MAX_FRAMES}]"),
+    "words": (lambda value: value is None or is_number(value, 3, cli.MAX_WORDS, integer=True),
               f"an integer in [3, {cli.MAX_WORDS}] or null"),
-    "batch_size": (integer_in(1, cli.MAX_BATCH), f"an integer in [1, {cli.MAX_BATCH}]"),
-    "epochs": (integer_in(1, math.inf), "an integer >= 1"),
-    "lr": (number_in(0, cli.MAX_LR), f"a number in [0, {cli.MAX_LR:g}]"),
-    "weight_decay": (number_in(0, math.inf), "a finite number >= 0"),
-    "warmup": (number_in(0, 1), "a number in [0, 1]"),
-    "grad_clip": (number_in(0, math.inf), "a finite number >= 0"),
-    "workers": (integer_in(0, math.inf), "an integer >= 0"),
-    "device": (one_of("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
-    "precision": (one_of("auto", "fp32", "bf16", "fp16"), "'auto', 'fp32', 'bf16' or 'fp16'"),
-    "grad_checkpoint": (one_of(True, False), "true or false"),
-    "compile": (one_of(True, False, None), "true, false or null"),
-    "seed": (integer_in(0, cli.MAX_SEED), f"an integer in [0, {cli.MAX_SEED}]"),
-    "strict": (one_of(True, False), "true or false"),
+    "batch_size": (lambda value: is_number(value, 1, cli.MAX_BATCH, integer=True),
+                   f"an integer in [1, {cli.MAX_BATCH}]"),
+    "epochs": (lambda value: is_number(value, 1, integer=True), "an integer >= 1"),
+    "lr": (lambda value: is_number(value, 0, cli.MAX_LR), f"a number in [0, {cli.MAX_LR:g}]"),
+    "weight_decay": (lambda value: is_number(value, 0), "a finite number >= 0"),
+    "warmup": (lambda value: is_number(value, 0, 1), "a number in [0, 1]"),
+    "grad_clip": (lambda value: is_number(value, 0), "a finite number >= 0"),
+    "workers": (lambda value: is_number(value, 0, integer=True), "an integer >= 0"),
+    "device": (lambda value: one_of(value, ("auto", "cpu", "cuda")), "'auto', 'cpu' or 'cuda'"),
+    "precision": (lambda value: one_of(value, ("auto", "fp32", "bf16", "fp16")), "'auto', 'fp32', 'bf16' or 'fp16'"),
+    "grad_checkpoint": (lambda value: one_of(value, (True, False)), "true or false"),
+    "compile": (lambda value: one_of(value, (True, False, None)), "true, false or null"),
+    "seed": (lambda value: is_number(value, 0, cli.MAX_SEED, integer=True), f"an integer in [0, {cli.MAX_SEED}]"),
+    "strict": (lambda value: one_of(value, (True, False)), "true or false"),
     "out": (lambda value: isinstance(value, str), "a path"),
 }  # fmt: skip
 
@@ -506,7 +490,7 @@ def read_checkpoint_and_sha256(path: Path) -> tuple[dict[str, Any], str]:
         if name in config and not valid(config[name]):
             raise ConfigError(f"{path}: its config field {name}={config[name]!r}: expected {expected}")
     for name in ("epoch", "best_epoch"):
-        if name in checkpoint and not integer_in(0, math.inf)(checkpoint[name]):
+        if name in checkpoint and not is_number(checkpoint[name], 0, integer=True):
             raise ConfigError(f"{path}: its field {name}={checkpoint[name]!r}: expected an integer >= 0")
     try:
         STOPConfig.from_dict(config)

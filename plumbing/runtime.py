@@ -64,11 +64,11 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked, but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)")
-    if device == "cuda" and world_size() > 1:
+    if device == "cuda" and WORLD_SIZE > 1:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
             raise RankError(
-                f"rank {rank()}: LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} GPUs: "
+                f"rank {RANK}: LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} GPUs: "
                 "start at most one process per GPU (torchrun --nproc_per_node)"
             )
         return torch.device("cuda", local_rank)
@@ -249,17 +249,10 @@ def caption_tokenizer(backbone: Backbone, words: int) -> Callable[[list[str]], t
 TIMEOUT_VARIABLE = "STOP_TIMEOUT_MINUTES"  # how long a collective (joining included) waits for every rank
 DEFAULT_TIMEOUT_MINUTES = 10.0
 T = TypeVar("T")
-
-
-def world_size() -> int:
-    """How many processes torchrun started (``WORLD_SIZE``): 1 without torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    """This process's rank (``RANK``): 0 in a single process. Read from the environment, so still known once the
-    process group is gone (``reported_errors`` runs after it)."""
-    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+# How many processes torchrun started, and this one's rank: 1 and 0 without torchrun. Read from the environment once,
+# so still known once the process group is gone (``cli.reported_errors`` runs after it).
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0")) if WORLD_SIZE > 1 else 0
 
 
 def in_group() -> bool:
@@ -269,7 +262,7 @@ def in_group() -> bool:
 
 def echo(message: str) -> None:
     """``typer.echo`` on rank 0 only: every rank runs the same code and would print it once each."""
-    if rank() == 0:
+    if RANK == 0:
         typer.echo(message)
 
 
@@ -294,7 +287,7 @@ def first_line(error: BaseException) -> str:
 def lost_contact(error: RuntimeError) -> bool:
     """A collective that failed because of another process: NCCL and the stores raise ``DistError``; gloo raises a
     plain ``RuntimeError`` from its transport ("Connection closed by peer", "Timed out waiting ...")."""
-    return world_size() > 1 and (isinstance(error, dist.DistError) or "gloo" in str(error))
+    return WORLD_SIZE > 1 and (isinstance(error, dist.DistError) or "gloo" in str(error))
 
 
 @contextlib.contextmanager
@@ -306,7 +299,7 @@ def process_group(placed: torch.device) -> Iterator[None]:
     after ``STOP_TIMEOUT_MINUTES`` (default 10), so a rank that hangs or never arrives ends the job instead of
     stalling it.
     """
-    if world_size() == 1:
+    if WORLD_SIZE == 1:
         yield
         return
     timeout = timedelta(minutes=collective_minutes())
@@ -319,7 +312,7 @@ def process_group(placed: torch.device) -> Iterator[None]:
             dist.init_process_group("gloo", timeout=timeout)
     except dist.DistError as error:
         raise RankError(
-            f"rank {rank()}: the {world_size()} processes did not all join within {TIMEOUT_VARIABLE}="
+            f"rank {RANK}: the {WORLD_SIZE} processes did not all join within {TIMEOUT_VARIABLE}="
             f"{collective_minutes():g} minutes (is every machine started, and MASTER_ADDR/MASTER_PORT or the "
             f"rendezvous endpoint reachable?): {first_line(error)}"
         ) from None
@@ -329,7 +322,7 @@ def process_group(placed: torch.device) -> Iterator[None]:
         if not lost_contact(error):
             raise
         raise RankError(
-            f"rank {rank()}: a collective operation with the other processes failed (one of them died, was stopped, "
+            f"rank {RANK}: a collective operation with the other processes failed (one of them died, was stopped, "
             f"or did not answer within {TIMEOUT_VARIABLE}={collective_minutes():g} minutes; its own message or "
             f"torchrun's report names it): {first_line(error)}"
         ) from None
@@ -346,7 +339,7 @@ def on_rank_zero(function: Callable[..., T], *args: Any) -> T:
     if not in_group():
         return function(*args)
     outcome: list[Any] = [None]
-    if rank() == 0:
+    if RANK == 0:
         try:
             outcome = [(True, function(*args))]
         except EXPECTED_ERRORS as error:
@@ -365,9 +358,9 @@ def rank_local_errors() -> Iterator[None]:
     try:
         yield
     except DataError as error:
-        if world_size() == 1:
+        if WORLD_SIZE == 1:
             raise
-        raise RankError(f"rank {rank()}: {error}") from None
+        raise RankError(f"rank {RANK}: {error}") from None
 
 
 def shard(dataset: Dataset, *, train: bool, seed: int = 0) -> DistributedSampler | None:
@@ -380,9 +373,7 @@ def shard(dataset: Dataset, *, train: bool, seed: int = 0) -> DistributedSampler
     ``gather_in_dataset_order`` drops.
     """
     if train:
-        return DistributedSampler(
-            dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=True
-        )
+        return DistributedSampler(dataset, num_replicas=WORLD_SIZE, rank=RANK, shuffle=True, seed=seed, drop_last=True)
     if not in_group():
         return None
     return DistributedSampler(dataset, shuffle=False)
@@ -398,7 +389,7 @@ def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -
     """
     if not in_group():
         return columns
-    shares: list[Any] = [None] * dist.get_world_size()
+    shares: list[Any] = [None] * dist.get_WORLD_SIZE
     local = [column.cpu() if isinstance(column, torch.Tensor) else column for column in columns]
     dist.all_gather_object(shares, (list(loader.sampler), local))
     first: dict[int, int] = {}  # dataset index -> its first position among all ranks' rows
@@ -420,9 +411,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     process's own rows (the others' are constants here, and get theirs in their own process). One process: ``x``."""
     if not in_group():
         return x
-    shares = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    shares = [torch.empty_like(x) for _ in range(dist.get_WORLD_SIZE)]
     dist.all_gather(shares, x.detach().contiguous())
-    shares[dist.get_rank()] = x
+    shares[dist.get_RANK] = x
     return torch.cat(shares)
 
 
@@ -430,7 +421,7 @@ def summed_over_ranks(*values: float) -> list[float]:
     """Each value summed over every rank (losses, clip counts, broken videos); the values themselves in one process."""
     if not in_group():
         return list(values)
-    shares: list[Any] = [None] * dist.get_world_size()
+    shares: list[Any] = [None] * dist.get_WORLD_SIZE
     dist.all_gather_object(shares, values)
     return [sum(share[i] for share in shares) for i in range(len(values))]
 
@@ -440,7 +431,7 @@ def broken_over_ranks(*datasets: Dataset) -> int:
     share, a training video drawn by another rank in another epoch) counts once."""
     if not in_group():
         return sum(dataset.broken_count() for dataset in datasets)
-    shares: list[Any] = [None] * dist.get_world_size()
+    shares: list[Any] = [None] * dist.get_WORLD_SIZE
     dist.all_gather_object(shares, [dataset.broken_items() for dataset in datasets])
     return sum(len({item for share in shares for item in share[number]}) for number in range(len(datasets)))
 

@@ -156,3 +156,10 @@ def records(out: Path) -> list[dict]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Each file of ``folder`` by name, with its bytes."""
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def prompt_keys(block: torch.nn.Module, prompts: torch.Tensor) -> torch.Tensor:
+    """Prompts ``[B, T-1, eta, D]`` as step 8 receives them: their keys and values ``[B, T-1, eta, 2D]`` under the
+    block's own projection, as ``stop.BlockPrompter.forward`` makes them (prompts live in ``ln_1``'s output space)."""
+    width = prompts.shape[-1]
+    return torch.nn.functional.linear(prompts, block.attn.in_proj_weight[width:], block.attn.in_proj_bias[width:])

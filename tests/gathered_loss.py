@@ -44,7 +44,7 @@ def step(run: SimpleNamespace, videos: torch.Tensor, captions: list[str]) -> dic
     loss = train.batch_loss(run, videos, captions)
     loss.backward()
     gradients = {name: parameter.grad.clone() for name, parameter in run.model.prompters.named_parameters()}
-    return {"loss": loss.item() / runtime.world_size(), "gradients": gradients}
+    return {"loss": loss.item() / runtime.WORLD_SIZE, "gradients": gradients}
 
 
 def main(out: Path) -> None:
@@ -68,7 +68,7 @@ def main(out: Path) -> None:
         pool = torch.randn(POOL, FRAMES, 3, 32, 32, generator=torch.Generator().manual_seed(2))
         sampler = runtime.shard(list(range(POOL)), train=True, seed=0)  # as build_run's training loader
         sampler.set_epoch(0)
-        share = list(sampler)[: BATCH // runtime.world_size()]  # this rank's step 0
+        share = list(sampler)[: BATCH // runtime.WORLD_SIZE]  # this rank's step 0
         videos, captions = pool[share], [CAPTIONS[index] for index in share]
 
         result = {"share": share, "gathered": step(run, videos, captions)}
@@ -79,7 +79,7 @@ def main(out: Path) -> None:
         finally:
             train.all_gather_with_grad = gather
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(result, out / f"rank{runtime.rank()}.pt")
+        torch.save(result, out / f"rank{runtime.RANK}.pt")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_
 
 def test_compiled_run_resumed_equals_uninterrupted(tiny_root, golden_clip, tmp_path, monkeypatch):
     """A compiled run killed in epoch 2 (only epoch 1 saved) and resumed with ``--compile`` ends as the compiled run
-    that was not killed: exactly, dropout on and drawn by inductor's own generator, which ``train.seed_epoch``
-    seeds as it seeds eager's."""
+    that was not killed: exactly, dropout on and drawn by inductor's own generator, which ``train.train`` seeds at
+    each epoch as it seeds eager's."""
     two_epochs = ("--epochs", 2, "--compile")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     code, output = train_two_steps(tiny_root, golden_clip, straight, *two_epochs)

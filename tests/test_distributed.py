@@ -333,7 +333,7 @@ def test_a_rank_that_never_joins_ends_the_job(environment, tmp_path, monkeypatch
     assert worker_error_lines(done.stderr)[0].startswith("error: rank 0: the 2 processes did not all join within")
     assert len(worker_error_lines(done.stderr)) == 1 and not (tmp_path / "run").exists()
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime, "WORLD_SIZE", 2)  # as under torchrun --nproc_per_node 2
     monkeypatch.setenv(runtime.TIMEOUT_VARIABLE, "soon")
     result = CliRunner().invoke(evaluate.app, ["recognize", "--device", "cpu"])
     assert (

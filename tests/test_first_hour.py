@@ -115,7 +115,7 @@ def test_the_help_offers_only_what_each_command_accepts_and_states_the_defaults(
     demo = protocols.SYNTHETIC["recognize"]
     for name, value in [("--frames", demo.frames), ("--batch-size", demo.batch), ("--epochs", demo.epochs)]:
         assert re.search(rf"{name} .*\b{value} \(synthetic\b", output), (name, output)
-    assert re.search(r"--lr .*1e-2 \(synthetic\)", output) and "1e-3 (ucf101, hmdb51, ssv2, kinetics400)" in output
+    assert re.search(r"--lr .*0\.01 \(synthetic\)", output) and "0.001 (ucf101, hmdb51, ssv2, kinetics400)" in output
     output = run(train.app, "retrieve", "--help")[1]
     assert re.search(rf"--frames .*\b{protocols.SYNTHETIC['retrieve'].frames} \(synthetic\b", output), output
     assert re.search(r"--lr .*5e-3 \(vatex\)", output), output

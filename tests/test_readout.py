@@ -13,7 +13,7 @@ from dataclasses import astuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import error_lines, train_tiny
+from conftest import error_lines, prompt_keys, train_tiny
 
 import clip_model
 import stop
@@ -201,12 +201,15 @@ def test_video_cls_block_equals_explicit_sequences(clip, joint):
     h = h.flatten(0, 1)
     prompts = torch.randn(batch, frames - 1, eta, width)
     counts = torch.tensor([[0, 2, 4], [1, 0, 0], [0, 0, 0]])  # a video with no prompts among videos with some
+    kv = prompt_keys(block, prompts)
     with torch.no_grad():
-        result = video_cls_block(block, h, block.ln_1(h), prompts, counts, joint=joint)
+        result = video_cls_block(block, h, block.ln_1(h), kv, counts, joint=joint)
         expected = explicit_video_block(block, h, prompts, counts, joint)
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
-        no_slot = video_cls_block(block, h, block.ln_1(h), prompts[:, :, :0], counts, joint=joint)
-        masked = video_cls_block(block, h, block.ln_1(h), prompts, torch.zeros_like(counts), joint=joint)
+        no_slot = video_cls_block(block, h, block.ln_1(h), kv[:, :, :0], counts, joint=joint)
+        masked = video_cls_block(
+            block, h, block.ln_1(h), prompt_keys(block, prompts), torch.zeros_like(counts), joint=joint
+        )
         torch.testing.assert_close(masked, no_slot, rtol=0, atol=1e-6)  # masked slots add nothing
 
 

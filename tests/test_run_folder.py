@@ -159,7 +159,7 @@ def test_a_run_folder_in_use_is_refused_at_once(tiny_root, golden_clip, tmp_path
     assert code == 0, output
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no run.lock left
     before = snapshot(out)
-    with runs.locked(out):  # another process's run, still going
+    with runs.held_lock(out / runs.LOCK_FILE, "held"):  # another process's run, still going
         for extra in (("--resume", "--epochs", 2), ("--overwrite",)):
             code, output = train_tiny(tiny_root, golden_clip, out, *extra)
             assert code == 1 and "Traceback" not in output, output
@@ -169,7 +169,7 @@ def test_a_run_folder_in_use_is_refused_at_once(tiny_root, golden_clip, tmp_path
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    with runs.locked(fresh):  # a new run that has not written anything yet
+    with runs.held_lock(fresh / runs.LOCK_FILE, "held"):  # a new run that has not written anything yet
         code, output = train_tiny(tiny_root, golden_clip, fresh)
         assert code == 1 and len(error_lines(output)) == 1 and f"{fresh} is in use" in output, output
         assert sorted(p.name for p in fresh.iterdir()) == [runs.LOCK_FILE]
@@ -402,7 +402,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(
     """``static`` reaches the loss at once; ``stop``, the default, meets NaN first in ``n_t = ceil(eta W^t)`` and
     in the prompt mask, which must carry it to the loss too. The learning rate explodes after the first step (the
     options refuse a rate that large)."""
-    monkeypatch.setattr(train, "cosine_with_warmup", lambda steps, warmup: lambda step: 1.0 if step == 0 else 1e14)
+    monkeypatch.setattr(train, "lr_factor", lambda step, total_steps, warmup_steps: 1.0 if step == 0 else 1e14)
     out = tmp_path / "run"
     code, output = train_tiny(tiny_root, golden_clip, out, "--lr", 1e-2, "--prompt", prompt, "--epochs", 3)
     assert code == 1 and "Traceback" not in output, output

@@ -11,6 +11,7 @@ from dataclasses import astuple
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prompt_keys
 from torch.utils.checkpoint import checkpoint
 
 import clip_model
@@ -177,7 +178,9 @@ def test_prompted_block_equals_explicit_per_frame_sequences(clip):
     prompts = torch.randn(batch, frames - 1, eta, width)
     counts = torch.tensor([[0, 2, 4], [1, 0, 0], [0, 0, 0]])  # a video with no prompts among videos with some
     with torch.no_grad():
-        result = prompted_block(block, h, block.ln_1(h), prompts, counts).view(batch, frames, length, width)
+        result = prompted_block(block, h, block.ln_1(h), prompt_keys(block, prompts), counts).view(
+            batch, frames, length, width
+        )
         attn, heads = block.attn, block.attn.heads
         for video in range(batch):
             for t in range(frames):
@@ -201,9 +204,11 @@ def test_prompted_block_without_prompts_is_the_plain_block(clip):
     h = torch.randn(8, 17, TINY.vision_width)
     counts = torch.zeros(2, 3, dtype=torch.long)
     with torch.no_grad():
-        result = prompted_block(block, h, block.ln_1(h), torch.randn(2, 3, 4, TINY.vision_width), counts)
+        result = prompted_block(
+            block, h, block.ln_1(h), prompt_keys(block, torch.randn(2, 3, 4, TINY.vision_width)), counts
+        )
         torch.testing.assert_close(result, block(h), rtol=0, atol=1e-6)
-        no_slot = prompted_block(block, h, block.ln_1(h), torch.randn(2, 3, 0, TINY.vision_width), counts)
+        no_slot = prompted_block(block, h, block.ln_1(h), torch.randn(2, 3, 0, 2 * TINY.vision_width), counts)
         assert torch.equal(no_slot, block(h))
 
 

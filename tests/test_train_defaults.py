@@ -2,6 +2,7 @@
 options a default fills in (and only those: ``--lr 0`` is honoured), the worker count; and the batch sizes it refuses
 with one ``error:`` line and nothing written."""
 
+import contextlib
 import inspect
 from dataclasses import fields
 from pathlib import Path
@@ -167,7 +168,8 @@ def test_a_batch_not_divisible_by_the_processes_is_refused(synthetic_root, golde
     def never_built(*args):
         raise AssertionError("a run was built")
 
-    monkeypatch.setattr(train, "world_size", lambda: 2)  # as under torchrun --nproc_per_node 2
+    monkeypatch.setattr(runtime, "WORLD_SIZE", 2)  # as under torchrun --nproc_per_node 2, without joining a group
+    monkeypatch.setattr(cli, "process_group", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(train, "build_run", never_built)
     out = tmp_path / "run"
     code, output = run(train.app, *small_run(synthetic_root, golden_clip, out, "--batch-size", 3))
