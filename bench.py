@@ -293,23 +293,6 @@ def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict
     return results
 
 
-def targets_met(rows: dict[str, dict[str, Any]], flops_fraction: float) -> list[dict[str, Any]]:
-    """This project's targets for STOP's cost, against this run's ratios."""
-    stop, checkpointed = rows.get("stop", {}), rows.get("stop --grad-checkpoint", {})
-    checks = [
-        ("STOP eval forward / frozen baseline's", stop.get("eval_x_none"), "<=", 1.25),
-        ("STOP training step / full fine-tune's", stop.get("train_x_full"), "<=", 0.85),
-        ("STOP peak training memory / full fine-tune's (above the model)", stop.get("train_memory_x_full"), "<=", 0.75),
-        ("... with --grad-checkpoint", checkpointed.get("train_memory_x_full"), "<=", 0.4),
-        ("frozen baseline forward FLOP/s / measured matmul FLOP/s", flops_fraction, ">=", 0.5),
-    ]
-    return [
-        {"target": name, "measured": None if value is None else round(value, 3), "goal": f"{sign} {goal}",
-         "met": None if value is None else (value <= goal if sign == "<=" else value >= goal)}
-        for name, value, sign, goal in checks
-    ]  # fmt: skip
-
-
 def model_table(results: dict[str, dict[str, Any]]) -> str:
     """The rows as a markdown table, ``—`` where a row has no such measurement."""
     columns = {  # result key: header, digits, scale (2**20: bytes shown as MiB)
@@ -376,25 +359,19 @@ def model_command(
 
     achieved = [flops / elapsed for elapsed in seconds["eval"][BASELINE]]  # FLOP/s of each counted round
     flops_fraction = median_ratio(achieved, seconds["matmul"])
-    targets = targets_met(results, flops_fraction)
     size, dtype_name = MATMUL_SIZES[device], str(matmul_dtype).removeprefix("torch.")
     notes = [
         f"Frozen baseline forward: {flops / setup['batch_size'] / 1e9:.1f} GFLOP per clip at "
         f"{statistics.median(achieved) / 1e9:.1f} GFLOP/s; measured {size}x{size} matmul rate "
-        f"{statistics.median(seconds['matmul']) / 1e9:.1f} GFLOP/s ({dtype_name}): {100 * flops_fraction:.0f}% of it.",
-        markdown_table(
-            [{**t, "measured": fmt(t["measured"], 3), "met": {None: "—", True: "yes", False: "no"}[t["met"]]}
-             for t in targets],
-            {"target": "this project's target", "goal": "goal", "measured": "measured", "met": "met"},
-        ),
-    ]  # fmt: skip
+        f"{statistics.median(seconds['matmul']) / 1e9:.1f} GFLOP/s ({dtype_name}): {100 * flops_fraction:.0f}% of it."
+    ]
     if memory:
         model_size = fmt(memory_bytes[BASELINE]["model_bytes"], 0, 2**20)
-        notes.insert(1, f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
+        notes.append(f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
                      "the last memory column adds it back.")  # fmt: skip
     setup |= {"warmup": warmup, "runs": runs, "compile": compile, **info}
     result = {MARKER: "model", "setup": setup, "forward_flops": flops, "matmul_flops_per_s": seconds["matmul"],
-              "baseline_flops_fraction": flops_fraction, "rows": results, "targets": targets}  # fmt: skip
+              "baseline_flops_fraction": flops_fraction, "rows": results}  # fmt: skip
     report("bench.py model", model_table(results), notes, result, out)
 
 
