@@ -176,25 +176,16 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def kernels_and_syncs(function: Callable[[], Any], device: torch.device) -> tuple[int, int]:
-    """The kernels one call of ``function`` runs (the GPU's; on the CPU the aten operators with no aten operator below
-    them, each a dispatch the host pays for while a GPU would wait) and its reads of a value back to the host
-    (``.item()``, ``if tensor:``) outside ``Optimizer.step``, where fused AdamW reads its CPU step counts."""
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as p:
+def kernels(function: Callable[[], Any], device: torch.device) -> int:
+    """The kernels one call of ``function`` runs: the GPU's, or on the CPU the aten operators with no aten operator
+    below them, each a dispatch the host pays for while a GPU would wait."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
         timed(function, device)
-
-    def kernel(event: Any) -> bool:
-        if device.type == "cuda":
-            return event.device_type == torch.autograd.DeviceType.CUDA
-        return event.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in event.cpu_children)
-
-    def in_optimizer(event: Any) -> bool:
-        while event is not None and not event.name.startswith("Optimizer.step"):
-            event = event.cpu_parent
-        return event is not None
-
-    syncs = [event for event in p.events() if event.name == "aten::_local_scalar_dense" and not in_optimizer(event)]
-    return sum(map(kernel, p.events())), len(syncs)
+    if cuda:
+        return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
+    aten = [event for event in profiler.events() if event.name.startswith("aten::")]
+    return sum(not any(child.name.startswith("aten::") for child in event.cpu_children) for event in aten)
 
 
 def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
@@ -268,7 +259,7 @@ def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: 
 
 def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict[str, dict], batch_size: int) -> dict:
     """Each row's JSON: trainable parameters, ms per clip and ratios (each the median over rounds of two times
-    measured in the same round), kernels and syncs, memory, and temporal prompts per gap between frames."""
+    measured in the same round), kernels, memory, and temporal prompts per gap between frames."""
     results: dict[str, dict[str, Any]] = {}
     full = memory.get(FULL, {})
     for name, bench in benches.items():
@@ -278,7 +269,7 @@ def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict
                 result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
                 ratio = median_ratio(seconds[kind][name], seconds[kind][reference])
                 result["eval_x_none" if kind == "eval" else "train_x_full"] = ratio
-                result[f"{kind}_kernels"], result[f"{kind}_host_syncs"] = kernels_and_syncs(function, bench.device)
+                result[f"{kind}_kernels"] = kernels(function, bench.device)
         result.update(measured := memory.get(name, {}))
         if "train_peak_bytes" in measured and full.get("train_peak_bytes"):
             result["train_memory_x_full"] = measured["train_peak_bytes"] / full["train_peak_bytes"]
@@ -306,11 +297,10 @@ def model_table(results: dict[str, dict[str, Any]]) -> str:
     for name, result in results.items():
         row = {"row": name, **{key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}}
         row["trainable_parameters"] = f"{result['trainable_parameters']:,}"
-        for key in ("kernels", "host_syncs"):
-            row[key] = " / ".join(str(result.get(f"{kind}_{key}", "—")) for kind in ("eval", "train"))
+        row["kernels"] = " / ".join(str(result.get(f"{kind}_kernels", "—")) for kind in ("eval", "train"))
         shown.append(row)
     headers = {"row": "model", **{key: header for key, (header, _, _) in columns.items()}}
-    return markdown_table(shown, headers | {"kernels": "kernels eval / train", "host_syncs": "host syncs eval / train"})
+    return markdown_table(shown, headers | {"kernels": "kernels eval / train"})
 
 
 @app.command("model")
