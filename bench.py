@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,13 +121,12 @@ def report(title: str, table: str, notes: list[str], result: dict[str, Any], out
         check_out(out)
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # a non-finite number is a bug, never saved
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            with os.fdopen(handle, "w") as file:
-                file.write(text)
-            os.replace(temporary, out)
+            temporary.write_text(text)
+            temporary.replace(out)
         finally:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
         typer.echo(f"\nwrote {out}")
 
 
@@ -152,9 +150,9 @@ class Bench:
         features = torch.randn(classes, clip.config.embed_dim, generator=generator)
         self.class_features = F.normalize(features, dim=-1).to(self.device)  # [C, E], fixed like cached class texts
         self.labels = torch.randint(classes, (batch,), generator=generator).to(self.device)  # [B]
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        lr = 1e-5 if row.full_finetune else 1e-3
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, **fused) if self.trains else None
+        if self.trains:
+            lr = 1e-5 if row.full_finetune else 1e-3
+            self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, fused=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -277,9 +275,8 @@ def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict
             result["train_total_memory_x_full"] = total / (full["model_bytes"] + full["train_peak_bytes"])
         if bench.evaluates and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
             details = bench.eval_forward(return_details=True)[1] if bench.model.prompters else []
-            result["prompts_per_gap"] = sum(block.counts.float().mean().item() for block in details) / max(
-                1, len(details)
-            )
+            counts = [block.counts.float().mean().item() for block in details]
+            result["prompts_per_gap"] = sum(counts) / max(1, len(counts))
         results[name] = {**result, "seconds": {kind: seconds[kind].get(name) for kind in ("eval", "train")}}
     return results
 
@@ -315,9 +312,7 @@ def model_command(
     device: Annotated[Literal["cpu", "cuda"], typer.Option()] = "cuda" if torch.cuda.is_available() else "cpu",
     autocast: Annotated[Literal["auto", "none", "bf16", "fp16"], typer.Option(help="auto: bf16 on CUDA")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0: PyTorch's default")] = 0,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile each row's encode_video, fullgraph")
-    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="encode_video through torch.compile, fullgraph")] = False,
     memory: Annotated[bool, typer.Option(help="measure peak memory (Linux or CUDA), one process per row")] = True,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
