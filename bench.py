@@ -44,8 +44,7 @@ MARKER = "benchmark"  # the key of every JSON written here: the only kind of fil
 
 @dataclass(frozen=True)
 class Row:
-    """A line of the model table: STOP built from ``config`` (``STOPConfig``'s fields), or with ``full_finetune``
-    the frozen baseline's whole image tower trained."""
+    """A row of the model table: STOP from ``config`` (``STOPConfig``'s fields), or the image tower fine-tuned."""
 
     name: str
     config: dict[str, Any]
@@ -111,8 +110,7 @@ def machine() -> dict[str, Any]:
 
 
 def report(title: str, table: str, notes: list[str], result: dict[str, Any], out: Path | None) -> None:
-    """Print ``result["setup"]`` with the load at the end (did other processes start competing for the cores?), the
-    table and the notes; write ``result`` to ``out`` through a temporary file renamed into place."""
+    """Print the setup (with the load at the end), the table and the notes; write ``result`` to ``out`` atomically."""
     result["setup"]["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
     typer.echo(f"{title}\n" + ", ".join(f"{key}={value}" for key, value in result["setup"].items()) + "\n\n" + table)
     for note in notes:
@@ -131,7 +129,7 @@ def report(title: str, table: str, notes: list[str], result: dict[str, Any], out
 
 
 class Bench:
-    """A row's model, optimiser and inputs (``setup``: the model command's options, as a memory probe gets them)."""
+    """A row's model, optimiser, inputs and ``steps``, what it times (``setup``: the model command's options)."""
 
     def __init__(self, row: Row, clip: clip_model.CLIP, setup: dict[str, Any]):
         """Full fine-tuning trains ``clip`` itself: give that row a copy of its own. Under bf16/fp16 autocast the
@@ -143,14 +141,15 @@ class Bench:
         visual = self.model.clip.visual
         trained = visual.requires_grad_(True).parameters() if row.full_finetune else self.model.trainable_parameters()
         self.parameters = list(trained)
-        self.trains, self.evaluates = bool(self.parameters), not row.grad_checkpoint  # checkpointed eval = STOP's
         generator, batch, classes = torch.Generator().manual_seed(setup["seed"]), setup["batch_size"], setup["classes"]
         shape = (batch, setup["frames"], 3, visual.input_resolution, visual.input_resolution)
         self.video = torch.randn(shape, generator=generator).to(self.device)  # [B, T, 3, R, R]
         features = torch.randn(classes, clip.config.embed_dim, generator=generator)
         self.class_features = F.normalize(features, dim=-1).to(self.device)  # [C, E], fixed like cached class texts
         self.labels = torch.randint(classes, (batch,), generator=generator).to(self.device)  # [B]
-        if self.trains:
+        self.steps = {} if row.grad_checkpoint else {"eval": self.eval_forward}  # a checkpointed eval forward is STOP's
+        if self.parameters:
+            self.steps["train"] = self.train_step
             lr = 1e-5 if row.full_finetune else 1e-3
             self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, fused=True)
 
@@ -186,10 +185,24 @@ def kernels(function: Callable[[], Any], device: torch.device) -> int:
     return sum(not any(child.name.startswith("aten::") for child in event.cpu_children) for event in aten)
 
 
-def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
-    """Bytes: the model built (``model_bytes``), then the peaks above it of an eval forward and of training steps:
-    the activations, gradients and optimiser state added to the frozen CLIP that every row holds. CUDA: allocated
-    bytes. CPU: Linux's resident size (``VmRSS``) and its high-water mark since a reset (``VmHWM``)."""
+def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
+    """``memory-probe`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
+    above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
+    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, setup])]
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    if finished.returncode != 0:
+        raise RuntimeError(f"memory probe of {name!r} failed:\n{finished.stderr.strip()[-2000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+@app.command("memory-probe", hidden=True)
+def memory_probe(spec: str) -> None:
+    """Internal: print one row's bytes as JSON (``spec``: its name and the setup): the model built (``model_bytes``),
+    then the peaks above it of an eval forward and of training steps: the activations, gradients and optimiser state
+    added to the frozen CLIP that every row holds. CUDA: allocated bytes. CPU: Linux's resident size (``VmRSS``) and
+    its high-water mark since a reset (``VmHWM``)."""
+    name, setup = json.loads(spec)
     torch.set_num_threads(setup["threads"])
     device = torch.device(setup["device"])
     cuda = device.type == "cuda"
@@ -202,7 +215,8 @@ def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
     warm = torch.randn(512, 512, device=device)
     (warm @ warm).relu().sum().item()  # start the thread pool and the math libraries before the baseline
     before = now()
-    bench = Bench(row, clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]).to(device), setup)
+    clip = clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]).to(device)
+    bench = Bench(ROWS[name], clip, setup)
     built = now()
     if cuda:  # building the model may have peaked higher than it stays: the peak starts over from here
         torch.cuda.reset_peak_memory_stats(device)
@@ -210,45 +224,26 @@ def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux 4.0 and later)
     bench.eval_forward()
     result = {"model_bytes": built - before, "eval_peak_bytes": peak() - built}  # eval first: peaks only grow
-    if bench.trains:
+    if "train" in bench.steps:
         bench.train_step()
         bench.train_step()  # the second step has the optimiser state the first one created
         result["train_peak_bytes"] = peak() - built
-    return result
-
-
-def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
-    """``measure_memory`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
-    above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
-    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, setup])]
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
-    if finished.returncode != 0:
-        raise RuntimeError(f"memory probe of {name!r} failed:\n{finished.stderr.strip()[-2000:]}")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-@app.command("memory-probe", hidden=True)
-def memory_probe(spec: str) -> None:
-    """Internal: measure one row's peak memory in this process and print it as JSON."""
-    name, setup = json.loads(spec)
-    typer.echo(json.dumps(measure_memory(ROWS[name], setup)))
+    typer.echo(json.dumps(result))
 
 
 def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: int) -> dict[str, Any]:
-    """Seconds of each row's eval forward (``eval``) and training step (``train``) in each counted round, and the
-    matmul FLOP/s of the same rounds (``matmul``). Rows take turns, the first one rotating, so drift in the machine's
-    speed hits them alike."""
+    """Seconds of each row's ``steps`` (``eval``, ``train``) and the matmul FLOP/s (``matmul``) in each counted round.
+    Rows take turns, the first one rotating, so drift in the machine's speed hits them alike."""
     names, device = list(benches), benches[BASELINE].device
-    seconds = {"eval": {n: [] for n in names if benches[n].evaluates}, "matmul": []}
-    seconds["train"], size = {n: [] for n in names if benches[n].trains}, MATMUL_SIZES[device.type]
+    seconds = {kind: {name: [] for name in names if kind in benches[name].steps} for kind in ("eval", "train")}
+    size, seconds["matmul"] = MATMUL_SIZES[device.type], []
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for round_index in range(warmup + runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            for kind, function in (("eval", benches[name].eval_forward), ("train", benches[name].train_step)):
-                elapsed = timed(function, device) if name in seconds[kind] else None
-                if elapsed is not None and round_index >= warmup:
+            for kind, function in benches[name].steps.items():
+                elapsed = timed(function, device)
+                if round_index >= warmup:
                     seconds[kind][name].append(elapsed)
         rate = 2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3))
         seconds["matmul"] += [rate] if round_index >= warmup else []
@@ -262,18 +257,17 @@ def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict
     full = memory.get(FULL, {})
     for name, bench in benches.items():
         result: dict[str, Any] = {"trainable_parameters": sum(parameter.numel() for parameter in bench.parameters)}
-        for kind, function, reference in (("eval", bench.eval_forward, BASELINE), ("train", bench.train_step, FULL)):
-            if name in seconds[kind]:
-                result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
-                ratio = median_ratio(seconds[kind][name], seconds[kind][reference])
-                result["eval_x_none" if kind == "eval" else "train_x_full"] = ratio
-                result[f"{kind}_kernels"] = kernels(function, bench.device)
+        for kind, function in bench.steps.items():
+            reference, ratio = (BASELINE, "eval_x_none") if kind == "eval" else (FULL, "train_x_full")
+            result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
+            result[ratio] = median_ratio(seconds[kind][name], seconds[kind][reference])
+            result[f"{kind}_kernels"] = kernels(function, bench.device)
         result.update(measured := memory.get(name, {}))
         if "train_peak_bytes" in measured and full.get("train_peak_bytes"):
             result["train_memory_x_full"] = measured["train_peak_bytes"] / full["train_peak_bytes"]
             total = measured["model_bytes"] + measured["train_peak_bytes"]
             result["train_total_memory_x_full"] = total / (full["model_bytes"] + full["train_peak_bytes"])
-        if bench.evaluates and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
+        if "eval" in bench.steps and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
             details = bench.eval_forward(return_details=True)[1] if bench.model.prompters else []
             counts = [block.counts.float().mean().item() for block in details]
             result["prompts_per_gap"] = sum(counts) / max(1, len(counts))
@@ -327,9 +321,8 @@ def model_command(
     autocast = ("bf16" if device == "cuda" else "none") if autocast == "auto" else autocast
     setup = dict(backbone=backbone, frames=frames, batch_size=batch_size or (16 if device == "cuda" else 2),
                  classes=classes, device=device, autocast=autocast, threads=threads or torch.get_num_threads(),
-                 seed=seed)  # fmt: skip
+                 seed=seed, warmup=warmup, runs=runs, compile=compile, **machine())  # fmt: skip
     torch.set_num_threads(setup["threads"])
-    info = machine()
     clip = clip_model.random_clip(BACKBONES[backbone], seed=seed).to(device)
     benches = {name: Bench(ROWS[name], copy.deepcopy(clip) if name == FULL else clip, setup) for name in names}
     if compile:
@@ -354,7 +347,6 @@ def model_command(
         model_size = fmt(memory_bytes[BASELINE]["model_bytes"], 0, 2**20)
         notes.append(f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
                      "the last memory column adds it back.")  # fmt: skip
-    setup |= {"warmup": warmup, "runs": runs, "compile": compile, **info}
     result = {MARKER: "model", "setup": setup, "forward_flops": flops, "matmul_flops_per_s": seconds["matmul"],
               "baseline_flops_fraction": flops_fraction, "rows": results}  # fmt: skip
     report("bench.py model", model_table(results), notes, result, out)
