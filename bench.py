@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import torch
 import torch.nn.functional as F
 import typer
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import clip_model
@@ -173,18 +172,6 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def kernels(function: Callable[[], Any], device: torch.device) -> int:
-    """The kernels one call of ``function`` runs: the GPU's, or on the CPU the aten operators with no aten operator
-    below them, each a dispatch the host pays for while a GPU would wait."""
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
-        timed(function, device)
-    if cuda:
-        return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
-    aten = [event for event in profiler.events() if event.name.startswith("aten::")]
-    return sum(not any(child.name.startswith("aten::") for child in event.cpu_children) for event in aten)
-
-
 def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
     """``memory-probe`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
     above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
@@ -252,16 +239,15 @@ def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: 
 
 def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict[str, dict], batch_size: int) -> dict:
     """Each row's JSON: trainable parameters, ms per clip and ratios (each the median over rounds of two times
-    measured in the same round), kernels, memory, and temporal prompts per gap between frames."""
+    measured in the same round), memory, and temporal prompts per gap between frames."""
     results: dict[str, dict[str, Any]] = {}
     full = memory.get(FULL, {})
     for name, bench in benches.items():
         result: dict[str, Any] = {"trainable_parameters": sum(parameter.numel() for parameter in bench.parameters)}
-        for kind, function in bench.steps.items():
+        for kind in bench.steps:
             reference, ratio = (BASELINE, "eval_x_none") if kind == "eval" else (FULL, "train_x_full")
             result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
             result[ratio] = median_ratio(seconds[kind][name], seconds[kind][reference])
-            result[f"{kind}_kernels"] = kernels(function, bench.device)
         result.update(measured := memory.get(name, {}))
         if "train_peak_bytes" in measured and full.get("train_peak_bytes"):
             result["train_memory_x_full"] = measured["train_peak_bytes"] / full["train_peak_bytes"]
@@ -288,10 +274,9 @@ def model_table(results: dict[str, dict[str, Any]]) -> str:
     for name, result in results.items():
         row = {"row": name, **{key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}}
         row["trainable_parameters"] = f"{result['trainable_parameters']:,}"
-        row["kernels"] = " / ".join(str(result.get(f"{kind}_kernels", "—")) for kind in ("eval", "train"))
         shown.append(row)
     headers = {"row": "model", **{key: header for key, (header, _, _) in columns.items()}}
-    return markdown_table(shown, headers | {"kernels": "kernels eval / train"})
+    return markdown_table(shown, headers)
 
 
 @app.command("model")
