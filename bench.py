@@ -83,8 +83,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 def fmt(value: float | None, digits: int = 2, scale: float = 1) -> str:
-    """``value / scale`` with ``digits`` decimals (and thousands separated when scaled), ``—`` for no value."""
-    return "—" if value is None else f"{value / scale:,.{digits}f}" if scale != 1 else f"{value:.{digits}f}"
+    """``value / scale`` with ``digits`` decimals and thousands separated, ``—`` for no value."""
+    return "—" if value is None else f"{value / scale:,.{digits}f}"
 
 
 def check_out(out: Path | None) -> None:
@@ -272,9 +272,8 @@ def model_table(results: dict[str, dict[str, Any]]) -> str:
     }  # fmt: skip
     shown = []
     for name, result in results.items():
-        row = {"row": name, **{key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}}
-        row["trainable_parameters"] = f"{result['trainable_parameters']:,}"
-        shown.append(row)
+        cells = {key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}
+        shown.append({"row": name, **cells})
     headers = {"row": "model", **{key: header for key, (header, _, _) in columns.items()}}
     return markdown_table(shown, headers)
 
@@ -398,16 +397,13 @@ def data_command(
             files[kind] = f"{videos.paths[0].suffix[1:].upper()}, {metadata.codec}, {size}"
     result: dict[str, Any] = {f"{key}_clips_per_s": statistics.median(values) for key, values in rates.items()}
     shown = {"dataset": f"{dataset} ({num_frames} frames)", "raw": files["raw"], "prepared": files.get("prepared", "—")}
-    for stage in ("decode", "pipeline"):
+    columns = {"dataset": "dataset (frames sampled)", "raw": "clip", "prepared": "prepared clip"}
+    for stage, header in (("decode", "decode clips/s raw"), ("pipeline", "+ transform clips/s raw")):
         if prepared:
             result[f"{stage}_x"] = median_ratio(rates[f"prepared_{stage}"], rates[f"raw_{stage}"])
         shown |= {f"{kind}_{stage}": fmt(result.get(f"{kind}_{stage}_clips_per_s"), 0) for kind in ("raw", "prepared")}
         shown[f"{stage}_x"] = fmt(result.get(f"{stage}_x"), 1)
-    columns = {
-        "dataset": "dataset (frames sampled)", "raw": "clip", "prepared": "prepared clip",
-        "raw_decode": "decode clips/s raw", "prepared_decode": "prepared", "decode_x": "x",
-        "raw_pipeline": "+ transform clips/s raw", "prepared_pipeline": "prepared", "pipeline_x": "x",
-    }  # fmt: skip
+        columns |= {f"raw_{stage}": header, f"prepared_{stage}": "prepared", f"{stage}_x": "x"}
     setup = {"dataset": dataset, "root": str(raw_root), "prepared": prepared and str(prepared), "clips": clips}
     setup |= {"rounds": rounds, "frames": num_frames, "resolution": resolution, "threads": 1, **machine()}
     setup |= {"cores available": dataset_files.available_cores(), "torchcodec": torchcodec.__version__}
