@@ -111,9 +111,8 @@ def machine() -> dict[str, Any]:
 def report(title: str, table: str, notes: list[str], result: dict[str, Any], out: Path | None) -> None:
     """Print the setup (with the load at the end), the table and the notes; write ``result`` to ``out`` atomically."""
     result["setup"]["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
-    typer.echo(f"{title}\n" + ", ".join(f"{key}={value}" for key, value in result["setup"].items()) + "\n\n" + table)
-    for note in notes:
-        typer.echo(f"\n{note}")
+    setup = ", ".join(f"{key}={value}" for key, value in result["setup"].items())
+    typer.echo("\n\n".join([f"{title}\n{setup}", table, *notes]))
     if out is not None:
         check_out(out)
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # a non-finite number is a bug, never saved
@@ -185,10 +184,9 @@ def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
 
 @app.command("memory-probe", hidden=True)
 def memory_probe(spec: str) -> None:
-    """Internal: print one row's bytes as JSON (``spec``: its name and the setup): the model built (``model_bytes``),
-    then the peaks above it of an eval forward and of training steps: the activations, gradients and optimiser state
-    added to the frozen CLIP that every row holds. CUDA: allocated bytes. CPU: Linux's resident size (``VmRSS``) and
-    its high-water mark since a reset (``VmHWM``)."""
+    """Internal: print as JSON one row's bytes (``spec``: its name and the setup): the model built, then the peaks
+    above it of an eval forward and of training steps, what they add to the frozen CLIP that every row holds. CUDA:
+    allocated bytes. CPU: Linux's resident size (``VmRSS``) and its high-water mark since a reset (``VmHWM``)."""
     name, setup = json.loads(spec)
     torch.set_num_threads(setup["threads"])
     device = torch.device(setup["device"])
@@ -254,8 +252,7 @@ def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict
             total = measured["model_bytes"] + measured["train_peak_bytes"]
             result["train_total_memory_x_full"] = total / (full["model_bytes"] + full["train_peak_bytes"])
         if "eval" in bench.steps and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
-            details = bench.eval_forward(return_details=True)[1] if bench.model.prompters else []
-            counts = [block.counts.float().mean().item() for block in details]
+            counts = [block.counts.float().mean().item() for block in bench.eval_forward(return_details=True)[1]]
             result["prompts_per_gap"] = sum(counts) / max(1, len(counts))
         results[name] = {**result, "seconds": {kind: seconds[kind].get(name) for kind in ("eval", "train")}}
     return results
@@ -368,8 +365,7 @@ def data_command(
     resolution: Annotated[int, typer.Option(min=8, help="model input size")] = 224,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
 ) -> None:
-    """Decode (+ sample + transform) clips/s of a dataset's training split in one thread (as in one DataLoader
-    worker): raw, and prepared."""
+    """Decode (+ transform) clips/s of a training split in one thread (one DataLoader worker), raw and prepared."""
     check_out(out)
     import torchcodec
 
