@@ -5,8 +5,6 @@ or FFmpeg); ``python bench.py data`` reads a dataset (``--root``) against its co
 (``--prepared``). Both print markdown tables and write JSON with ``--out``; the functions say what each number is.
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import json
@@ -19,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +26,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import clip_model
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
-
-if TYPE_CHECKING:
-    import data  # imported where the data command needs it: ``model`` runs without TorchCodec and FFmpeg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 TINY = clip_model.CLIPConfig(32, 32, 2, 64, 8, 77, 258, 64, 1, 2)  # tests/fixtures' tiny CLIP, for smoke runs
@@ -115,11 +110,10 @@ def report(title: str, table: str, notes: list[str], result: dict[str, Any], out
     typer.echo("\n\n".join([f"{title}\n{setup}", table, *notes]))
     if out is not None:
         check_out(out)
-        text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # a non-finite number is a bug, never saved
         out.parent.mkdir(parents=True, exist_ok=True)
         temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_text(text)
+            temporary.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # NaN: a bug, never saved
             temporary.replace(out)
         finally:
             temporary.unlink(missing_ok=True)
@@ -132,9 +126,10 @@ class Bench:
     def __init__(self, row: Row, clip: clip_model.CLIP, setup: dict[str, Any]):
         """Full fine-tuning trains ``clip`` itself: give that row a copy of its own. Under bf16/fp16 autocast the
         frozen CLIP keeps its matrix weights in that dtype, as training does; full fine-tuning keeps fp32 ones."""
-        self.row, self.device, self.dtype = row, torch.device(setup["device"]), AUTOCAST_DTYPES[setup["autocast"]]
-        if self.dtype is not None and not row.full_finetune:
-            clip_model.convert_matmul_weights(clip, self.dtype)
+        self.row, self.device, dtype = row, torch.device(setup["device"]), AUTOCAST_DTYPES[setup["autocast"]]
+        if dtype is not None and not row.full_finetune:
+            clip_model.convert_matmul_weights(clip, dtype)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.model = STOPModel(clip, STOPConfig(**row.config), grad_checkpoint=row.grad_checkpoint).to(self.device)
         visual = self.model.clip.visual
         trained = visual.requires_grad_(True).parameters() if row.full_finetune else self.model.trainable_parameters()
@@ -151,20 +146,17 @@ class Bench:
             lr = 1e-5 if row.full_finetune else 1e-3
             self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, fused=True)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
     def eval_forward(self, return_details: bool = False) -> Any:
         """``encode_video`` under inference mode."""
         self.model.eval()
-        with torch.inference_mode(), self.autocast():
+        with torch.inference_mode(), self.autocast:
             return self.model.encode_video(self.video, return_details=return_details)
 
     def train_step(self) -> None:
         """Forward, backward and a (fused) AdamW step on the recognition loss, cross-entropy over ``logit_scale *
         cos(video, class)``. Fixed class features give the text tower no gradient, which favours full fine-tuning."""
         self.model.train()
-        with self.autocast():
+        with self.autocast:
             logits = self.model.class_logits(self.video, self.class_features)  # [B, C]
         F.cross_entropy(logits.float(), self.labels).backward()
         self.optimizer.step()
@@ -221,18 +213,16 @@ def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: 
     Rows take turns, the first one rotating, so drift in the machine's speed hits them alike."""
     names, device = list(benches), benches[BASELINE].device
     seconds = {kind: {name: [] for name in names if kind in benches[name].steps} for kind in ("eval", "train")}
-    size, seconds["matmul"] = MATMUL_SIZES[device.type], []
+    size, matmul = MATMUL_SIZES[device.type], []
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for round_index in range(warmup + runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             for kind, function in benches[name].steps.items():
-                elapsed = timed(function, device)
-                if round_index >= warmup:
-                    seconds[kind][name].append(elapsed)
-        rate = 2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3))
-        seconds["matmul"] += [rate] if round_index >= warmup else []
-    return seconds
+                seconds[kind][name].append(timed(function, device))
+        matmul.append(2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3)))
+    counted = {kind: {name: times[warmup:] for name, times in rows.items()} for kind, rows in seconds.items()}
+    return counted | {"matmul": matmul[warmup:]}
 
 
 def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict[str, dict], batch_size: int) -> dict:
@@ -333,10 +323,10 @@ def model_command(
     report("bench.py model", model_table(results), notes, result, out)
 
 
-def read_rates(loaded: dict[str, data.VideoDataset], clips: int, rounds: int) -> dict[str, list[float]]:
-    """Clips/s in each counted round, per ``<kind>_<stage>``: ``decode`` (``read_frames``: decode + sample) and
-    ``pipeline`` (``dataset[i]``: + transform). The kinds take turns on the same clips, spread over the split."""
-    import data
+def read_rates(loaded: dict[str, Any], clips: int, rounds: int) -> dict[str, list[float]]:
+    """Clips/s of each ``data.VideoDataset`` per counted round and ``<kind>_<stage>``: ``decode`` (``read_frames``:
+    decode + sample), ``pipeline`` (``dataset[i]``: + transform). The kinds take turns on the same clips."""
+    import data  # here, not at the top: ``bench.py model`` runs without TorchCodec and FFmpeg
 
     rates: dict[str, list[float]] = {}
     for round_index in range(rounds + 1):  # the first round warms up
