@@ -40,19 +40,18 @@ MARKER = "benchmark"  # the key of every JSON written here: the only kind of fil
 class Row:
     """A row of the model table: STOP from ``config`` (``STOPConfig``'s fields), or the image tower fine-tuned."""
 
-    name: str
     config: dict[str, Any]
     grad_checkpoint: bool = False
     full_finetune: bool = False
 
 
-ROWS = {row.name: row for row in [
-    *[Row(variant, dict(prompt=variant)) for variant in PROMPT_VARIANTS],
-    Row("stop --readout cls", dict(prompt="stop", readout="cls")),
-    Row("stop --attention joint", dict(prompt="stop", readout="cls", attention="joint")),
-    Row("stop --grad-checkpoint", dict(prompt="stop"), grad_checkpoint=True),
-    Row("full fine-tune", dict(prompt="none"), full_finetune=True),
-]}  # fmt: skip
+ROWS = {
+    **{variant: Row(dict(prompt=variant)) for variant in PROMPT_VARIANTS},
+    "stop --readout cls": Row(dict(prompt="stop", readout="cls")),
+    "stop --attention joint": Row(dict(prompt="stop", readout="cls", attention="joint")),
+    "stop --grad-checkpoint": Row(dict(prompt="stop"), grad_checkpoint=True),
+    "full fine-tune": Row(dict(prompt="none"), full_finetune=True),
+}
 BASELINE, FULL = "none", "full fine-tune"  # the rows every ratio is taken against
 
 
@@ -147,7 +146,6 @@ class Bench:
             self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, fused=True)
 
     def eval_forward(self, return_details: bool = False) -> Any:
-        """``encode_video`` under inference mode."""
         self.model.eval()
         with torch.inference_mode(), self.autocast:
             return self.model.encode_video(self.video, return_details=return_details)
@@ -192,8 +190,7 @@ def memory_probe(spec: str) -> None:
     warm = torch.randn(512, 512, device=device)
     (warm @ warm).relu().sum().item()  # start the thread pool and the math libraries before the baseline
     before = now()
-    clip = clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]).to(device)
-    bench = Bench(ROWS[name], clip, setup)
+    bench = Bench(ROWS[name], clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]), setup)
     built = now()
     if cuda:  # building the model may have peaked higher than it stays: the peak starts over from here
         torch.cuda.reset_peak_memory_stats(device)
