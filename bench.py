@@ -5,8 +5,6 @@ or FFmpeg); ``python bench.py data`` reads a dataset (``--root``) against its co
 (``--prepared``). Both print markdown tables and write JSON with ``--out``; the functions say what each number is.
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import json
@@ -15,24 +13,19 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 import typer
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import clip_model
 from stop import PROMPT_VARIANTS, STOPConfig, STOPModel
-
-if TYPE_CHECKING:
-    import data  # imported where the data command needs it: ``model`` runs without TorchCodec and FFmpeg
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 TINY = clip_model.CLIPConfig(32, 32, 2, 64, 8, 77, 258, 64, 1, 2)  # tests/fixtures' tiny CLIP, for smoke runs
@@ -45,22 +38,20 @@ MARKER = "benchmark"  # the key of every JSON written here: the only kind of fil
 
 @dataclass(frozen=True)
 class Row:
-    """A line of the model table: STOP built from ``config`` (``STOPConfig``'s fields), or with ``full_finetune``
-    the frozen baseline's whole image tower trained."""
+    """A row of the model table: STOP from ``config`` (``STOPConfig``'s fields), or the image tower fine-tuned."""
 
-    name: str
     config: dict[str, Any]
     grad_checkpoint: bool = False
     full_finetune: bool = False
 
 
-ROWS = {row.name: row for row in [
-    *[Row(variant, dict(prompt=variant)) for variant in PROMPT_VARIANTS],
-    Row("stop --readout cls", dict(prompt="stop", readout="cls")),
-    Row("stop --attention joint", dict(prompt="stop", readout="cls", attention="joint")),
-    Row("stop --grad-checkpoint", dict(prompt="stop"), grad_checkpoint=True),
-    Row("full fine-tune", dict(prompt="none"), full_finetune=True),
-]}  # fmt: skip
+ROWS = {
+    **{variant: Row(dict(prompt=variant)) for variant in PROMPT_VARIANTS},
+    "stop --readout cls": Row(dict(prompt="stop", readout="cls")),
+    "stop --attention joint": Row(dict(prompt="stop", readout="cls", attention="joint")),
+    "stop --grad-checkpoint": Row(dict(prompt="stop"), grad_checkpoint=True),
+    "full fine-tune": Row(dict(prompt="none"), full_finetune=True),
+}
 BASELINE, FULL = "none", "full fine-tune"  # the rows every ratio is taken against
 
 
@@ -86,8 +77,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 
 def fmt(value: float | None, digits: int = 2, scale: float = 1) -> str:
-    """``value / scale`` with ``digits`` decimals (and thousands separated when scaled), ``—`` for no value."""
-    return "—" if value is None else f"{value / scale:,.{digits}f}" if scale != 1 else f"{value:.{digits}f}"
+    """``value / scale`` with ``digits`` decimals and thousands separated, ``—`` for no value."""
+    return "—" if value is None else f"{value / scale:,.{digits}f}"
 
 
 def check_out(out: Path | None) -> None:
@@ -112,95 +103,81 @@ def machine() -> dict[str, Any]:
 
 
 def report(title: str, table: str, notes: list[str], result: dict[str, Any], out: Path | None) -> None:
-    """Print ``result["setup"]`` with the load at the end (did other processes start competing for the cores?), the
-    table and the notes; write ``result`` to ``out`` through a temporary file renamed into place."""
+    """Print the setup (with the load at the end), the table and the notes; write ``result`` to ``out`` atomically."""
     result["setup"]["load average (1 min) at end"] = round(os.getloadavg()[0], 2)
-    typer.echo(f"{title}\n" + ", ".join(f"{key}={value}" for key, value in result["setup"].items()) + "\n\n" + table)
-    for note in notes:
-        typer.echo(f"\n{note}")
+    setup = ", ".join(f"{key}={value}" for key, value in result["setup"].items())
+    typer.echo("\n\n".join([f"{title}\n{setup}", table, *notes]))
     if out is not None:
         check_out(out)
-        text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # a non-finite number is a bug, never saved
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            with os.fdopen(handle, "w") as file:
-                file.write(text)
-            os.replace(temporary, out)
+            temporary.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # NaN: a bug, never saved
+            temporary.replace(out)
         finally:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
         typer.echo(f"\nwrote {out}")
 
 
 class Bench:
-    """A row's model, optimiser and inputs (``setup``: the model command's options, as a memory probe gets them)."""
+    """A row's model, optimiser, inputs and ``steps``, what it times (``setup``: the model command's options)."""
 
     def __init__(self, row: Row, clip: clip_model.CLIP, setup: dict[str, Any]):
         """Full fine-tuning trains ``clip`` itself: give that row a copy of its own. Under bf16/fp16 autocast the
         frozen CLIP keeps its matrix weights in that dtype, as training does; full fine-tuning keeps fp32 ones."""
-        self.row, self.device, self.dtype = row, torch.device(setup["device"]), AUTOCAST_DTYPES[setup["autocast"]]
-        if self.dtype is not None and not row.full_finetune:
-            clip_model.convert_matmul_weights(clip, self.dtype)
+        self.row, self.device, dtype = row, torch.device(setup["device"]), AUTOCAST_DTYPES[setup["autocast"]]
+        if dtype is not None and not row.full_finetune:
+            clip_model.convert_matmul_weights(clip, dtype)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         self.model = STOPModel(clip, STOPConfig(**row.config), grad_checkpoint=row.grad_checkpoint).to(self.device)
         visual = self.model.clip.visual
         trained = visual.requires_grad_(True).parameters() if row.full_finetune else self.model.trainable_parameters()
         self.parameters = list(trained)
-        self.trains, self.evaluates = bool(self.parameters), not row.grad_checkpoint  # checkpointed eval = STOP's
         generator, batch, classes = torch.Generator().manual_seed(setup["seed"]), setup["batch_size"], setup["classes"]
         shape = (batch, setup["frames"], 3, visual.input_resolution, visual.input_resolution)
         self.video = torch.randn(shape, generator=generator).to(self.device)  # [B, T, 3, R, R]
         features = torch.randn(classes, clip.config.embed_dim, generator=generator)
         self.class_features = F.normalize(features, dim=-1).to(self.device)  # [C, E], fixed like cached class texts
         self.labels = torch.randint(classes, (batch,), generator=generator).to(self.device)  # [B]
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        lr = 1e-5 if row.full_finetune else 1e-3
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, **fused) if self.trains else None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        self.steps = {} if row.grad_checkpoint else {"eval": self.eval_forward}  # a checkpointed eval forward is STOP's
+        if self.parameters:
+            self.steps["train"] = self.train_step
+            lr = 1e-5 if row.full_finetune else 1e-3
+            self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.2, fused=True)
 
     def eval_forward(self, return_details: bool = False) -> Any:
-        """``encode_video`` under inference mode."""
         self.model.eval()
-        with torch.inference_mode(), self.autocast():
+        with torch.inference_mode(), self.autocast:
             return self.model.encode_video(self.video, return_details=return_details)
 
     def train_step(self) -> None:
         """Forward, backward and a (fused) AdamW step on the recognition loss, cross-entropy over ``logit_scale *
         cos(video, class)``. Fixed class features give the text tower no gradient, which favours full fine-tuning."""
         self.model.train()
-        with self.autocast():
+        with self.autocast:
             logits = self.model.class_logits(self.video, self.class_features)  # [B, C]
         F.cross_entropy(logits.float(), self.labels).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def kernels_and_syncs(function: Callable[[], Any], device: torch.device) -> tuple[int, int]:
-    """The kernels one call of ``function`` runs (the GPU's; on the CPU the aten operators with no aten operator below
-    them, each a dispatch the host pays for while a GPU would wait) and its reads of a value back to the host
-    (``.item()``, ``if tensor:``) outside ``Optimizer.step``, where fused AdamW reads its CPU step counts."""
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as p:
-        timed(function, device)
-
-    def kernel(event: Any) -> bool:
-        if device.type == "cuda":
-            return event.device_type == torch.autograd.DeviceType.CUDA
-        return event.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in event.cpu_children)
-
-    def in_optimizer(event: Any) -> bool:
-        while event is not None and not event.name.startswith("Optimizer.step"):
-            event = event.cpu_parent
-        return event is not None
-
-    syncs = [event for event in p.events() if event.name == "aten::_local_scalar_dense" and not in_optimizer(event)]
-    return sum(map(kernel, p.events())), len(syncs)
+def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
+    """``memory-probe`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
+    above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
+    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, setup])]
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    if finished.returncode != 0:
+        raise RuntimeError(f"memory probe of {name!r} failed:\n{finished.stderr.strip()[-2000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
-    """Bytes: the model built (``model_bytes``), then the peaks above it of an eval forward and of training steps:
-    the activations, gradients and optimiser state added to the frozen CLIP that every row holds. CUDA: allocated
-    bytes. CPU: Linux's resident size (``VmRSS``) and its high-water mark since a reset (``VmHWM``)."""
+@app.command("memory-probe", hidden=True)
+def memory_probe(spec: str) -> None:
+    """Internal: print as JSON one row's bytes (``spec``: its name and the setup): the model built, then the peaks
+    above it of an eval forward and of training steps, what they add to the frozen CLIP that every row holds. CUDA:
+    allocated bytes. CPU: Linux's resident size (``VmRSS``) and its high-water mark since a reset (``VmHWM``)."""
+    name, setup = json.loads(spec)
     torch.set_num_threads(setup["threads"])
     device = torch.device(setup["device"])
     cuda = device.type == "cuda"
@@ -213,7 +190,7 @@ def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
     warm = torch.randn(512, 512, device=device)
     (warm @ warm).relu().sum().item()  # start the thread pool and the math libraries before the baseline
     before = now()
-    bench = Bench(row, clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]).to(device), setup)
+    bench = Bench(ROWS[name], clip_model.random_clip(BACKBONES[setup["backbone"]], seed=setup["seed"]), setup)
     built = now()
     if cuda:  # building the model may have peaked higher than it stays: the peak starts over from here
         torch.cuda.reset_peak_memory_stats(device)
@@ -221,93 +198,51 @@ def measure_memory(row: Row, setup: dict[str, Any]) -> dict[str, int]:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux 4.0 and later)
     bench.eval_forward()
     result = {"model_bytes": built - before, "eval_peak_bytes": peak() - built}  # eval first: peaks only grow
-    if bench.trains:
+    if "train" in bench.steps:
         bench.train_step()
         bench.train_step()  # the second step has the optimiser state the first one created
         result["train_peak_bytes"] = peak() - built
-    return result
-
-
-def memory_in_own_process(name: str, setup: dict[str, Any]) -> dict[str, int]:
-    """``measure_memory`` for one row in a fresh Python process, so no other row's peak is counted; every allocation
-    above 64 KiB mapped on its own and unmapped when freed, so the resident peak is that of live tensors."""
-    command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", json.dumps([name, setup])]
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
-    if finished.returncode != 0:
-        raise RuntimeError(f"memory probe of {name!r} failed:\n{finished.stderr.strip()[-2000:]}")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-@app.command("memory-probe", hidden=True)
-def memory_probe(spec: str) -> None:
-    """Internal: measure one row's peak memory in this process and print it as JSON."""
-    name, setup = json.loads(spec)
-    typer.echo(json.dumps(measure_memory(ROWS[name], setup)))
+    typer.echo(json.dumps(result))
 
 
 def time_rows(benches: dict[str, Bench], dtype: torch.dtype, warmup: int, runs: int) -> dict[str, Any]:
-    """Seconds of each row's eval forward (``eval``) and training step (``train``) in each counted round, and the
-    matmul FLOP/s of the same rounds (``matmul``). Rows take turns, the first one rotating, so drift in the machine's
-    speed hits them alike."""
+    """Seconds of each row's ``steps`` (``eval``, ``train``) and the matmul FLOP/s (``matmul``) in each counted round.
+    Rows take turns, the first one rotating, so drift in the machine's speed hits them alike."""
     names, device = list(benches), benches[BASELINE].device
-    seconds = {"eval": {n: [] for n in names if benches[n].evaluates}, "matmul": []}
-    seconds["train"], size = {n: [] for n in names if benches[n].trains}, MATMUL_SIZES[device.type]
+    seconds = {kind: {name: [] for name in names if kind in benches[name].steps} for kind in ("eval", "train")}
+    size, matmul = MATMUL_SIZES[device.type], []
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for round_index in range(warmup + runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            for kind, function in (("eval", benches[name].eval_forward), ("train", benches[name].train_step)):
-                elapsed = timed(function, device) if name in seconds[kind] else None
-                if elapsed is not None and round_index >= warmup:
-                    seconds[kind][name].append(elapsed)
-        rate = 2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3))
-        seconds["matmul"] += [rate] if round_index >= warmup else []
-    return seconds
+            for kind, function in benches[name].steps.items():
+                seconds[kind][name].append(timed(function, device))
+        matmul.append(2 * size**3 / min(timed(lambda: a @ b, device) for _ in range(3)))
+    counted = {kind: {name: times[warmup:] for name, times in rows.items()} for kind, rows in seconds.items()}
+    return counted | {"matmul": matmul[warmup:]}
 
 
 def row_results(benches: dict[str, Bench], seconds: dict[str, Any], memory: dict[str, dict], batch_size: int) -> dict:
     """Each row's JSON: trainable parameters, ms per clip and ratios (each the median over rounds of two times
-    measured in the same round), kernels and syncs, memory, and temporal prompts per gap between frames."""
+    measured in the same round), memory, and temporal prompts per gap between frames."""
     results: dict[str, dict[str, Any]] = {}
     full = memory.get(FULL, {})
     for name, bench in benches.items():
         result: dict[str, Any] = {"trainable_parameters": sum(parameter.numel() for parameter in bench.parameters)}
-        for kind, function, reference in (("eval", bench.eval_forward, BASELINE), ("train", bench.train_step, FULL)):
-            if name in seconds[kind]:
-                result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
-                ratio = median_ratio(seconds[kind][name], seconds[kind][reference])
-                result["eval_x_none" if kind == "eval" else "train_x_full"] = ratio
-                result[f"{kind}_kernels"], result[f"{kind}_host_syncs"] = kernels_and_syncs(function, bench.device)
+        for kind in bench.steps:
+            reference, ratio = (BASELINE, "eval_x_none") if kind == "eval" else (FULL, "train_x_full")
+            result[f"{kind}_ms_per_clip"] = 1000 * statistics.median(seconds[kind][name]) / batch_size
+            result[ratio] = median_ratio(seconds[kind][name], seconds[kind][reference])
         result.update(measured := memory.get(name, {}))
         if "train_peak_bytes" in measured and full.get("train_peak_bytes"):
             result["train_memory_x_full"] = measured["train_peak_bytes"] / full["train_peak_bytes"]
             total = measured["model_bytes"] + measured["train_peak_bytes"]
             result["train_total_memory_x_full"] = total / (full["model_bytes"] + full["train_peak_bytes"])
-        if bench.evaluates and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
-            details = bench.eval_forward(return_details=True)[1] if bench.model.prompters else []
-            result["prompts_per_gap"] = sum(block.counts.float().mean().item() for block in details) / max(
-                1, len(details)
-            )
+        if "eval" in bench.steps and not bench.row.full_finetune:  # averaged over gaps, videos and prompted blocks
+            counts = [block.counts.float().mean().item() for block in bench.eval_forward(return_details=True)[1]]
+            result["prompts_per_gap"] = sum(counts) / max(1, len(counts))
         results[name] = {**result, "seconds": {kind: seconds[kind].get(name) for kind in ("eval", "train")}}
     return results
-
-
-def targets_met(rows: dict[str, dict[str, Any]], flops_fraction: float) -> list[dict[str, Any]]:
-    """This project's targets for STOP's cost, against this run's ratios."""
-    stop, checkpointed = rows.get("stop", {}), rows.get("stop --grad-checkpoint", {})
-    checks = [
-        ("STOP eval forward / frozen baseline's", stop.get("eval_x_none"), "<=", 1.25),
-        ("STOP training step / full fine-tune's", stop.get("train_x_full"), "<=", 0.85),
-        ("STOP peak training memory / full fine-tune's (above the model)", stop.get("train_memory_x_full"), "<=", 0.75),
-        ("... with --grad-checkpoint", checkpointed.get("train_memory_x_full"), "<=", 0.4),
-        ("frozen baseline forward FLOP/s / measured matmul FLOP/s", flops_fraction, ">=", 0.5),
-    ]
-    return [
-        {"target": name, "measured": None if value is None else round(value, 3), "goal": f"{sign} {goal}",
-         "met": None if value is None else (value <= goal if sign == "<=" else value >= goal)}
-        for name, value, sign, goal in checks
-    ]  # fmt: skip
 
 
 def model_table(results: dict[str, dict[str, Any]]) -> str:
@@ -321,13 +256,10 @@ def model_table(results: dict[str, dict[str, Any]]) -> str:
     }  # fmt: skip
     shown = []
     for name, result in results.items():
-        row = {"row": name, **{key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}}
-        row["trainable_parameters"] = f"{result['trainable_parameters']:,}"
-        for key in ("kernels", "host_syncs"):
-            row[key] = " / ".join(str(result.get(f"{kind}_{key}", "—")) for kind in ("eval", "train"))
-        shown.append(row)
+        cells = {key: fmt(result.get(key), digits, scale) for key, (_, digits, scale) in columns.items()}
+        shown.append({"row": name, **cells})
     headers = {"row": "model", **{key: header for key, (header, _, _) in columns.items()}}
-    return markdown_table(shown, headers | {"kernels": "kernels eval / train", "host_syncs": "host syncs eval / train"})
+    return markdown_table(shown, headers)
 
 
 @app.command("model")
@@ -342,9 +274,7 @@ def model_command(
     device: Annotated[Literal["cpu", "cuda"], typer.Option()] = "cuda" if torch.cuda.is_available() else "cpu",
     autocast: Annotated[Literal["auto", "none", "bf16", "fp16"], typer.Option(help="auto: bf16 on CUDA")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch threads; 0: PyTorch's default")] = 0,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile each row's encode_video, fullgraph")
-    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="encode_video through torch.compile, fullgraph")] = False,
     memory: Annotated[bool, typer.Option(help="measure peak memory (Linux or CUDA), one process per row")] = True,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
@@ -359,9 +289,8 @@ def model_command(
     autocast = ("bf16" if device == "cuda" else "none") if autocast == "auto" else autocast
     setup = dict(backbone=backbone, frames=frames, batch_size=batch_size or (16 if device == "cuda" else 2),
                  classes=classes, device=device, autocast=autocast, threads=threads or torch.get_num_threads(),
-                 seed=seed)  # fmt: skip
+                 seed=seed, warmup=warmup, runs=runs, compile=compile, **machine())  # fmt: skip
     torch.set_num_threads(setup["threads"])
-    info = machine()
     clip = clip_model.random_clip(BACKBONES[backbone], seed=seed).to(device)
     benches = {name: Bench(ROWS[name], copy.deepcopy(clip) if name == FULL else clip, setup) for name in names}
     if compile:
@@ -376,32 +305,25 @@ def model_command(
 
     achieved = [flops / elapsed for elapsed in seconds["eval"][BASELINE]]  # FLOP/s of each counted round
     flops_fraction = median_ratio(achieved, seconds["matmul"])
-    targets = targets_met(results, flops_fraction)
     size, dtype_name = MATMUL_SIZES[device], str(matmul_dtype).removeprefix("torch.")
     notes = [
         f"Frozen baseline forward: {flops / setup['batch_size'] / 1e9:.1f} GFLOP per clip at "
         f"{statistics.median(achieved) / 1e9:.1f} GFLOP/s; measured {size}x{size} matmul rate "
-        f"{statistics.median(seconds['matmul']) / 1e9:.1f} GFLOP/s ({dtype_name}): {100 * flops_fraction:.0f}% of it.",
-        markdown_table(
-            [{**t, "measured": fmt(t["measured"], 3), "met": {None: "—", True: "yes", False: "no"}[t["met"]]}
-             for t in targets],
-            {"target": "this project's target", "goal": "goal", "measured": "measured", "met": "met"},
-        ),
-    ]  # fmt: skip
+        f"{statistics.median(seconds['matmul']) / 1e9:.1f} GFLOP/s ({dtype_name}): {100 * flops_fraction:.0f}% of it."
+    ]
     if memory:
         model_size = fmt(memory_bytes[BASELINE]["model_bytes"], 0, 2**20)
-        notes.insert(1, f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
+        notes.append(f"Peak memory is above the built model (the same frozen CLIP in every row: {model_size} MiB); "
                      "the last memory column adds it back.")  # fmt: skip
-    setup |= {"warmup": warmup, "runs": runs, "compile": compile, **info}
     result = {MARKER: "model", "setup": setup, "forward_flops": flops, "matmul_flops_per_s": seconds["matmul"],
-              "baseline_flops_fraction": flops_fraction, "rows": results, "targets": targets}  # fmt: skip
+              "baseline_flops_fraction": flops_fraction, "rows": results}  # fmt: skip
     report("bench.py model", model_table(results), notes, result, out)
 
 
-def read_rates(loaded: dict[str, data.VideoDataset], clips: int, rounds: int) -> dict[str, list[float]]:
-    """Clips/s in each counted round, per ``<kind>_<stage>``: ``decode`` (``read_frames``: decode + sample) and
-    ``pipeline`` (``dataset[i]``: + transform). The kinds take turns on the same clips, spread over the split."""
-    import data
+def read_rates(loaded: dict[str, Any], clips: int, rounds: int) -> dict[str, list[float]]:
+    """Clips/s of each ``data.VideoDataset`` per counted round and ``<kind>_<stage>``: ``decode`` (``read_frames``:
+    decode + sample), ``pipeline`` (``dataset[i]``: + transform). The kinds take turns on the same clips."""
+    import data  # here, not at the top: ``bench.py model`` runs without TorchCodec and FFmpeg
 
     rates: dict[str, list[float]] = {}
     for round_index in range(rounds + 1):  # the first round warms up
@@ -430,8 +352,7 @@ def data_command(
     resolution: Annotated[int, typer.Option(min=8, help="model input size")] = 224,
     out: Annotated[Path | None, typer.Option(help="write the results here as JSON")] = None,
 ) -> None:
-    """Decode (+ sample + transform) clips/s of a dataset's training split in one thread (as in one DataLoader
-    worker): raw, and prepared."""
+    """Decode (+ transform) clips/s of a training split in one thread (one DataLoader worker), raw and prepared."""
     check_out(out)
     import torchcodec
 
@@ -459,16 +380,13 @@ def data_command(
             files[kind] = f"{videos.paths[0].suffix[1:].upper()}, {metadata.codec}, {size}"
     result: dict[str, Any] = {f"{key}_clips_per_s": statistics.median(values) for key, values in rates.items()}
     shown = {"dataset": f"{dataset} ({num_frames} frames)", "raw": files["raw"], "prepared": files.get("prepared", "—")}
-    for stage in ("decode", "pipeline"):
+    columns = {"dataset": "dataset (frames sampled)", "raw": "clip", "prepared": "prepared clip"}
+    for stage, header in (("decode", "decode clips/s raw"), ("pipeline", "+ transform clips/s raw")):
         if prepared:
             result[f"{stage}_x"] = median_ratio(rates[f"prepared_{stage}"], rates[f"raw_{stage}"])
         shown |= {f"{kind}_{stage}": fmt(result.get(f"{kind}_{stage}_clips_per_s"), 0) for kind in ("raw", "prepared")}
         shown[f"{stage}_x"] = fmt(result.get(f"{stage}_x"), 1)
-    columns = {
-        "dataset": "dataset (frames sampled)", "raw": "clip", "prepared": "prepared clip",
-        "raw_decode": "decode clips/s raw", "prepared_decode": "prepared", "decode_x": "x",
-        "raw_pipeline": "+ transform clips/s raw", "prepared_pipeline": "prepared", "pipeline_x": "x",
-    }  # fmt: skip
+        columns |= {f"raw_{stage}": header, f"prepared_{stage}": "prepared", f"{stage}_x": "x"}
     setup = {"dataset": dataset, "root": str(raw_root), "prepared": prepared and str(prepared), "clips": clips}
     setup |= {"rounds": rounds, "frames": num_frames, "resolution": resolution, "threads": 1, **machine()}
     setup |= {"cores available": dataset_files.available_cores(), "torchcodec": torchcodec.__version__}

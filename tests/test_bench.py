@@ -38,13 +38,6 @@ def test_model_reports_every_row_against_the_baseline_and_full_fine_tuning(tmp_p
     # each row measured in its own process: full fine-tuning holds a gradient and two AdamW moments per weight
     assert rows["full fine-tune"]["train_peak_bytes"] >= 3 * 4 * visual
     assert report["forward_flops"] > 0 and all(rate > 0 for rate in report["matmul_flops_per_s"])
-    # the profiler's counts: STOP adds kernels to the baseline's forward and reads nothing back to the host
-    assert rows["stop"]["eval_kernels"] > rows["none"]["eval_kernels"] > 0 and rows["stop"]["train_kernels"] > 0
-    assert rows["stop"]["eval_host_syncs"] == rows["stop"]["train_host_syncs"] == 0
-    # the targets are judged on this run's ratios
-    training = next(target for target in report["targets"] if target["target"].startswith("STOP training step"))
-    assert training["measured"] == round(rows["stop"]["train_x_full"], 3)
-    assert training["met"] == (rows["stop"]["train_x_full"] <= 0.85)
     assert report["setup"]["threads"] == 1 and report["setup"]["batch_size"] == 2
 
 
