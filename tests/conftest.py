@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 import train
+from loading.protocols import PROTOCOLS
 
 PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = PROJECT / "tests" / "fixtures"
@@ -74,12 +75,13 @@ def msvd_root(tmp_path_factory) -> Path:
     for video_id in MSVD_CAPTIONS:
         if video_id != "zzLq_missing_1_4":
             frames = torch.full((4, 3, 32, 32), msvd_level(video_id), dtype=torch.uint8)
-            dataset_files.write_video(root / "YouTubeClips" / f"{video_id}.avi", frames, 10)
-    (root / "msvd_data").mkdir()
+            dataset_files.write_video(root / PROTOCOLS["msvd"].videos / f"{video_id}.avi", frames, 10)
+    annotations = root / PROTOCOLS["msvd"].annotations
+    annotations.mkdir()
     for split, ids in MSVD_SPLITS.items():
         ending = b"\r\n" if split == "test" else b""
-        (root / "msvd_data" / f"{split}_list.txt").write_bytes("\r\n".join(ids).encode() + ending)
-    (root / "msvd_data" / "raw-captions.pkl").write_bytes(pickle.dumps(MSVD_CAPTIONS))
+        (annotations / f"{split}_list.txt").write_bytes("\r\n".join(ids).encode() + ending)
+    (annotations / "raw-captions.pkl").write_bytes(pickle.dumps(MSVD_CAPTIONS))
     return root
 
 
@@ -104,9 +106,9 @@ def tiny_root(tmp_path_factory) -> Path:
         for split in ("train", "test"):
             entry = f"{name}/v_{name}_g{1 if split == 'test' else 5:02d}_c01.avi"
             frames, _, _ = synthetic.render_synthetic_clip(label, generator)
-            dataset_files.write_video(root / "UCF-101" / entry, frames, synthetic.SYNTHETIC_FPS)
+            dataset_files.write_video(root / PROTOCOLS["ucf101"].videos / entry, frames, synthetic.SYNTHETIC_FPS)
             lines[split].append(entry if split == "test" else f"{entry} {label + 1}")
-    lists = root / "ucfTrainTestlist"
+    lists = root / PROTOCOLS["ucf101"].annotations
     lists.mkdir()
     (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(synthetic.SYNTHETIC_CLASSES)))
     (lists / "trainlist01.txt").write_text("\n".join(lines["train"]) + "\n")
