@@ -89,18 +89,26 @@ def assert_same_training(compiled: Path, eager: Path) -> None:
         assert mine == other
 
 
-@pytest.mark.parametrize("prompt", ["stop", "temporal"])
-def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_random, prompt):
+@pytest.mark.parametrize(
+    ("prompt", "readout", "attention"),
+    [("stop", "mean", "frame"), ("temporal", "mean", "frame"), ("stop", "cls", "frame"), ("stop", "cls", "joint")],
+    ids=["stop-mean", "temporal-mean", "stop-cls-frame", "stop-cls-joint"],
+)
+def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_random, prompt, readout, attention):
     """One epoch with ``--compile`` against ``--no-compile``, same seed, dropout on (0.1) and drawing eager's masks
     in both (``eager_random``): the saved prompts and the epoch's metrics agree within the stated tolerances, and
-    each mode compiled once."""
+    each mode compiled once. For both readouts and both attentions: the video CLS and the joint attention are other
+    graphs than meanP's (``stop.video_cls_block``), compiled whole as well (``fullgraph=True``)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    code, output = train_two_steps(tiny_root, golden_clip, eager, "--prompt", prompt, "--no-compile")
+    options = ("--prompt", prompt, "--readout", readout, "--attention", attention)
+    code, output = train_two_steps(tiny_root, golden_clip, eager, *options, "--no-compile")
     assert code == 0 and compile_lines(output) == [], output
-    code, output = train_two_steps(tiny_root, golden_clip, compiled, "--prompt", prompt, "--compile")
+    code, output = train_two_steps(tiny_root, golden_clip, compiled, *options, "--compile")
     assert code == 0, output
     assert compile_lines(output) == ONE_COMPILATION_PER_MODE, output
     assert counters["stats"]["unique_graphs"] == 2  # training's and evaluation's, nothing recompiled
+    saved = torch.load(compiled / "last.pt", weights_only=True)["config"]
+    assert (saved["prompt"], saved["readout"], saved["attention"]) == (prompt, readout, attention)
     assert_same_training(compiled, eager)
 
 
