@@ -1,10 +1,14 @@
 """What the tests share: the reference material in ``tests/fixtures``, the devices the model tests run on, the
-datasets the commands run on, and the helpers that run a command and read what it wrote.
+CLIPs, videos and helpers of the model tests, the datasets the commands run on, and the helpers that run a command
+and read what it wrote.
 
-The helpers are plain functions: a test file imports them with ``from conftest import run, error_lines``.
+Names say what a thing is: ``golden`` and ``golden_clip`` are paths (the fixtures folder, the golden CLIP's file),
+``golden_clip_model`` and ``random_clip_model`` are CLIP models. The helpers are plain functions: a test file imports
+them with ``from conftest import run, error_lines``.
 """
 
 import json
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+import clip_model
 import train
+from loading.protocols import PROTOCOLS
+from stop import PromptDetails, STOPModel
 
 PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = PROJECT / "tests" / "fixtures"
@@ -40,6 +47,76 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     return torch.device(request.param)
+
+
+# --------------------------------------------------------------------------- #
+# The model tests' CLIPs and videos, and what they do with a STOP model
+# --------------------------------------------------------------------------- #
+
+# The random CLIP the model tests run on, built here so that they always run: 32 px, patch 8 (N = 16 patches), width
+# 128 with 2 heads, 3 blocks.
+RANDOM_CLIP_CONFIG = clip_model.CLIPConfig(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=3,
+    vision_width=128,
+    vision_patch_size=8,
+    context_length=16,
+    vocab_size=100,
+    transformer_width=32,
+    transformer_heads=1,
+    transformer_layers=1,
+)
+FRAMES = 8  # frames per video in the model tests
+
+
+@pytest.fixture(scope="module")
+def random_clip_model() -> clip_model.CLIP:
+    """The random CLIP of ``RANDOM_CLIP_CONFIG`` (seed 0), one per test module."""
+    return clip_model.random_clip(RANDOM_CLIP_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def golden_clip_model(golden) -> clip_model.CLIP:
+    """The golden CLIP (the model in ``golden_clip``'s file), loaded once per test module."""
+    return clip_model.load(golden / "tiny_clip_state_dict.pt")
+
+
+def random_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
+    """``[batch, frames, 3, 32, 32]`` of standard normal pixels: every frame differs from the next."""
+    return torch.randn(batch, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def still_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
+    """``[batch, frames, 3, 32, 32]``: each video one random image, repeated."""
+    return random_videos(batch, frames=1, seed=seed).expand(-1, frames, -1, -1, -1).contiguous()
+
+
+def one_change_video(seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """``[1, 8, 3, 32, 32]``: frames 1-3 show one image, frames 4-8 another (1-based): one change, at gap 3."""
+    first, second = random_videos(2, frames=1, seed=seed)[:, 0]
+    return torch.stack([first] * 3 + [first + scale * (second - first)] * 5)[None]
+
+
+def as_if_trained(model: STOPModel, scale: float = 0.2, seed: int = 0) -> STOPModel:
+    """Every trainable tensor redrawn at random (zero-initialised layers included), in eval mode: prompts are
+    non-zero and counts vary."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def features(model: STOPModel, video: torch.Tensor, **kwargs):
+    """``model.encode_video(video)`` without gradients on the model's device, brought back to the CPU (details
+    too)."""
+    with torch.no_grad():
+        result = model.encode_video(video.to(model.clip.logit_scale.device), **kwargs)
+    if not kwargs.get("return_details"):
+        return result.cpu()
+    video_features, details = result
+    return video_features.cpu(), [PromptDetails(*(value.cpu() for value in astuple(block))) for block in details]
 
 
 # MSVD as CLIP4Clip publishes it, in miniature: ids with `-` and `_`, CRLF lists (train and val without a final
@@ -74,12 +151,13 @@ def msvd_root(tmp_path_factory) -> Path:
     for video_id in MSVD_CAPTIONS:
         if video_id != "zzLq_missing_1_4":
             frames = torch.full((4, 3, 32, 32), msvd_level(video_id), dtype=torch.uint8)
-            dataset_files.write_video(root / "YouTubeClips" / f"{video_id}.avi", frames, 10)
-    (root / "msvd_data").mkdir()
+            dataset_files.write_video(root / PROTOCOLS["msvd"].videos / f"{video_id}.avi", frames, 10)
+    annotations = root / PROTOCOLS["msvd"].annotations
+    annotations.mkdir()
     for split, ids in MSVD_SPLITS.items():
         ending = b"\r\n" if split == "test" else b""
-        (root / "msvd_data" / f"{split}_list.txt").write_bytes("\r\n".join(ids).encode() + ending)
-    (root / "msvd_data" / "raw-captions.pkl").write_bytes(pickle.dumps(MSVD_CAPTIONS))
+        (annotations / f"{split}_list.txt").write_bytes("\r\n".join(ids).encode() + ending)
+    (annotations / "raw-captions.pkl").write_bytes(pickle.dumps(MSVD_CAPTIONS))
     return root
 
 
@@ -104,9 +182,9 @@ def tiny_root(tmp_path_factory) -> Path:
         for split in ("train", "test"):
             entry = f"{name}/v_{name}_g{1 if split == 'test' else 5:02d}_c01.avi"
             frames, _, _ = synthetic.render_synthetic_clip(label, generator)
-            dataset_files.write_video(root / "UCF-101" / entry, frames, synthetic.SYNTHETIC_FPS)
+            dataset_files.write_video(root / PROTOCOLS["ucf101"].videos / entry, frames, synthetic.SYNTHETIC_FPS)
             lines[split].append(entry if split == "test" else f"{entry} {label + 1}")
-    lists = root / "ucfTrainTestlist"
+    lists = root / PROTOCOLS["ucf101"].annotations
     lists.mkdir()
     (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(synthetic.SYNTHETIC_CLASSES)))
     (lists / "trainlist01.txt").write_text("\n".join(lines["train"]) + "\n")

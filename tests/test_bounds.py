@@ -13,6 +13,7 @@ from conftest import error_lines, run, train_tiny
 import data
 import evaluate
 import train
+from loading.protocols import PROTOCOLS
 from plumbing import runtime
 
 
@@ -94,8 +95,8 @@ def test_resume_refuses_other_data_but_accepts_the_same_data_moved(tiny_root, go
     assert train_one_epoch(tiny_root, golden_clip, out)[0] == 0
     other = tmp_path / "other"
     shutil.copytree(tiny_root, other)
-    tests = (other / "ucfTrainTestlist" / "testlist01.txt").read_text().splitlines()
-    (other / "ucfTrainTestlist" / "testlist01.txt").write_text("\n".join(tests[:-1]) + "\n")  # other test videos
+    test_list = other / PROTOCOLS["ucf101"].annotations / "testlist01.txt"
+    test_list.write_text("\n".join(test_list.read_text().splitlines()[:-1]) + "\n")  # other test videos
     before = (out / "last.pt").read_bytes()
     code, output = train_one_epoch(other, golden_clip, out, "--resume", "--epochs", 2)
     assert code == 1 and "Traceback" not in output, output

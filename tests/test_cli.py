@@ -257,7 +257,7 @@ def test_a_saved_checkpoint_evaluates_to_its_metrics_and_explains(synthetic_root
     measured = torch.load(checkpoint, weights_only=True)["metrics"]
     assert {key: result[key] for key in measured} == pytest.approx(measured, abs=1e-9)
 
-    video = synthetic_root / "ucf101" / "UCF-101" / "MovingLeft" / "v_MovingLeft_g01_c01.avi"
+    video = synthetic_root / "ucf101" / protocols.PROTOCOLS["ucf101"].videos / "MovingLeft" / "v_MovingLeft_g01_c01.avi"
     code, output = run(
         evaluate.app, "explain", video, "--checkpoint", checkpoint, "--clip", clip,
         "--labels-from", "synthetic", "--root", synthetic_root, "--out", tmp_path / "saved.png",

@@ -6,15 +6,15 @@ eager training, a compiled run killed after its first epoch and resumed equals o
 evaluation whose last batch is smaller compiles one graph and scores what eager scores.
 
 Inductor reorders float sums, so a compiled run is not bit-equal to an eager one; the tolerances (``PARAMETER_ATOL``,
-``LOSS_RTOL``) are stated with what was measured. Dropout: by default inductor draws its masks with its own
+``LOSS_RTOL``) say why they lie where they do. Dropout: by default inductor draws its masks with its own
 generator (seeded from torch's, so a compiled run is still reproducible and resumable), which gives other masks
 than eager's; ``torch._inductor.config.fallback_random = True`` makes the compiled graph call eager's random
 operators. The tests comparing with eager set it (``eager_random``), so they keep dropout on and compare the same
 masks; the resume test keeps inductor's own generator, the one a user's run draws from.
 
-Each compilation costs seconds to minutes here (inductor's on-disk cache makes a repeated graph cheap), so the
-data is tiny: 8 training and 8 test videos of 4 frames, batches of 4, and dynamo is reset before each test so that
-its counts are the test's own.
+Inductor generates and builds C++ code for each graph, the slowest thing these tests do (its on-disk cache makes a
+repeated graph cheap), so the data is tiny: 8 training and 8 test videos of 4 frames, batches of 4, and dynamo is
+reset before each test so that its counts are the test's own.
 """
 
 import json
@@ -29,12 +29,13 @@ from torch._dynamo.utils import counters
 import evaluate
 import train
 
-# After the 2 AdamW steps of an epoch (lr 1e-3) compiled and eager parameters differ by <= 1e-7 (measured: 9e-8
-# for stop, 4e-8 for temporal): float sums in another order. A wrong graph, or other dropout masks, moves a
-# parameter by the order of lr (AdamW's first steps move each by about lr; measured with inductor's own dropout
-# masks: 4e-3). 1e-5 lies two orders of magnitude from both.
+# After the 2 AdamW steps of an epoch (lr 1e-3) compiled and eager parameters differ by float rounding alone: sums
+# taken in another order, a few float32 steps (the order of 1e-7). A wrong graph, or other dropout masks, moves a
+# parameter by the order of lr, as AdamW's first steps move each parameter by about lr. 1e-5 lies about two orders
+# of magnitude from both.
 PARAMETER_ATOL = 1e-5
-# The epoch's mean loss (about 2.2) differs by 1e-7 (relative 5e-8) compiled; other dropout masks move it by 6e-5.
+# The epoch's mean loss: rounding moves it by a few float32 steps (relative, the order of 1e-7); other dropout masks
+# change what every step computes and move it by more than ten times this tolerance.
 LOSS_RTOL = 1e-6
 
 
@@ -88,18 +89,26 @@ def assert_same_training(compiled: Path, eager: Path) -> None:
         assert mine == other
 
 
-@pytest.mark.parametrize("prompt", ["stop", "temporal"])
-def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_random, prompt):
+@pytest.mark.parametrize(
+    ("prompt", "readout", "attention"),
+    [("stop", "mean", "frame"), ("temporal", "mean", "frame"), ("stop", "cls", "frame"), ("stop", "cls", "joint")],
+    ids=["stop-mean", "temporal-mean", "stop-cls-frame", "stop-cls-joint"],
+)
+def test_compiled_training_equals_eager(tiny_root, golden_clip, tmp_path, eager_random, prompt, readout, attention):
     """One epoch with ``--compile`` against ``--no-compile``, same seed, dropout on (0.1) and drawing eager's masks
     in both (``eager_random``): the saved prompts and the epoch's metrics agree within the stated tolerances, and
-    each mode compiled once."""
+    each mode compiled once. For both readouts and both attentions: the video CLS and the joint attention are other
+    graphs than meanP's (``stop.video_cls_block``), compiled whole as well (``fullgraph=True``)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    code, output = train_two_steps(tiny_root, golden_clip, eager, "--prompt", prompt, "--no-compile")
+    options = ("--prompt", prompt, "--readout", readout, "--attention", attention)
+    code, output = train_two_steps(tiny_root, golden_clip, eager, *options, "--no-compile")
     assert code == 0 and compile_lines(output) == [], output
-    code, output = train_two_steps(tiny_root, golden_clip, compiled, "--prompt", prompt, "--compile")
+    code, output = train_two_steps(tiny_root, golden_clip, compiled, *options, "--compile")
     assert code == 0, output
     assert compile_lines(output) == ONE_COMPILATION_PER_MODE, output
     assert counters["stats"]["unique_graphs"] == 2  # training's and evaluation's, nothing recompiled
+    saved = torch.load(compiled / "last.pt", weights_only=True)["config"]
+    assert (saved["prompt"], saved["readout"], saved["attention"]) == (prompt, readout, attention)
     assert_same_training(compiled, eager)
 
 

@@ -18,7 +18,9 @@ from torchcodec.encoders import AudioEncoder
 import data
 import evaluate
 from loading import dataset_files
+from loading.protocols import PROTOCOLS, SYNTHETIC
 
+UCF101, HMDB51, SSV2, MSRVTT = (PROTOCOLS[name] for name in ("ucf101", "hmdb51", "ssv2", "msrvtt"))
 SIDE = 32  # test videos are tiny: SIDE x SIDE pixels (the ramp is wider)
 RESOLUTION = 48  # model input size in these tests: deliberately not 224
 MEAN = torch.tensor(data.CLIP_MEAN)[:, None, None]
@@ -57,6 +59,22 @@ def one_thread():
 # ---------------------------------------------------------------- layouts
 
 
+def test_the_protocol_rows_name_the_published_folders() -> None:
+    """The one place the tests write folder names: as the datasets publish them (UCF101's, HMDB51's and
+    Something-Something's archives, CLIP4Clip's MSR-VTT files, CVDF's Kinetics annotations), an independent reference
+    for ``protocols.py``, which every other test reads them from. The synthetic set is in UCF101's and MSR-VTT's."""
+    published = {
+        "ucf101": ("ucfTrainTestlist", "UCF-101"),
+        "hmdb51": ("testTrainMulti_7030_splits", "videos"),
+        "ssv2": ("labels", "20bn-something-something-v2"),
+        "msrvtt": ("msrvtt_data", "MSRVTT_Videos"),
+        "kinetics400": ("annotations", "."),
+    }
+    assert {name: (PROTOCOLS[name].annotations, PROTOCOLS[name].videos) for name in published} == published
+    for task, dataset in (("recognize", "ucf101"), ("retrieve", "msrvtt")):
+        assert (SYNTHETIC[task].annotations, SYNTHETIC[task].videos) == published[dataset]
+
+
 @pytest.fixture(scope="module")
 def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """UCF101 layout; the HandstandPushups lists say ``HandStandPushups``, CRLF line ends as published."""
@@ -66,10 +84,10 @@ def ucf101_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for label, (folder, list_name) in enumerate(folders.items(), start=1):
         for group in (1, 8):
             file_name = f"v_{list_name}_g{group:02d}_c01.avi"
-            dataset_files.write_video(root / "UCF-101" / folder / file_name, ramp_video(), 25)
+            dataset_files.write_video(root / UCF101.videos / folder / file_name, ramp_video(), 25)
             entry = f"{list_name}/{file_name}"
             (test if group == 1 else train).append(entry if group == 1 else f"{entry} {label}")
-    lists = root / "ucfTrainTestlist"
+    lists = root / UCF101.annotations
     lists.mkdir()
     (lists / "classInd.txt").write_bytes(b"1 ApplyEyeMakeup\r\n2 YoYo\r\n3 HandstandPushups\r\n")
     (lists / "trainlist01.txt").write_bytes("\r\n".join(train).encode() + b"\r\n")
@@ -87,14 +105,15 @@ HMDB_NAMES = {
 def hmdb51_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HMDB51 layout: names with spaces, brackets and ``&``; split lines end with a blank as published."""
     root = tmp_path_factory.mktemp("hmdb51")
-    (root / "testTrainMulti_7030_splits").mkdir()
+    splits = root / HMDB51.annotations
+    splits.mkdir()
     for folder, names in HMDB_NAMES.items():
         for name in names:
-            dataset_files.write_video(root / "videos" / folder / name, grey_video([100] * 6), 30)
+            dataset_files.write_video(root / HMDB51.videos / folder / name, grey_video([100] * 6), 30)
         split1 = f"{names[0]} 1 \n{names[1]} 2 \nunused clip_0.avi 0 \n"
         split2 = f"{names[0]} 2 \n{names[1]} 1 \n"
-        (root / "testTrainMulti_7030_splits" / f"{folder}_test_split1.txt").write_text(split1)
-        (root / "testTrainMulti_7030_splits" / f"{folder}_test_split2.txt").write_text(split2)
+        (splits / f"{folder}_test_split1.txt").write_text(split1)
+        (splits / f"{folder}_test_split2.txt").write_text(split2)
     return root
 
 
@@ -103,7 +122,7 @@ def ssv2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Something-Something v2 layout with VP9 WebM clips."""
     root = tmp_path_factory.mktemp("ssv2")
     for clip_id in ("101", "102", "103"):
-        dataset_files.write_video(root / "20bn-something-something-v2" / f"{clip_id}.webm", ramp_video(), 12)
+        dataset_files.write_video(root / SSV2.videos / f"{clip_id}.webm", ramp_video(), 12)
     labels = {"Approaching something with your camera": "0", "Pushing something from left to right": "1"}
     train = [
         {
@@ -118,9 +137,9 @@ def ssv2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     ]
     validation = [{"id": "103", "label": "pushing a pen", "template": "Pushing [something] from left to right"}]
-    (root / "labels").mkdir()
+    (root / SSV2.annotations).mkdir()
     for name, content in (("labels", labels), ("train", train), ("validation", validation)):
-        (root / "labels" / f"{name}.json").write_text(json.dumps(content))
+        (root / SSV2.annotations / f"{name}.json").write_text(json.dumps(content))
     return root
 
 
@@ -139,14 +158,15 @@ def msrvtt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MSR-VTT layout with H.264 MP4 videos; video k is a flat grey of level 40 + 40 k."""
     root = tmp_path_factory.mktemp("msrvtt")
     for number in range(4):
-        dataset_files.write_video(root / "MSRVTT_Videos" / f"video{number}.mp4", grey_video([40 + 40 * number] * 8), 30)
-    (root / "msrvtt_data").mkdir()
+        dataset_files.write_video(root / MSRVTT.videos / f"video{number}.mp4", grey_video([40 + 40 * number] * 8), 30)
+    annotations = root / MSRVTT.annotations
+    annotations.mkdir()
     sentences = [{"caption": c, "video_id": v, "sen_id": i} for i, (v, c) in enumerate(MSRVTT_SENTENCES)]
     videos = [{"video_id": f"video{number}"} for number in range(4)]
-    (root / "msrvtt_data" / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
-    with (root / "msrvtt_data" / "MSRVTT_train.9k.csv").open("w", newline="") as file:
+    (annotations / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
+    with (annotations / "MSRVTT_train.9k.csv").open("w", newline="") as file:
         csv.writer(file).writerows([["video_id"], ["video0"], ["video1"]])
-    with (root / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv").open("w", newline="") as file:
+    with (annotations / "MSRVTT_JSFUSION_test.csv").open("w", newline="") as file:
         rows = [[f"ret{i}", f"msr{v[5:]}", v, s] for i, (v, s) in enumerate(JSFUSION_ROWS)]
         csv.writer(file).writerows([["key", "vid_key", "video_id", "sentence"], *rows])
     return root
@@ -276,8 +296,8 @@ def test_ssv2_is_never_flipped(ssv2_root: Path) -> None:
 def test_a_root_with_the_no_flip_marker_is_never_flipped(ucf101_root: Path, tmp_path: Path) -> None:
     marked = tmp_path / "ucf101"
     marked.mkdir()
-    (marked / "UCF-101").symlink_to(ucf101_root / "UCF-101")
-    (marked / "ucfTrainTestlist").symlink_to(ucf101_root / "ucfTrainTestlist")
+    for folder in (UCF101.videos, UCF101.annotations):
+        (marked / folder).symlink_to(ucf101_root / folder)
     (marked / data.NO_FLIP_MARKER).write_text("")
     dataset = data.build_dataset("ucf101", marked, "train", num_frames=4, resolution=RESOLUTION)
     torch.manual_seed(0)
@@ -323,7 +343,7 @@ def test_ucf101_split_files_with_case_mismatches(ucf101_root: Path) -> None:
     assert train.classes == test.classes == ["apply eye makeup", "yo yo", "handstand pushups"]
     assert train.targets == test.targets == [0, 1, 2]
     assert all(path.is_file() for path in train.paths + test.paths)  # HandStandPushups found in HandstandPushups
-    assert test.paths[2] == ucf101_root / "UCF-101" / "HandstandPushups" / "v_HandStandPushups_g01_c01.avi"
+    assert test.paths[2] == ucf101_root / UCF101.videos / "HandstandPushups" / "v_HandStandPushups_g01_c01.avi"
     clip, label = test[2]
     assert clip.shape == (4, 3, RESOLUTION, RESOLUTION) and label == 2
 
@@ -346,7 +366,7 @@ def test_ssv2_labels_come_from_templates(ssv2_root: Path) -> None:
     test = data.build_dataset("ssv2", ssv2_root, "test", num_frames=4, resolution=RESOLUTION)
     assert train.classes == ["approaching something with your camera", "pushing something from left to right"]
     assert train.targets == [1, 0] and test.targets == [1]
-    assert test.paths == [ssv2_root / "20bn-something-something-v2" / "103.webm"]
+    assert test.paths == [ssv2_root / SSV2.videos / "103.webm"]
 
 
 def test_msrvtt_training_pairs_are_all_captions_of_the_training_videos(msrvtt_root: Path) -> None:
@@ -372,15 +392,14 @@ def test_msrvtt_test_set_is_the_jsfusion_rows_in_order(msrvtt_root: Path) -> Non
 @pytest.mark.parametrize(
     ("name", "missing"),
     [
-        ("ucf101", "ucfTrainTestlist/classInd.txt"),
-        ("hmdb51", "testTrainMulti_7030_splits"),
-        ("ssv2", "labels/labels.json"),
-        ("msrvtt", "msrvtt_data/MSRVTT_train.9k.csv"),
+        ("ucf101", f"{UCF101.annotations}/classInd.txt"),
+        ("hmdb51", HMDB51.annotations),
+        ("ssv2", f"{SSV2.annotations}/labels.json"),
+        ("msrvtt", f"{MSRVTT.annotations}/MSRVTT_train.9k.csv"),
     ],
 )
 def test_a_missing_split_file_is_named_with_the_expected_layout(tmp_path: Path, name: str, missing: str) -> None:
-    video_folder = {"ucf101": "UCF-101", "hmdb51": "videos", "ssv2": "20bn-something-something-v2"}
-    (tmp_path / video_folder.get(name, "MSRVTT_Videos")).mkdir()
+    (tmp_path / PROTOCOLS[name].videos).mkdir()
     with pytest.raises(data.DataError) as error:
         data.build_dataset(name, tmp_path, "train", num_frames=4, resolution=RESOLUTION)
     assert str(tmp_path / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
@@ -405,38 +424,40 @@ def ssv2_labels(*ids: int) -> bytes:
 @pytest.mark.parametrize(
     ("name", "split", "file", "content", "where"),
     [
-        ("ucf101", "train", "ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g08_c01.avi 2\n../../escape.avi 2\n", 2),
-        ("ucf101", "test", "ucfTrainTestlist/testlist01.txt", "\n/etc/passwd\n", 2),
-        ("hmdb51", "train", "testTrainMulti_7030_splits/brush_hair_test_split1.txt", "../../../x.avi 1 \n", 1),
-        ("ssv2", "train", "labels/train.json", f'[{{"id": "101", {SSV2_CLIP}}}, {{"id": "../../x", {SSV2_CLIP}}}]', 2),
-        ("msrvtt", "train", "msrvtt_data/MSRVTT_train.9k.csv", "video_id\nvideo0\n../../../x\n", 3),
-        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nr,m,/tmp/x,hi\n", 2),
+        ("ucf101", "train", "trainlist01.txt", "YoYo/v_YoYo_g08_c01.avi 2\n../../escape.avi 2\n", 2),
+        ("ucf101", "test", "testlist01.txt", "\n/etc/passwd\n", 2),
+        ("hmdb51", "train", "brush_hair_test_split1.txt", "../../../x.avi 1 \n", 1),
+        ("ssv2", "train", "train.json", f'[{{"id": "101", {SSV2_CLIP}}}, {{"id": "../../x", {SSV2_CLIP}}}]', 2),
+        ("msrvtt", "train", "MSRVTT_train.9k.csv", "video_id\nvideo0\n../../../x\n", 3),
+        ("msrvtt", "test", "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nr,m,/tmp/x,hi\n", 2),
     ],
     ids=["ucf101-dotdot", "ucf101-absolute", "hmdb51-dotdot", "ssv2-dotdot", "msrvtt-train-dotdot", "msrvtt-absolute"],
 )
 def test_a_video_id_outside_the_root_is_refused_with_its_file_and_line(
     layouts: dict[str, Path], name: str, split: str, file: str, content: str, where: int
 ) -> None:
-    (layouts[name] / file).write_text(content)
+    """``file`` is in the dataset's annotation folder."""
+    path = layouts[name] / PROTOCOLS[name].annotations / file
+    path.write_text(content)
     line = "clip" if file.endswith(".json") else "line"
-    with pytest.raises(data.DataError, match=rf"{re.escape(str(layouts[name] / file))}, {line} {where}: .* is outside"):
+    with pytest.raises(data.DataError, match=rf"{re.escape(str(path))}, {line} {where}: .* is outside"):
         data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
 
 
 @pytest.mark.parametrize(
     ("name", "split", "file", "content", "message"),
     [
-        ("msrvtt", "test", "msrvtt_data/MSRVTT_JSFUSION_test.csv", b"key,vid_key,video_id,sentence\nr,m,v,caf\xe9\n",
+        ("msrvtt", "test", "MSRVTT_JSFUSION_test.csv", b"key,vid_key,video_id,sentence\nr,m,v,caf\xe9\n",
          "is not UTF-8 text"),
-        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"sentences": [', "is not valid JSON: .* at line 1"),
-        ("msrvtt", "train", "msrvtt_data/MSRVTT_data.json", b'{"videos": []}', "should hold"),
-        ("ssv2", "train", "labels/labels.json", b'{"Approaching": 0,}', "is not valid JSON"),
-        ("ssv2", "train", "labels/train.json", b'[{"label": "no id, no template"}]', "clip 1: expected an 'id' and"),
-        ("ssv2", "train", "labels/labels.json", ssv2_labels(0, 7),
+        ("msrvtt", "train", "MSRVTT_data.json", b'{"sentences": [', "is not valid JSON: .* at line 1"),
+        ("msrvtt", "train", "MSRVTT_data.json", b'{"videos": []}', "should hold"),
+        ("ssv2", "train", "labels.json", b'{"Approaching": 0,}', "is not valid JSON"),
+        ("ssv2", "train", "train.json", b'[{"label": "no id, no template"}]', "clip 1: expected an 'id' and"),
+        ("ssv2", "train", "labels.json", ssv2_labels(0, 7),
          ": no template has the class id 1, expected the ids 0 to 1, each once"),
-        ("ssv2", "test", "labels/labels.json", ssv2_labels(0, 0),
+        ("ssv2", "test", "labels.json", ssv2_labels(0, 0),
          ": the class id 0 is given twice, expected the ids 0 to 1, each once"),
-        ("ucf101", "train", "ucfTrainTestlist/classInd.txt", b"1 ApplyEyeMakeup\r\n2\r\n", "line 2: expected '<index>"),
+        ("ucf101", "train", "classInd.txt", b"1 ApplyEyeMakeup\r\n2\r\n", "line 2: expected '<index>"),
     ],
     ids=["csv-not-utf8", "json-malformed", "json-no-sentences", "labels-malformed", "clip-no-id", "labels-gap",
          "labels-twice", "classind-no-name"],
@@ -444,15 +465,17 @@ def test_a_video_id_outside_the_root_is_refused_with_its_file_and_line(
 def test_a_malformed_dataset_file_is_one_error_naming_it(
     layouts: dict[str, Path], name: str, split: str, file: str, content: bytes, message: str
 ) -> None:
-    (layouts[name] / file).write_bytes(content)
-    with pytest.raises(data.DataError, match=rf"{name}: {re.escape(str(layouts[name] / file))}.*{message}"):
+    """``file`` is in the dataset's annotation folder."""
+    path = layouts[name] / PROTOCOLS[name].annotations / file
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=rf"{name}: {re.escape(str(path))}.*{message}"):
         data.build_dataset(name, layouts[name], split, num_frames=2, resolution=RESOLUTION)
 
 
 def test_a_missing_root_and_unknown_names_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "nowhere"))) as error:
         data.build_dataset("ucf101", tmp_path / "nowhere", "train", num_frames=4, resolution=RESOLUTION)
-    assert "ucfTrainTestlist/classInd.txt" in str(error.value)
+    assert f"{UCF101.annotations}/classInd.txt" in str(error.value)
     with pytest.raises(data.DataError, match="ucf101, hmdb51, ssv2, msrvtt"):
         data.build_dataset("kinetics", tmp_path, "train", num_frames=4, resolution=RESOLUTION)
     with pytest.raises(data.DataError, match="train"):
@@ -538,7 +561,7 @@ def test_data_errors_survive_pickling(tmp_path):
 def test_strict_error_in_a_worker_is_one_line(tiny_root, golden_clip, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(tiny_root, root)
-    victim = root / "UCF-101" / "MovingUp" / "v_MovingUp_g01_c01.avi"  # the third test video
+    victim = root / UCF101.videos / "MovingUp" / "v_MovingUp_g01_c01.avi"  # the third test video
     victim.write_bytes(b"not a video")
     lines = {}
     for workers in (0, 2):

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 import data
 import evaluate
+from loading.protocols import PROTOCOLS
 from plumbing import runs, runtime
 
 TIMEOUT = 120  # seconds: a hung job fails the test instead of stalling the suite
@@ -35,8 +36,8 @@ def odd_root(synthetic_root, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("odd") / "synthetic"
     shutil.copytree(synthetic_root, root)
     for listing in (
-        root / "ucf101" / "ucfTrainTestlist" / "testlist01.txt",
-        root / "msrvtt" / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv",
+        root / "ucf101" / PROTOCOLS["ucf101"].annotations / "testlist01.txt",
+        root / "msrvtt" / PROTOCOLS["msrvtt"].annotations / "MSRVTT_JSFUSION_test.csv",
     ):
         lines = listing.read_text().splitlines(keepends=True)
         listing.write_text("".join(lines[:-1]))

@@ -25,6 +25,7 @@ import evaluate
 import explain
 import stop
 from loading import dataset_files
+from loading.protocols import PROTOCOLS
 from plumbing import runs
 from stop import STOPConfig, STOPModel
 
@@ -136,11 +137,12 @@ def test_regions_sit_where_the_video_changes_and_repeated_frames_get_no_prompts(
 
 def test_header_shows_top_classes_or_caption_similarity(golden_clip, tmp_path, background, corner_video):
     root = tmp_path / "ucf"
-    (root / "ucfTrainTestlist").mkdir(parents=True)
+    lists = root / PROTOCOLS["ucf101"].annotations
+    lists.mkdir(parents=True)
     classes = ["ApplyEyeMakeup", "BlowDryHair", "CuttingInKitchen", "Drumming", "Fencing", "GolfSwing"]
-    (root / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
-    (root / "ucfTrainTestlist" / "testlist01.txt").write_text(f"{classes[0]}/v_{classes[0]}_g01_c01.avi\n")
-    (root / "UCF-101" / classes[0]).mkdir(parents=True)
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    (lists / "testlist01.txt").write_text(f"{classes[0]}/v_{classes[0]}_g01_c01.avi\n")
+    (root / PROTOCOLS["ucf101"].videos / classes[0]).mkdir(parents=True)
     checkpoint = tmp_path / "best.pt"
     write_checkpoint(checkpoint, golden_clip, background, [-1.0, 2.0, -1.0])
 

@@ -17,6 +17,7 @@ import prepare
 import stop
 import train
 from loading import dataset_files, layouts
+from loading.protocols import PROTOCOLS
 from plumbing import runtime
 from stop import STOPConfig
 
@@ -41,6 +42,7 @@ VAL_ROWS = [
     (FOOTBALL, "P4ss1ng_val", 0, 10, None),
 ]
 SPLIT_ROWS = {"train": TRAIN_ROWS, "val": VAL_ROWS}
+ANNOTATIONS = PROTOCOLS["kinetics400"].annotations  # the CSVs' folder; the videos lie under the root itself
 runner = CliRunner()
 
 
@@ -68,10 +70,10 @@ def kinetics_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CVDF's layout after k400_extractor.sh: annotations/*.csv (labels with spaces quoted, as published),
     train/ and val/ with `<id>_<start>_<end>.mp4`, and replacement/replacement_for_corrupted_k400/."""
     root = tmp_path_factory.mktemp("k400")
-    (root / "annotations").mkdir()
+    (root / ANNOTATIONS).mkdir()
     for split, rows in SPLIT_ROWS.items():
         lines = [f'"{label}",{video_id},{start},{end},{split},0\n' for label, video_id, start, end, _ in rows]
-        (root / "annotations" / f"{split}.csv").write_text(HEADER + "".join(lines))
+        (root / ANNOTATIONS / f"{split}.csv").write_text(HEADER + "".join(lines))
         for _, video_id, start, end, level in rows:
             if level is not None:
                 dataset_files.write_video(root / split / file_name(video_id, start, end), grey(level), 30)
@@ -86,7 +88,7 @@ def kinetics_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def arranged_root(kinetics_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same clips in the class folders of CVDF's arrange_by_classes.py only: videos/<split>/<label>/."""
     root = tmp_path_factory.mktemp("k400-arranged")
-    shutil.copytree(kinetics_root / "annotations", root / "annotations")
+    shutil.copytree(kinetics_root / ANNOTATIONS, root / ANNOTATIONS)
     for split, rows in SPLIT_ROWS.items():
         for label, video_id, start, end, level in rows:
             source = kinetics_root / split / file_name(video_id, start, end)
@@ -128,7 +130,7 @@ def test_clips_are_the_csv_rows_found_on_disk_with_their_labels(kinetics_root, a
             assert (levels_of(clip).mean() - level).abs() < 4, (index, level)
         absent = [video_id for _, video_id, *_, level in SPLIT_ROWS[csv_split] if level is None]
         (message,) = missing_warnings(caught)  # listed once, one line
-        assert f"1 of the {len(SPLIT_ROWS[csv_split])} clips of {root / 'annotations' / f'{name}.csv'}" in message
+        assert f"1 of the {len(SPLIT_ROWS[csv_split])} clips of {root / ANNOTATIONS / f'{name}.csv'}" in message
         assert absent[0] in message and f"left out of the {name} split" in message and "\n" not in message
 
 
@@ -150,16 +152,14 @@ def test_a_missing_annotation_file_names_it_with_the_expected_layout(tmp_path: P
     (tmp_path / "train").mkdir()
     with pytest.raises(data.DataError) as error:
         build(tmp_path, "test")
-    assert str(tmp_path / "annotations" / "val.csv") in str(error.value)
+    assert str(tmp_path / ANNOTATIONS / "val.csv") in str(error.value)
     assert data.LAYOUTS["kinetics400"] in str(error.value)
 
 
 def test_a_row_without_label_is_one_error_naming_file_and_line(kinetics_root, tmp_path: Path) -> None:
-    root = Path(shutil.copytree(kinetics_root / "annotations", tmp_path / "annotations")).parent
-    (root / "annotations" / "val.csv").write_text(
-        HEADER + "abseiling,-0Ab_cdEfGh,1,11,val,0\n,Qx-7_val002,1,11,val,0\n"
-    )
-    with pytest.raises(data.DataError, match=re.escape(f"{root / 'annotations' / 'val.csv'}, line 3: expected a")):
+    root = Path(shutil.copytree(kinetics_root / ANNOTATIONS, tmp_path / ANNOTATIONS)).parent
+    (root / ANNOTATIONS / "val.csv").write_text(HEADER + "abseiling,-0Ab_cdEfGh,1,11,val,0\n,Qx-7_val002,1,11,val,0\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{root / ANNOTATIONS / 'val.csv'}, line 3: expected a")):
         build(root, "test")
 
 
@@ -176,18 +176,18 @@ def test_a_row_that_does_not_parse_is_one_error_naming_file_and_line(
     kinetics_root, tmp_path: Path, rows: str, problem: str
 ) -> None:
     """A stray quote would merge two rows into one whose label holds a newline; a short row would lose its fields."""
-    root = Path(shutil.copytree(kinetics_root / "annotations", tmp_path / "annotations")).parent
-    (root / "annotations" / "val.csv").write_text(HEADER + rows)
+    root = Path(shutil.copytree(kinetics_root / ANNOTATIONS, tmp_path / ANNOTATIONS)).parent
+    (root / ANNOTATIONS / "val.csv").write_text(HEADER + rows)
     with pytest.raises(data.DataError) as error:
         build(root, "test")
     message = str(error.value)
-    assert message.startswith(f"kinetics400: {root / 'annotations' / 'val.csv'}, line 2: ") and problem in message
+    assert message.startswith(f"kinetics400: {root / ANNOTATIONS / 'val.csv'}, line 2: ") and problem in message
     assert "\n" not in message
 
 
 def test_an_annotation_file_with_a_byte_order_mark_reads_as_without(kinetics_root, tmp_path: Path) -> None:
     root = Path(shutil.copytree(kinetics_root, tmp_path / "k400"))
-    val = root / "annotations" / "val.csv"
+    val = root / ANNOTATIONS / "val.csv"
     val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
     with pytest.warns(layouts.MissingVideosWarning, match="P4ss1ng_val"):
         dataset = build(root, "test")

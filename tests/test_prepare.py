@@ -19,7 +19,10 @@ from typer.testing import CliRunner
 import data
 import prepare
 from loading import dataset_files
+from loading.protocols import PROTOCOLS
 
+UCF101, SSV2, MSRVTT = (PROTOCOLS[name] for name in ("ucf101", "ssv2", "msrvtt"))
+BROKEN = f"{UCF101.videos}/YoYo/v_YoYo_g09_c01.avi"  # ucf101_root's broken video, relative to the root
 SOURCE_FPS = 10
 SECONDS = 4  # 40 frames at 10 fps: prepared at 3 fps to 16 frames (min_frames)
 
@@ -42,10 +45,10 @@ def ucf101_root(tmp_path: Path) -> Path:
     root = tmp_path / "raw"
     entries = ["YoYo/v_YoYo_g01_c01.avi", "YoYo/v_YoYo_g08_c01.avi", "HandstandPushups/v_HandStandPushups_g08_c01.avi"]
     for entry in entries:
-        dataset_files.write_video(root / "UCF-101" / entry, brightening(), SOURCE_FPS)
-    broken = root / "UCF-101/YoYo/v_YoYo_g09_c01.avi"
+        dataset_files.write_video(root / UCF101.videos / entry, brightening(), SOURCE_FPS)
+    broken = root / BROKEN
     broken.write_bytes(b"RIFF....AVI not really a video")
-    lists = root / "ucfTrainTestlist"
+    lists = root / UCF101.annotations
     lists.mkdir()
     (lists / "classInd.txt").write_bytes(b"1 YoYo\r\n2 HandstandPushups\r\n")
     train = [
@@ -67,10 +70,10 @@ def test_the_copy_keeps_the_layout_the_split_files_and_what_the_loader_lists(ucf
     out = tmp_path / "prepared"
     report = prepare.prepare_dataset("ucf101", ucf101_root, out, workers=2, progress=False)
     assert (report.written, report.skipped) == (3, 0)
-    raw_files = relative_files(ucf101_root) - {"UCF-101/YoYo/v_YoYo_g09_c01.avi"}
+    raw_files = relative_files(ucf101_root) - {BROKEN}
     assert relative_files(out) == raw_files | {prepare.PREPARE_MARKER_FILE, prepare.PREPARE_FAILURES_FILE}
     for name in ("classInd.txt", "trainlist01.txt", "testlist01.txt"):
-        assert (out / "ucfTrainTestlist" / name).read_bytes() == (ucf101_root / "ucfTrainTestlist" / name).read_bytes()
+        assert (out / UCF101.annotations / name).read_bytes() == (ucf101_root / UCF101.annotations / name).read_bytes()
     for split in ("train", "test"):
         raw = data.build_dataset("ucf101", ucf101_root, split, num_frames=4, resolution=32)
         prepared = data.build_dataset("ucf101", out, split, num_frames=4, resolution=32)
@@ -82,7 +85,7 @@ def test_the_copy_keeps_the_layout_the_split_files_and_what_the_loader_lists(ucf
 def test_prepared_frames_are_the_source_at_a_lower_rate_and_size(ucf101_root: Path, tmp_path: Path) -> None:
     settings = prepare.PrepareSettings("ucf101", fps=2.0, min_frames=6, short_side=20)
     prepare.prepare_dataset("ucf101", ucf101_root, tmp_path / "prepared", settings, progress=False)
-    decoder = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi")
+    decoder = VideoDecoder(tmp_path / "prepared" / UCF101.videos / "YoYo/v_YoYo_g01_c01.avi")
     metadata = decoder.metadata
     assert metadata.codec == "mpeg4"
     assert (metadata.height, metadata.width) == (20, 30)  # short side 40 -> 20, aspect kept, even sides
@@ -95,34 +98,34 @@ def test_prepared_frames_are_the_source_at_a_lower_rate_and_size(ucf101_root: Pa
 
 def test_a_short_video_keeps_min_frames_and_never_more_than_its_own(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    dataset_files.write_video(root / "MSRVTT_Videos/video0.mp4", brightening(12), 6)  # 2 s at 6 fps
-    dataset_files.write_video(root / "MSRVTT_Videos/video1.mp4", brightening(20), 10)  # 2 s at 10 fps
-    (root / "msrvtt_data").mkdir()
-    (root / "msrvtt_data/MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
+    dataset_files.write_video(root / MSRVTT.videos / "video0.mp4", brightening(12), 6)  # 2 s at 6 fps
+    dataset_files.write_video(root / MSRVTT.videos / "video1.mp4", brightening(20), 10)  # 2 s at 10 fps
+    (root / MSRVTT.annotations).mkdir()
+    (root / MSRVTT.annotations / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
     settings = prepare.PrepareSettings("msrvtt", fps=1.0, min_frames=16)
     prepare.prepare_dataset("msrvtt", root, tmp_path / "prepared", settings, progress=False)
-    counts = [VideoDecoder(tmp_path / f"prepared/MSRVTT_Videos/video{i}.mp4").metadata.num_frames for i in (0, 1)]
+    counts = [VideoDecoder(tmp_path / "prepared" / MSRVTT.videos / f"video{i}.mp4").metadata.num_frames for i in (0, 1)]
     assert counts == [12, 16]  # 16 asked for: capped at the source's own 6 fps, else raised from 1 fps to 8
 
 
 def test_each_container_keeps_its_name_and_gets_a_codec_it_holds(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    dataset_files.write_video(root / "20bn-something-something-v2/7.webm", brightening(24), 12)
-    (root / "labels").mkdir()
-    dataset_files.write_video(tmp_path / "mp4/MSRVTT_Videos/video3.mp4", brightening(), SOURCE_FPS)
-    (tmp_path / "mp4/msrvtt_data").mkdir()
+    dataset_files.write_video(root / SSV2.videos / "7.webm", brightening(24), 12)
+    (root / SSV2.annotations).mkdir()
+    dataset_files.write_video(tmp_path / "mp4" / MSRVTT.videos / "video3.mp4", brightening(), SOURCE_FPS)
+    (tmp_path / "mp4" / MSRVTT.annotations).mkdir()
     prepare.prepare_dataset("ssv2", root, tmp_path / "ssv2", progress=False)
     prepare.prepare_dataset("msrvtt", tmp_path / "mp4", tmp_path / "msrvtt", progress=False)
-    assert VideoDecoder(tmp_path / "ssv2/20bn-something-something-v2/7.webm").metadata.codec == "vp8"
-    assert VideoDecoder(tmp_path / "msrvtt/MSRVTT_Videos/video3.mp4").metadata.codec == "mpeg4"
+    assert VideoDecoder(tmp_path / "ssv2" / SSV2.videos / "7.webm").metadata.codec == "vp8"
+    assert VideoDecoder(tmp_path / "msrvtt" / MSRVTT.videos / "video3.mp4").metadata.codec == "mpeg4"
 
 
 def test_a_rerun_skips_what_is_done_and_redoes_what_is_missing_or_partial(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
-    done = out / "UCF-101/YoYo/v_YoYo_g08_c01.avi"
+    done = out / UCF101.videos / "YoYo/v_YoYo_g08_c01.avi"
     os.utime(done, (1, 1))  # a rewrite would change it
-    missing = out / "UCF-101/YoYo/v_YoYo_g01_c01.avi"
+    missing = out / UCF101.videos / "YoYo/v_YoYo_g01_c01.avi"
     missing.unlink()
     partial = missing.with_name(f".{missing.stem}.partial.avi")
     partial.write_bytes(b"half a video from an interrupted run")
@@ -136,13 +139,13 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_is_missing_or_partial(ucf101
 def test_a_broken_source_is_listed_and_the_rest_is_prepared(ucf101_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
     report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
-    assert [path for path, _ in report.failures] == ["UCF-101/YoYo/v_YoYo_g09_c01.avi"]
+    assert [path for path, _ in report.failures] == [BROKEN]
     listed = (out / prepare.PREPARE_FAILURES_FILE).read_text().splitlines()
-    assert [line.split("\t")[0] for line in listed] == ["UCF-101/YoYo/v_YoYo_g09_c01.avi"]
+    assert [line.split("\t")[0] for line in listed] == [BROKEN]
     assert report.written == 3
     # still listed on a rerun; once the source is repaired, prepared and no longer listed
     assert len(prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False).failures) == 1
-    dataset_files.write_video(ucf101_root / "UCF-101/YoYo/v_YoYo_g09_c01.avi", brightening(), SOURCE_FPS)
+    dataset_files.write_video(ucf101_root / BROKEN, brightening(), SOURCE_FPS)
     report = prepare.prepare_dataset("ucf101", ucf101_root, out, progress=False)
     assert (report.written, report.failures) == (1, [])
     assert not (out / prepare.PREPARE_FAILURES_FILE).exists()
@@ -165,7 +168,7 @@ def test_the_command_reports_broken_sources_and_bad_input_in_one_message(ucf101_
     )
     assert result.exit_code == 0, result.output
     assert "3 videos written, 0 already done, 1 broken sources" in result.output
-    assert "UCF-101/YoYo/v_YoYo_g09_c01.avi" in result.output
+    assert BROKEN in result.output
     result = runner.invoke(prepare.app, ["--dataset", "hmdb51", "--root", str(ucf101_root), "--out", str(out)])
     assert result.exit_code == 1
     assert "videos not found" in result.output and "Expected layout" in result.output
@@ -184,9 +187,9 @@ def run_prepare(root: Path, out: Path, *options: str) -> tuple[int, str]:
 
 def test_an_out_folder_that_is_not_this_copy_is_refused_and_left_as_it_was(ucf101_root: Path, tmp_path: Path) -> None:
     other = tmp_path / "other_dataset"  # another dataset's folder: its own split files, failures list and videos
-    dataset_files.write_video(other / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(8), SOURCE_FPS)
-    (other / "ucfTrainTestlist").mkdir()
-    (other / "ucfTrainTestlist/classInd.txt").write_text("1 YoYo\n")
+    dataset_files.write_video(other / UCF101.videos / "YoYo/v_YoYo_g01_c01.avi", brightening(8), SOURCE_FPS)
+    (other / UCF101.annotations).mkdir()
+    (other / UCF101.annotations / "classInd.txt").write_text("1 YoYo\n")
     (other / prepare.PREPARE_FAILURES_FILE).write_text("the user's own notes\n")
     before = file_contents(other)
     code, output = run_prepare(ucf101_root, other)
@@ -242,10 +245,11 @@ def test_an_impossible_number_is_refused_before_anything_is_written(
 
 def test_the_command_defaults_to_the_authors_3_fps_and_a_256_pixel_short_side(tmp_path: Path) -> None:
     root = tmp_path / "raw"
-    dataset_files.write_video(root / "UCF-101/YoYo/v_YoYo_g01_c01.avi", brightening(70, 300, 400), SOURCE_FPS)  # 7 s
-    (root / "ucfTrainTestlist").mkdir()
+    video = root / UCF101.videos / "YoYo/v_YoYo_g01_c01.avi"
+    dataset_files.write_video(video, brightening(70, 300, 400), SOURCE_FPS)  # 7 s
+    (root / UCF101.annotations).mkdir()
     assert run_prepare(root, tmp_path / "prepared")[0] == 0
-    metadata = VideoDecoder(tmp_path / "prepared/UCF-101/YoYo/v_YoYo_g01_c01.avi").metadata
+    metadata = VideoDecoder(tmp_path / "prepared" / UCF101.videos / "YoYo/v_YoYo_g01_c01.avi").metadata
     assert (metadata.num_frames, metadata.average_fps) == (21, 3)  # 7 s at 3 fps, above min_frames
     assert (metadata.height, metadata.width) == (256, 342)
 
@@ -272,12 +276,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with prepare through Linux's prctl")
 def test_killing_prepare_leaves_no_worker_processes_behind(tmp_path: Path) -> None:
-    source = tmp_path / "raw" / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi"
+    source = tmp_path / "raw" / UCF101.videos / "YoYo" / "v_YoYo_g01_c01.avi"
     dataset_files.write_video(source, brightening(), SOURCE_FPS)
     for group in range(2, 400):  # enough work to kill the run in the middle of it
         os.link(source, source.with_name(f"v_YoYo_g{group:02d}_c01.avi"))
-    (tmp_path / "raw" / "ucfTrainTestlist").mkdir()
-    (tmp_path / "raw" / "ucfTrainTestlist" / "classInd.txt").write_text("1 YoYo\n")
+    (tmp_path / "raw" / UCF101.annotations).mkdir()
+    (tmp_path / "raw" / UCF101.annotations / "classInd.txt").write_text("1 YoYo\n")
     command = ["prepare.py", "--dataset", "ucf101", "--root", tmp_path / "raw", "--out", tmp_path / "out"]
     run = subprocess.Popen(
         [sys.executable, *map(str, command), "--workers", "2"],

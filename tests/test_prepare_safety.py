@@ -13,6 +13,9 @@ from typer.testing import CliRunner
 import prepare
 from loading import dataset_files
 from loading.errors import DataError
+from loading.protocols import PROTOCOLS
+
+UCF101 = PROTOCOLS["ucf101"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,8 +30,8 @@ def raw(tmp_path: Path) -> Path:
     root = tmp_path / "raw"
     frames = torch.arange(20, 60, 5, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 24, 32).contiguous()
     for entry in ("YoYo/v_YoYo_g01_c01.avi", "YoYo/v_YoYo_g08_c01.avi"):
-        dataset_files.write_video(root / "UCF-101" / entry, frames, 8)
-    lists = root / "ucfTrainTestlist"
+        dataset_files.write_video(root / UCF101.videos / entry, frames, 8)
+    lists = root / UCF101.annotations
     lists.mkdir()
     (lists / "classInd.txt").write_text("1 YoYo\n")
     (lists / "trainlist01.txt").write_text("YoYo/v_YoYo_g08_c01.avi 1\n")
@@ -82,7 +85,7 @@ def test_the_lock_file_is_never_followed_through_a_symbolic_link(raw: Path, tmp_
     assert not elsewhere.exists() and tree(out) == before
 
 
-@pytest.mark.parametrize("inside", ["ucfTrainTestlist/prepared", "prepared", "UCF-101/YoYo/prepared"])
+@pytest.mark.parametrize("inside", [f"{UCF101.annotations}/prepared", "prepared", f"{UCF101.videos}/YoYo/prepared"])
 def test_an_out_inside_the_source_is_refused_before_anything_is_written(raw: Path, inside: str) -> None:
     before = tree(raw)
     code, output = run_prepare(raw, raw / inside)
@@ -99,13 +102,13 @@ def test_an_out_that_holds_the_source_is_refused(raw: Path, tmp_path: Path) -> N
 
 
 def test_an_audio_only_source_is_said_to_have_no_video_stream(raw: Path, tmp_path: Path) -> None:
-    audio_only = raw / "UCF-101" / "YoYo" / "v_YoYo_g09_c01.avi"
+    audio_only = raw / UCF101.videos / "YoYo" / "v_YoYo_g09_c01.avi"
     AudioEncoder(torch.zeros(1, 8000), sample_rate=8000).to_file(audio_only)  # half a second of silence
     with pytest.raises(dataset_files.BrokenVideoError) as error:
         prepare.prepare_video(audio_only, tmp_path / "out.avi", prepare.PrepareSettings("ucf101"))
     assert error.value.reason == "the file has no video stream"
     report = prepare.prepare_dataset("ucf101", raw, tmp_path / "prepared", progress=False)
-    assert report.failures == [("UCF-101/YoYo/v_YoYo_g09_c01.avi", "the file has no video stream")]
+    assert report.failures == [(f"{UCF101.videos}/YoYo/v_YoYo_g09_c01.avi", "the file has no video stream")]
     assert report.written == 2
 
 

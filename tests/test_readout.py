@@ -2,66 +2,38 @@
 
 ``mean`` is CLIP4Clip meanP (every frame its own CLS; pinned by ``test_stop.py``, its regression checkpoints
 included); ``cls`` is Figure 2a's one video CLS; ``joint`` puts every token of a video into one attention. Most
-tests use the tiny random CLIP of ``test_stop.py`` (N = 16 patches, width 128, 2 heads, 3 blocks); the golden
-32-px checkpoint is used against OpenAI's reference outputs and for the compiled runs.
+tests use ``conftest.py``'s random CLIP (N = 16 patches, width 128, 2 heads, 3 blocks), as ``test_stop.py`` does;
+the golden 32-px checkpoint is used against OpenAI's reference outputs and for the compiled runs.
 """
 
 import copy
 import math
-from dataclasses import astuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import error_lines, prompt_keys, train_tiny
+from conftest import (
+    FRAMES,
+    RANDOM_CLIP_CONFIG,
+    as_if_trained,
+    error_lines,
+    features,
+    one_change_video,
+    prompt_keys,
+    random_videos,
+    still_videos,
+    train_tiny,
+)
 
 import clip_model
 import stop
 from loading.errors import ConfigError
 from plumbing import runs
-from stop import PROMPT_VARIANTS, PromptDetails, STOPConfig, STOPModel, video_cls_block
+from stop import PROMPT_VARIANTS, STOPConfig, STOPModel, video_cls_block
 
-TINY = clip_model.CLIPConfig(32, 32, 3, 128, 8, 16, 100, 32, 1, 1)
-FRAMES = 6
 # (readout, attention): every valid combination
 LAYOUTS = [("mean", "frame"), ("cls", "frame"), ("cls", "joint")]
 CLS_LAYOUTS = [layout for layout in LAYOUTS if layout[0] == "cls"]
-
-
-@pytest.fixture(scope="module")
-def clip() -> clip_model.CLIP:
-    return clip_model.random_clip(TINY, seed=0)
-
-
-@pytest.fixture(scope="module")
-def golden_clip(golden) -> clip_model.CLIP:
-    return clip_model.load(golden / "tiny_clip_state_dict.pt")
-
-
-def random_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def still_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
-    return random_videos(batch, frames=1, seed=seed).expand(-1, frames, -1, -1, -1).contiguous()
-
-
-def as_if_trained(model: STOPModel, scale: float = 0.2, seed: int = 0) -> STOPModel:
-    """Every trainable tensor redrawn at random (zero-initialised layers included), in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.trainable_parameters():
-            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-def features(model: STOPModel, video: torch.Tensor, **kwargs):
-    with torch.no_grad():
-        result = model.encode_video(video, **kwargs)
-    if not kwargs.get("return_details"):
-        return result
-    video_features, details = result
-    return video_features, [PromptDetails(*astuple(block)) for block in details]
 
 
 def model_of(clip: clip_model.CLIP, prompt: str, layout: tuple[str, str], **kwargs) -> STOPModel:
@@ -104,47 +76,47 @@ def test_old_checkpoints_read_as_mean():
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_one_frame_without_prompts_is_clips_image_feature(golden, golden_clip, layout):
+def test_one_frame_without_prompts_is_clips_image_feature(golden, golden_clip_model, layout):
     """Against the outputs of OpenAI's ``clip`` package on the same weights (``tests/fixtures``)."""
     reference = torch.load(golden / "tiny_clip_reference_outputs.pt")
-    model = model_of(golden_clip, "none", layout)
+    model = model_of(golden_clip_model, "none", layout)
     video_features = features(model, reference["images"][:, None])  # [3, 1, 3, 32, 32]: three one-frame videos
     torch.testing.assert_close(video_features, F.normalize(reference["image_features"], dim=-1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_none_is_blind_to_frame_order_and_differs_from_the_mean(clip, layout):
+def test_none_is_blind_to_frame_order_and_differs_from_the_mean(random_clip_model, layout):
     video = random_videos(2)
-    model = model_of(clip, "none", layout)
+    model = model_of(random_clip_model, "none", layout)
     original = features(model, video)
-    for order in (torch.tensor([3, 0, 5, 1, 4, 2]), torch.arange(FRAMES).flip(0)):
+    for order in (torch.tensor([3, 0, 7, 5, 1, 6, 4, 2]), torch.arange(FRAMES).flip(0)):
         torch.testing.assert_close(features(model, video[:, order]), original, rtol=0, atol=1e-6)
-    mean = features(STOPModel(clip, STOPConfig("none", readout="mean")), video)
+    mean = features(STOPModel(random_clip_model, STOPConfig("none", readout="mean")), video)
     assert ((original - mean).norm(dim=-1) > 1e-2).all()  # one video CLS is another feature than meanP's
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_reversal_cannot_change_the_baseline(clip, layout):
+def test_reversal_cannot_change_the_baseline(random_clip_model, layout):
     video = random_videos(3)
-    model = model_of(clip, "none", layout)
+    model = model_of(random_clip_model, "none", layout)
     torch.testing.assert_close(features(model, video.flip(1)), features(model, video), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_reversal_changes_trained_stop(clip, layout):
+def test_reversal_changes_trained_stop(random_clip_model, layout):
     video = random_videos(3)
-    model = as_if_trained(model_of(clip, "stop", layout))
+    model = as_if_trained(model_of(random_clip_model, "stop", layout))
     assert ((features(model, video.flip(1)) - features(model, video)).norm(dim=-1) > 0.05).all()
 
 
-def test_joint_attention_differs_from_frame_attention(clip):
+def test_joint_attention_differs_from_frame_attention(random_clip_model):
     """With several frames a patch attends to other frames' patches only in ``joint``; with one, they agree."""
     video = random_videos(2)
-    frame, joint = (model_of(clip, "none", layout) for layout in CLS_LAYOUTS)
+    frame, joint = (model_of(random_clip_model, "none", layout) for layout in CLS_LAYOUTS)
     assert ((features(frame, video) - features(joint, video)).norm(dim=-1) > 1e-2).all()
     torch.testing.assert_close(features(frame, video[:, :1]), features(joint, video[:, :1]), rtol=0, atol=1e-6)
     for prompt in ("stop", "temporal"):
-        frame, joint = (as_if_trained(model_of(clip, prompt, layout)) for layout in CLS_LAYOUTS)
+        frame, joint = (as_if_trained(model_of(random_clip_model, prompt, layout)) for layout in CLS_LAYOUTS)
         assert ((features(frame, video) - features(joint, video)).norm(dim=-1) > 1e-2).all()
 
 
@@ -193,9 +165,9 @@ def explicit_video_block(block, h, prompts, counts, joint):
 
 
 @pytest.mark.parametrize("joint", [False, True])
-def test_video_cls_block_equals_explicit_sequences(clip, joint):
-    block = clip.visual.transformer.resblocks[0]
-    batch, frames, length, width, eta = 3, 4, 17, TINY.vision_width, 4
+def test_video_cls_block_equals_explicit_sequences(random_clip_model, joint):
+    block = random_clip_model.visual.transformer.resblocks[0]
+    batch, frames, length, width, eta = 3, 4, 17, RANDOM_CLIP_CONFIG.vision_width, 4
     h = torch.randn(batch, frames, length, width)
     h[:, :, 0] = h[:, :1, 0]  # one video CLS, in slot 0 of every frame
     h = h.flatten(0, 1)
@@ -214,14 +186,14 @@ def test_video_cls_block_equals_explicit_sequences(clip, joint):
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_attention_map_is_the_video_cls_attention(clip, layout):
+def test_attention_map_is_the_video_cls_attention(random_clip_model, layout):
     """Step 1 with a video CLS: one softmax over the CLS and every frame's patches in the first block (before any
     prompt), its part on frame t, head-averaged, min-max scaled per frame."""
     video = random_videos(2)
-    _, details = features(model_of(clip, "stop", layout).eval(), video, return_details=True)
-    block = clip.visual.transformer.resblocks[0]
+    _, details = features(model_of(random_clip_model, "stop", layout).eval(), video, return_details=True)
+    block = random_clip_model.visual.transformer.resblocks[0]
     with torch.no_grad():
-        tokens = clip.visual.embed(video.flatten(0, 1)).view(2, FRAMES, 17, -1)
+        tokens = random_clip_model.visual.embed(video.flatten(0, 1)).view(2, FRAMES, 17, -1)
         sequence = torch.cat([tokens[:, 0, :1], tokens[:, :, 1:].flatten(1, 2)], dim=1)  # [B, 1+T*N, D]
         query, key, _ = block.attn.qkv(block.ln_1(sequence))  # [B, H, 1+T*N, Dh]
     probabilities = (query[:, :, :1] @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])).softmax(dim=-1)
@@ -236,24 +208,24 @@ def test_attention_map_is_the_video_cls_attention(clip, layout):
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_spatial_at_initialisation_equals_the_baseline_exactly(clip, layout):
+def test_spatial_at_initialisation_equals_the_baseline_exactly(random_clip_model, layout):
     video = random_videos(2)
-    baseline = features(model_of(clip, "none", layout), video)
+    baseline = features(model_of(random_clip_model, "none", layout), video)
     for mode in (True, False):
-        assert torch.equal(features(model_of(clip, "spatial", layout).train(mode), video), baseline)
+        assert torch.equal(features(model_of(random_clip_model, "spatial", layout).train(mode), video), baseline)
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_identical_frames_get_no_temporal_prompts(clip, layout):
+def test_identical_frames_get_no_temporal_prompts(random_clip_model, layout):
     """At initialisation, with any weights, and while training with dropout: ``n_t = 0`` at every gap of every
     block, so STOP at initialisation gives the baseline's feature."""
     video = still_videos(2)
-    baseline = features(model_of(clip, "none", layout), video)
-    initial, details = features(model_of(clip, "stop", layout).eval(), video, return_details=True)
+    baseline = features(model_of(random_clip_model, "none", layout), video)
+    initial, details = features(model_of(random_clip_model, "stop", layout).eval(), video, return_details=True)
     assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
     torch.testing.assert_close(initial, baseline, rtol=0, atol=1e-6)
     for prompt in ("stop", "temporal"):
-        model = as_if_trained(model_of(clip, prompt, layout, dropout=0.5))
+        model = as_if_trained(model_of(random_clip_model, prompt, layout, dropout=0.5))
         for mode in (False, True):
             model.train(mode)
             for seed in range(2):
@@ -263,18 +235,17 @@ def test_identical_frames_get_no_temporal_prompts(clip, layout):
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(clip, layout):
-    first, second = random_videos(2, frames=1)[:, 0]
-    video = torch.stack([first] * 3 + [second] * 3)[None]
-    _, details = features(model_of(clip, "stop", layout).eval(), video, return_details=True)
-    assert torch.equal(details[0].counts > 0, torch.tensor([[False, False, True, False, False]]))
+def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(random_clip_model, layout):
+    video = one_change_video()
+    _, details = features(model_of(random_clip_model, "stop", layout).eval(), video, return_details=True)
+    assert torch.equal(details[0].counts > 0, torch.tensor([[False, False, True, False, False, False, False]]))
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_prompt_generators_get_a_gradient_through_the_video_cls(clip, layout):
+def test_prompt_generators_get_a_gradient_through_the_video_cls(random_clip_model, layout):
     """The video feature is the CLS alone, so every gradient reaches the prompts through it; CLIP gets none."""
-    model = as_if_trained(model_of(clip, "stop", layout)).train()
-    text = F.normalize(torch.randn(2, TINY.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    model = as_if_trained(model_of(random_clip_model, "stop", layout)).train()
+    text = F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
     F.cross_entropy(model.class_logits(random_videos(2), text), torch.tensor([0, 1])).backward()
     assert all(p.grad is None for p in model.clip.parameters())
     named = dict(model.prompters.named_parameters())
@@ -283,26 +254,26 @@ def test_prompt_generators_get_a_gradient_through_the_video_cls(clip, layout):
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_one_optimiser_step_from_initialisation_changes_the_video_feature(clip, layout):
+def test_one_optimiser_step_from_initialisation_changes_the_video_feature(random_clip_model, layout):
     """From the zero start (``P^s``'s last Linear), every tensor that starts at zero receives a gradient through
     the video CLS, and one step moves the feature."""
-    model = model_of(clip, "stop", layout, dropout=0.0).train()
+    model = model_of(random_clip_model, "stop", layout, dropout=0.0).train()
     zero_started = [parameter for parameter in model.trainable_parameters() if not parameter.any()]
     video = random_videos(2)
     before = features(model, video)
-    text = F.normalize(torch.randn(2, TINY.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    text = F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1])).backward()
-    assert len(zero_started) == 2 * TINY.vision_layers  # weight and bias of P^s's last Linear, each block
+    assert len(zero_started) == 2 * RANDOM_CLIP_CONFIG.vision_layers  # weight and bias of P^s's last Linear, each block
     assert all(parameter.grad.any() for parameter in zero_started)
     optimizer.step()
     assert ((features(model, video) - before).norm(dim=-1) > 1e-4).all()
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_a_mixed_batch_gives_each_video_its_own_feature(clip, layout):
+def test_a_mixed_batch_gives_each_video_its_own_feature(random_clip_model, layout):
     batch = torch.cat([still_videos(1, seed=1), random_videos(1, seed=2), random_videos(1, seed=3)])
-    model = as_if_trained(model_of(clip, "stop", layout))
+    model = as_if_trained(model_of(random_clip_model, "stop", layout))
     together, details = features(model, batch, return_details=True)
     assert details[0].counts[0].eq(0).all() and details[0].counts[1:].gt(0).any()
     for index in range(3):
@@ -313,24 +284,24 @@ def test_a_mixed_batch_gives_each_video_its_own_feature(clip, layout):
 
 @pytest.mark.parametrize("prompt", PROMPT_VARIANTS)
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_every_variant_runs_with_either_depth(clip, prompt, layout):
+def test_every_variant_runs_with_either_depth(random_clip_model, prompt, layout):
     for prompt_layers in (None, 1):
-        model = as_if_trained(model_of(clip, prompt, layout, prompt_layers=prompt_layers))
+        model = as_if_trained(model_of(random_clip_model, prompt, layout, prompt_layers=prompt_layers))
         video_features, details = features(model, random_videos(2), return_details=True)
-        assert video_features.shape == (2, TINY.embed_dim) and torch.isfinite(video_features).all()
-        assert len(details) == (0 if prompt == "none" else prompt_layers or TINY.vision_layers)
+        assert video_features.shape == (2, RANDOM_CLIP_CONFIG.embed_dim) and torch.isfinite(video_features).all()
+        assert len(details) == (0 if prompt == "none" else prompt_layers or RANDOM_CLIP_CONFIG.vision_layers)
         one_frame = features(model, random_videos(2, frames=1))
-        assert one_frame.shape == (2, TINY.embed_dim)
+        assert one_frame.shape == (2, RANDOM_CLIP_CONFIG.embed_dim)
 
 
 @pytest.mark.parametrize("layout", CLS_LAYOUTS)
-def test_bfloat16_autocast_forward_and_backward(clip, layout):
+def test_bfloat16_autocast_forward_and_backward(random_clip_model, layout):
     """Prompt weights of a trained model's size (0.05): bf16 keeps the same regions and counts, and the feature.
 
     With the 0.2 of ``as_if_trained`` the prompts are large enough that bf16 rounding moves a region in a deeper
     block; one video CLS then moves more than a mean of eight frame features does."""
-    model = as_if_trained(model_of(clip, "stop", layout), scale=0.05).train()
-    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
+    model = as_if_trained(model_of(random_clip_model, "stop", layout), scale=0.05).train()
+    video, text = random_videos(2), F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim), dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1]))
     loss.backward()
@@ -347,12 +318,12 @@ def test_bfloat16_autocast_forward_and_backward(clip, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_encode_video_compiles_to_one_graph_equal_to_eager(golden_clip, layout):
+def test_encode_video_compiles_to_one_graph_equal_to_eager(golden_clip_model, layout):
     """``fullgraph=True`` refuses any graph break (a host read-back, a data-dependent shape); the compiled
     training forward and its gradients equal eager's, with dropout off. Inductor reorders float sums, hence the
     tolerances."""
     torch._dynamo.reset()
-    model = as_if_trained(model_of(copy.deepcopy(golden_clip), "stop", layout, dropout=0.0)).train()
+    model = as_if_trained(model_of(copy.deepcopy(golden_clip_model), "stop", layout, dropout=0.0)).train()
     compiled = torch.compile(model.encode_video, fullgraph=True)
     video = random_videos(2, frames=3)
     outputs, gradients = [], []
@@ -368,21 +339,19 @@ def test_encode_video_compiles_to_one_graph_equal_to_eager(golden_clip, layout):
         torch.testing.assert_close(compiled_gradient, eager_gradient, rtol=1e-4, atol=1e-5)
 
 
-def test_the_readout_is_a_saved_choice_of_the_run(tiny_root, golden, tmp_path, monkeypatch):
+def test_the_readout_is_a_saved_choice_of_the_run(tiny_root, golden_clip, tmp_path):
     """``--attention joint`` needs ``--readout cls``: one line and nothing written. A run records its readout and
     attention; ``--resume`` refuses another one, and ``evaluate.py`` builds the model the checkpoint names."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    clip_file = golden / "tiny_clip_state_dict.pt"
     out = tmp_path / "run"
-    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "mean", "--attention", "joint")
+    code, output = train_tiny(tiny_root, golden_clip, out, "--readout", "mean", "--attention", "joint")
     assert code == 1 and error_lines(output) == [line for line in output.splitlines() if line.strip()][-1:], output
     assert "attention='joint' with readout='mean'" in output and not out.exists()
-    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "cls", "--attention", "joint", "--epochs", 1)
+    code, output = train_tiny(tiny_root, golden_clip, out, "--readout", "cls", "--attention", "joint", "--epochs", 1)
     assert code == 0, output
     saved = torch.load(out / "last.pt", weights_only=True)["config"]
     assert (saved["readout"], saved["attention"]) == ("cls", "joint")
-    code, output = train_tiny(tiny_root, clip_file, out, "--readout", "mean", "--resume")
+    code, output = train_tiny(tiny_root, golden_clip, out, "--readout", "mean", "--resume")
     assert code == 1 and "--readout mean (the run has cls)" in output, output
     assert len(torch.load(out / "last.pt", weights_only=True)["records"]) == 1  # the run is untouched
-    model, _, _ = runs.load_trained(out / "best.pt", str(clip_file), torch.device("cpu"))
+    model, _, _ = runs.load_trained(out / "best.pt", str(golden_clip), torch.device("cpu"))
     assert (model.config.readout, model.config.attention) == ("cls", "joint")

@@ -20,6 +20,9 @@ from loading import dataset_files, layouts, protocols
 from plumbing import runs, runtime
 from stop import STOPConfig
 
+MSVD, LSMDC, ACTIVITYNET, DIDEMO, VATEX = (
+    protocols.PROTOCOLS[name] for name in ("msvd", "lsmdc", "activitynet", "didemo", "vatex")
+)
 SIDE = 32
 RESOLUTION = 32
 
@@ -61,7 +64,7 @@ def test_msvd_test_groups_captions_by_video_and_leaves_out_the_missing_one(msvd_
     assert len(caught) == 1  # listed once
     assert caught[0].filename == __file__  # it points at the line that built the dataset
     message = str(caught[0].message)
-    assert "zzLq_missing_1_4" in message and str(msvd_root / "YouTubeClips") in message
+    assert "zzLq_missing_1_4" in message and str(msvd_root / MSVD.videos) in message
     assert "the test set has 3 videos and 6 captions instead of 4 and 8" in message and "--strict" in message
     present = [v for v in MSVD_SPLITS["test"] if v != "zzLq_missing_1_4"]
     assert [path.stem for path in test_set.paths] == present and test_set.targets == [0, 1, 2]
@@ -91,13 +94,12 @@ class WritesAFile:
 
 def copy_with_captions(msvd_root: Path, tmp_path: Path, content: bytes) -> Path:
     root = tmp_path / "msvd"
-    (root / "msvd_data").mkdir(parents=True)
-    (root / "YouTubeClips").symlink_to(msvd_root / "YouTubeClips")
+    (root / MSVD.annotations).mkdir(parents=True)
+    (root / MSVD.videos).symlink_to(msvd_root / MSVD.videos)
     for split in MSVD_SPLITS:
-        (root / "msvd_data" / f"{split}_list.txt").write_bytes(
-            (msvd_root / "msvd_data" / f"{split}_list.txt").read_bytes()
-        )
-    (root / "msvd_data" / "raw-captions.pkl").write_bytes(content)
+        list_file = Path(MSVD.annotations, f"{split}_list.txt")
+        (root / list_file).write_bytes((msvd_root / list_file).read_bytes())
+    (root / MSVD.annotations / "raw-captions.pkl").write_bytes(content)
     return root
 
 
@@ -110,7 +112,7 @@ def test_a_crafted_caption_pickle_runs_nothing(msvd_root: Path, tmp_path: Path) 
     with pytest.raises(data.DataError) as error:
         build("msvd", root, "train")
     assert not witness.exists()
-    assert str(root / "msvd_data" / "raw-captions.pkl") in str(error.value) and "it refers to io.open" in str(
+    assert str(root / MSVD.annotations / "raw-captions.pkl") in str(error.value) and "it refers to io.open" in str(
         error.value
     )
 
@@ -122,7 +124,7 @@ def test_a_crafted_caption_pickle_runs_nothing(msvd_root: Path, tmp_path: Path) 
 )
 def test_a_caption_pickle_of_other_types_is_one_error(msvd_root: Path, tmp_path: Path, content: object) -> None:
     root = copy_with_captions(msvd_root, tmp_path, pickle.dumps(content))
-    with pytest.raises(data.DataError, match=re.escape(f"msvd: {root / 'msvd_data' / 'raw-captions.pkl'}")):
+    with pytest.raises(data.DataError, match=re.escape(f"msvd: {root / MSVD.annotations / 'raw-captions.pkl'}")):
         build("msvd", root, "train")
 
 
@@ -145,14 +147,14 @@ def lsmdc_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lsmdc")
     for number, clip_id in enumerate(dict.fromkeys(clip for clip, _ in LSMDC_TRAIN + LSMDC_TEST)):
         movie = clip_id.rsplit("_", 1)[0]
-        dataset_files.write_video(root / "videos" / movie / f"{clip_id}.avi", grey([60 + 40 * number] * 3), 24)
-    (root / "annotations").mkdir()
+        dataset_files.write_video(root / LSMDC.videos / movie / f"{clip_id}.avi", grey([60 + 40 * number] * 3), 24)
+    (root / LSMDC.annotations).mkdir()
     for file_name, rows in (
         ("LSMDC16_annos_training.csv", LSMDC_TRAIN),
         ("LSMDC16_challenge_1000_publictect.csv", LSMDC_TEST),
     ):
         times = "\t".join(["00.23.23.000", "00.23.28.886"] * 2)
-        (root / "annotations" / file_name).write_text("".join(f"{c}\t{times}\t{s}\n" for c, s in rows))
+        (root / LSMDC.annotations / file_name).write_text("".join(f"{c}\t{times}\t{s}\n" for c, s in rows))
     return root
 
 
@@ -167,9 +169,9 @@ def test_lsmdc_ids_with_dots_find_their_videos_in_movie_folders(lsmdc_root: Path
 
 def test_lsmdc_a_line_without_six_fields_is_named(lsmdc_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "lsmdc"
-    (root / "annotations").mkdir(parents=True)
-    (root / "videos").symlink_to(lsmdc_root / "videos")
-    bad = root / "annotations" / "LSMDC16_challenge_1000_publictect.csv"
+    (root / LSMDC.annotations).mkdir(parents=True)
+    (root / LSMDC.videos).symlink_to(lsmdc_root / LSMDC.videos)
+    bad = root / LSMDC.annotations / "LSMDC16_challenge_1000_publictect.csv"
     bad.write_text("3086_UGLY_TRUTH_00.23.23.000-00.23.28.886\tno times\n")
     with pytest.raises(data.DataError, match=rf"lsmdc: {re.escape(str(bad))}, line 1: expected 6 tab-separated"):
         build("lsmdc", root, "test")
@@ -185,7 +187,7 @@ def activitynet_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("activitynet")
     videos = {"v_QOlSCBRmfWY": 50, "v_v_UmAH95xls": 110, "v_ehGHCYKzyZ8": 170, "v_jTMdMnbW9OI": 230}
     for key, level in videos.items():
-        dataset_files.write_video(root / "videos" / f"{key[2:]}.mp4", grey([level] * 4), 10)
+        dataset_files.write_video(root / ACTIVITYNET.videos / f"{key[2:]}.mp4", grey([level] * 4), 10)
     train = {
         "v_QOlSCBRmfWY": {"duration": 82.73, "timestamps": [[0.8, 19.9], [17.4, 60.8]],
                           "sentences": ["A young woman is seen standing.", " She then dances."]},
@@ -195,14 +197,14 @@ def activitynet_root(tmp_path_factory) -> Path:
         "v_ehGHCYKzyZ8": {"duration": 30.0, "timestamps": [[0, 9], [9, 30]], "sentences": ["A dog.", " It runs."]},
         "v_jTMdMnbW9OI": {"duration": 745.5, "timestamps": [[0, 745]], "sentences": ["People play polo."]},
     }
-    (root / "captions").mkdir()
+    (root / ACTIVITYNET.annotations).mkdir()
     for name, content in (
         ("train.json", train),
         ("val_1.json", val),
         ("train_ids.json", ["v_QOlSCBRmfWY", "v_no_captions", "v_v_UmAH95xls"]),
         ("val_ids.json", ["v_ehGHCYKzyZ8", "v_jTMdMnbW9OI"]),
     ):
-        (root / "captions" / name).write_text(json.dumps(content))
+        (root / ACTIVITYNET.annotations / name).write_text(json.dumps(content))
     return root
 
 
@@ -225,9 +227,9 @@ def test_activitynet_an_id_that_is_not_a_string_is_one_error_naming_it(
     activitynet_root: Path, tmp_path: Path, bad: object
 ) -> None:
     root = tmp_path / "activitynet"
-    shutil.copytree(activitynet_root / "captions", root / "captions")
-    (root / "videos").symlink_to(activitynet_root / "videos")
-    ids_file = root / "captions" / "val_ids.json"
+    shutil.copytree(activitynet_root / ACTIVITYNET.annotations, root / ACTIVITYNET.annotations)
+    (root / ACTIVITYNET.videos).symlink_to(activitynet_root / ACTIVITYNET.videos)
+    ids_file = root / ACTIVITYNET.annotations / "val_ids.json"
     ids_file.write_text(json.dumps(["v_ehGHCYKzyZ8", bad]))
     with pytest.raises(data.DataError) as error:
         build("activitynet", root, "test")
@@ -240,21 +242,21 @@ def test_activitynet_an_id_that_is_not_a_string_is_one_error_naming_it(
 def test_activitynet_one_video_left_out_is_told_in_the_singular(activitynet_root: Path, tmp_path: Path, lost) -> None:
     """Only the videos whose files are missing change the counts the split would have had."""
     root = tmp_path / "activitynet"
-    shutil.copytree(activitynet_root / "captions", root / "captions")
-    (root / "videos").symlink_to(activitynet_root / "videos")
-    ids_file = root / "captions" / "val_ids.json"
+    shutil.copytree(activitynet_root / ACTIVITYNET.annotations, root / ACTIVITYNET.annotations)
+    (root / ACTIVITYNET.videos).symlink_to(activitynet_root / ACTIVITYNET.videos)
+    ids_file = root / ACTIVITYNET.annotations / "val_ids.json"
     ids_file.write_text(json.dumps(["v_jTMdMnbW9OI", "v_gone"]))
     if lost == "no video":
-        captions = json.loads((root / "captions" / "val_1.json").read_text())
+        captions = json.loads((root / ACTIVITYNET.annotations / "val_1.json").read_text())
         captions["v_gone"] = {"duration": 10.0, "timestamps": [[0, 10]], "sentences": ["Nobody is there."]}
-        (root / "captions" / "val_1.json").write_text(json.dumps(captions))
+        (root / ACTIVITYNET.annotations / "val_1.json").write_text(json.dumps(captions))
     with pytest.warns(layouts.MissingVideosWarning) as caught:
         build("activitynet", root, "test")
     (warning,) = caught
     if lost == "no captions":
         why, counts_before = "1 without captions: v_gone", ""
     else:
-        why = f"1 not under {root / 'videos'}: v_gone"
+        why = f"1 not under {root / ACTIVITYNET.videos}: v_gone"
         counts_before = " instead of 2 and 2; --strict makes a missing video an error"
     assert str(warning.message) == (
         f"activitynet: 1 of the 2 test videos listed in {ids_file} is left out ({why}): "
@@ -275,10 +277,11 @@ def didemo_root(tmp_path_factory) -> Path:
     """DiDeMo: Flickr file names with `@` and their extension; one saved as `<name>.mp4` (LM's AWS script), one
     missing; a 40-second video whose frame i has grey level 20 + 5 i."""
     root = tmp_path_factory.mktemp("didemo")
-    dataset_files.write_video(root / "videos" / "clip.mp4", grey([70] * 4), 10)
-    (root / "videos" / "clip.mp4").rename(root / "videos" / DIDEMO_MOV)  # MOV and MP4 are one family
-    dataset_files.write_video(root / "videos" / f"{DIDEMO_3GP}.mp4", grey([140] * 4), 10)
-    dataset_files.write_video(root / "videos" / DIDEMO_LONG, grey([20 + 5 * i for i in range(40)]), 1)
+    videos = root / DIDEMO.videos
+    dataset_files.write_video(videos / "clip.mp4", grey([70] * 4), 10)
+    (videos / "clip.mp4").rename(videos / DIDEMO_MOV)  # MOV and MP4 are one family
+    dataset_files.write_video(videos / f"{DIDEMO_3GP}.mp4", grey([140] * 4), 10)
+    dataset_files.write_video(videos / DIDEMO_LONG, grey([20 + 5 * i for i in range(40)]), 1)
     moments = [
         {"annotation_id": 1, "video": DIDEMO_MOV, "description": "a girl waves", "times": [[0, 0], [0, 1]]},
         {"annotation_id": 2, "video": DIDEMO_3GP, "description": " the camera pans", "times": [[2, 3]]},
@@ -286,11 +289,12 @@ def didemo_root(tmp_path_factory) -> Path:
         {"annotation_id": 4, "video": DIDEMO_MPG, "description": "nobody sees this", "times": [[1, 1]]},
         {"annotation_id": 5, "video": DIDEMO_LONG, "description": "it gets brighter", "times": [[0, 5]]},
     ]
-    (root / "annotations").mkdir()
+    annotations = root / DIDEMO.annotations
+    annotations.mkdir()
     for split in ("train", "test"):
-        (root / "annotations" / f"{split}_data.json").write_text(json.dumps(moments))
-    (root / "annotations" / "train_list.txt").write_text(f"{DIDEMO_LONG}\n")
-    (root / "annotations" / "test_list.txt").write_text(f"{DIDEMO_MOV}\n{DIDEMO_MPG}\n{DIDEMO_3GP}\n")
+        (annotations / f"{split}_data.json").write_text(json.dumps(moments))
+    (annotations / "train_list.txt").write_text(f"{DIDEMO_LONG}\n")
+    (annotations / "test_list.txt").write_text(f"{DIDEMO_MOV}\n{DIDEMO_MPG}\n{DIDEMO_3GP}\n")
     return root
 
 
@@ -305,7 +309,7 @@ def test_didemo_names_with_at_signs_and_extensions_and_joined_descriptions(didem
 
 def test_didemo_samples_only_the_first_31_seconds(didemo_root: Path) -> None:
     train_set = build("didemo", didemo_root, "train")
-    assert train_set.paths == [didemo_root / "videos" / DIDEMO_LONG] and train_set.first_seconds == 31
+    assert train_set.paths == [didemo_root / DIDEMO.videos / DIDEMO_LONG] and train_set.first_seconds == 31
     frames = data.read_frames(train_set.paths[0], 4, train=False, first_seconds=train_set.first_seconds)
     # 31 frames (1 fps) in 4 segments of 7.75: centres 3, 11, 19, 27 (the whole 40 would give 5, 15, 25, 35)
     assert frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([20 + 5 * i for i in (3, 11, 19, 27)], abs=3)
@@ -326,11 +330,12 @@ def vatex_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vatex")
     for number, video_id in enumerate(VATEX_CAPTIONS):
         if not video_id.startswith("zz"):
-            dataset_files.write_video(root / "videos" / f"{video_id}.mp4", grey([50 + 50 * number] * 4), 10)
-    (root / "annotations").mkdir()
-    (root / "annotations" / "ref_captions.json").write_text(json.dumps(VATEX_CAPTIONS))
-    (root / "annotations" / "train_list.txt").write_text("Ptf_2VRj-V0_000122_000132\n")
-    (root / "annotations" / "test_list.txt").write_text("\n".join(list(VATEX_CAPTIONS)[1:]) + "\n")
+            dataset_files.write_video(root / VATEX.videos / f"{video_id}.mp4", grey([50 + 50 * number] * 4), 10)
+    annotations = root / VATEX.annotations
+    annotations.mkdir()
+    (annotations / "ref_captions.json").write_text(json.dumps(VATEX_CAPTIONS))
+    (annotations / "train_list.txt").write_text("Ptf_2VRj-V0_000122_000132\n")
+    (annotations / "test_list.txt").write_text("\n".join(list(VATEX_CAPTIONS)[1:]) + "\n")
     return root
 
 
@@ -349,21 +354,23 @@ def test_vatex_multi_caption_test_set_without_its_missing_video(vatex_root: Path
 @pytest.mark.parametrize(
     ("name", "missing"),
     [
-        ("msvd", "msvd_data/raw-captions.pkl"),
-        ("lsmdc", "annotations/LSMDC16_annos_training.csv"),
-        ("activitynet", "captions/train_ids.json"),
-        ("didemo", "annotations/train_list.txt"),
-        ("vatex", "annotations/train_list.txt"),
+        ("msvd", "raw-captions.pkl"),
+        ("lsmdc", "LSMDC16_annos_training.csv"),
+        ("activitynet", "train_ids.json"),
+        ("didemo", "train_list.txt"),
+        ("vatex", "train_list.txt"),
     ],
 )
 def test_a_missing_annotation_file_is_named_with_the_layout(tmp_path: Path, name: str, missing: str) -> None:
-    (tmp_path / protocols.PROTOCOLS[name].videos).mkdir()
+    """``missing`` is in the dataset's annotation folder."""
+    protocol = protocols.PROTOCOLS[name]
+    (tmp_path / protocol.videos).mkdir()
     if name == "msvd":
-        (tmp_path / "msvd_data").mkdir()
-        (tmp_path / "msvd_data" / "train_list.txt").write_text("x\n")
+        (tmp_path / protocol.annotations).mkdir()
+        (tmp_path / protocol.annotations / "train_list.txt").write_text("x\n")
     with pytest.raises(data.DataError) as error:
         build(name, tmp_path, "train")
-    assert str(tmp_path / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
+    assert str(tmp_path / protocol.annotations / missing) in str(error.value) and data.LAYOUTS[name] in str(error.value)
 
 
 # ---------------------------------------------------------------- train.py and evaluate.py
@@ -439,7 +446,8 @@ def test_a_prepared_didemo_copy_keeps_names_extensions_and_items(didemo_root: Pa
     assert [path.relative_to(tmp_path / "prepared") for path in prepared.paths] == [
         path.relative_to(didemo_root) for path in original.paths
     ]
-    assert prepared.targets == original.targets and (tmp_path / "prepared/annotations/test_data.json").is_file()
+    assert prepared.targets == original.targets
+    assert (tmp_path / "prepared" / DIDEMO.annotations / "test_data.json").is_file()
     assert abs(mean_level(prepared[0][0]) - 70) < 3  # the MOV, re-encoded into a MOV
 
 

@@ -1,17 +1,25 @@
 """STOP (stop.py): the invariants of ``docs/method.md``, each pinned by a real assertion.
 
-Most tests use a tiny random CLIP (32 px, patch 8, so N = 16 patches; width 128 with 2 heads; 3 blocks), built
-here so they always run; the golden 32-px checkpoint is used where a loaded checkpoint matters.
+Most tests use ``conftest.py``'s random CLIP (32 px, patch 8, so N = 16 patches; width 128 with 2 heads; 3 blocks),
+built there so they always run; the golden 32-px checkpoint is used where a loaded checkpoint matters.
 """
 
 import copy
 import math
-from dataclasses import astuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prompt_keys
+from conftest import (
+    FRAMES,
+    RANDOM_CLIP_CONFIG,
+    as_if_trained,
+    features,
+    one_change_video,
+    prompt_keys,
+    random_videos,
+    still_videos,
+)
 from torch.utils.checkpoint import checkpoint
 
 import clip_model
@@ -20,71 +28,17 @@ from loading.errors import ConfigError
 from stop import (
     PAPER_TRAINABLE_PARAMETERS,
     PROMPT_VARIANTS,
-    PromptDetails,
     STOPConfig,
     STOPModel,
     cls_attention_map,
     prompted_block,
 )
 
-TINY = clip_model.CLIPConfig(
-    embed_dim=32,
-    image_resolution=32,
-    vision_layers=3,
-    vision_width=128,
-    vision_patch_size=8,
-    context_length=16,
-    vocab_size=100,
-    transformer_width=32,
-    transformer_heads=1,
-    transformer_layers=1,
-)
-FRAMES = 8
 
-
-@pytest.fixture(scope="module")
-def clip() -> clip_model.CLIP:
-    return clip_model.random_clip(TINY, seed=0)
-
-
-@pytest.fixture(scope="module")
-def golden_clip(golden) -> clip_model.CLIP:
-    return clip_model.load(golden / "tiny_clip_state_dict.pt")
-
-
-@pytest.fixture(params=["tiny", "golden"])
-def any_clip(request, clip) -> clip_model.CLIP:
-    """The tiny random CLIP, then the golden checkpoint (``tests/fixtures``)."""
-    return clip if request.param == "tiny" else request.getfixturevalue("golden_clip")
-
-
-def random_videos(batch: int, frames: int = FRAMES, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def as_if_trained(model: STOPModel, seed: int = 0) -> STOPModel:
-    """Every trainable tensor redrawn at random (zero-initialised layers included), in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.trainable_parameters():
-            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-def one_change_video(seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    """``[1, 8, 3, 32, 32]``: frames 1-3 show one image, frames 4-8 another (1-based): one change, at gap 3."""
-    first, second = random_videos(2, frames=1, seed=seed)[:, 0]
-    return torch.stack([first] * 3 + [first + scale * (second - first)] * 5)[None]
-
-
-def features(model: STOPModel, video: torch.Tensor, **kwargs):
-    """``model.encode_video(video)`` on the model's device, brought back to the CPU (details too)."""
-    with torch.no_grad():
-        result = model.encode_video(video.to(model.clip.logit_scale.device), **kwargs)
-    if not kwargs.get("return_details"):
-        return result.cpu()
-    video_features, details = result
-    return video_features.cpu(), [PromptDetails(*(value.cpu() for value in astuple(block))) for block in details]
+@pytest.fixture(params=["random", "golden"])
+def any_clip(request, random_clip_model) -> clip_model.CLIP:
+    """The random CLIP, then the golden checkpoint (``tests/fixtures``)."""
+    return random_clip_model if request.param == "random" else request.getfixturevalue("golden_clip_model")
 
 
 def on(device: torch.device, clip: clip_model.CLIP) -> clip_model.CLIP:
@@ -110,21 +64,27 @@ def on(device: torch.device, clip: clip_model.CLIP) -> clip_model.CLIP:
         ({"dropout": 1.0}, "dropout=1.0"),
     ],
 )
-def test_bad_hyperparameters_raise_naming_the_value(clip, kwargs, named):
+def test_bad_hyperparameters_raise_naming_the_value(random_clip_model, kwargs, named):
     with pytest.raises(ConfigError, match="expected") as error:
-        STOPModel(clip, STOPConfig(**kwargs))
+        STOPModel(random_clip_model, STOPConfig(**kwargs))
     assert named in str(error.value)
 
 
-def test_trainable_parameters_per_variant(clip):
-    counts = {prompt: STOPModel(clip, STOPConfig(prompt)).num_trainable_parameters() for prompt in PROMPT_VARIANTS}
+def test_trainable_parameters_per_variant(random_clip_model):
+    counts = {
+        prompt: STOPModel(random_clip_model, STOPConfig(prompt)).num_trainable_parameters()
+        for prompt in PROMPT_VARIANTS
+    }
     assert counts["none"] == 0
-    assert counts["static"] == TINY.vision_layers * 4 * TINY.vision_width  # eta tokens per block
+    # eta tokens per block
+    assert counts["static"] == RANDOM_CLIP_CONFIG.vision_layers * 4 * RANDOM_CLIP_CONFIG.vision_width
     assert counts["stop"] == counts["spatial"] + counts["temporal"]
     assert (
-        STOPModel(clip, STOPConfig(prompt_layers=1)).num_trainable_parameters() * TINY.vision_layers == counts["stop"]
+        STOPModel(random_clip_model, STOPConfig(prompt_layers=1)).num_trainable_parameters()
+        * RANDOM_CLIP_CONFIG.vision_layers
+        == counts["stop"]
     )
-    model = STOPModel(clip)
+    model = STOPModel(random_clip_model)
     assert f"trainable parameters={counts['stop']:,}" in repr(model)
 
 
@@ -137,19 +97,19 @@ def test_vit_b32_trainable_parameters_stay_below_the_papers():
     assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_clip_is_frozen_and_stays_in_eval_mode(clip):
-    model = STOPModel(clip).train()
+def test_clip_is_frozen_and_stays_in_eval_mode(random_clip_model):
+    model = STOPModel(random_clip_model).train()
     assert not any(p.requires_grad for p in model.clip.parameters())
     assert all(p.requires_grad for p in model.trainable_parameters())
     assert not any(module.training for module in model.clip.modules())
     assert all(module.training for module in model.prompters.modules())
 
 
-def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(clip):
-    model = STOPModel(clip, STOPConfig("none", readout="mean"))
+def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(random_clip_model):
+    model = STOPModel(random_clip_model, STOPConfig("none", readout="mean"))
     video = random_videos(2)
     assert model.num_trainable_parameters() == 0 and model.trainable_state_dict() == {}
-    expected = F.normalize(clip.encode_image(video.flatten(0, 1)).view(2, FRAMES, -1).mean(dim=1), dim=-1)
+    expected = F.normalize(random_clip_model.encode_image(video.flatten(0, 1)).view(2, FRAMES, -1).mean(dim=1), dim=-1)
     video_features, details = features(model, video, return_details=True)
     assert details == []
     torch.testing.assert_close(video_features, expected, rtol=0, atol=1e-6)
@@ -160,9 +120,9 @@ def test_none_trains_nothing_and_is_frozen_clip4clip_meanp(clip):
 # --------------------------------------------------------------------------- #
 
 
-def test_cls_attention_map_is_the_blocks_own_attention(clip):
-    block = clip.visual.transformer.resblocks[1]
-    normed = block.ln_1(torch.randn(6, 17, TINY.vision_width))
+def test_cls_attention_map_is_the_blocks_own_attention(random_clip_model):
+    block = random_clip_model.visual.transformer.resblocks[1]
+    normed = block.ln_1(torch.randn(6, 17, RANDOM_CLIP_CONFIG.vision_width))
     query, key, _ = block.attn.qkv(normed)  # [6, H, 17, Dh]
     probabilities = (query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])).softmax(dim=-1)
     attention = probabilities[:, :, 0, 1:].mean(dim=1)  # CLS row, patch columns, mean over heads
@@ -170,10 +130,10 @@ def test_cls_attention_map_is_the_blocks_own_attention(clip):
     torch.testing.assert_close(cls_attention_map(block, normed), (attention - low) / (high - low))
 
 
-def test_prompted_block_equals_explicit_per_frame_sequences(clip):
+def test_prompted_block_equals_explicit_per_frame_sequences(random_clip_model):
     """Step 8, batched with a key mask, against a loop building ``[frame tokens, p_{t-1}[:n], p_t[:n]]``."""
-    block = clip.visual.transformer.resblocks[0]
-    batch, frames, length, width, eta = 3, 4, 17, TINY.vision_width, 4
+    block = random_clip_model.visual.transformer.resblocks[0]
+    batch, frames, length, width, eta = 3, 4, 17, RANDOM_CLIP_CONFIG.vision_width, 4
     h = torch.randn(batch * frames, length, width)
     prompts = torch.randn(batch, frames - 1, eta, width)
     counts = torch.tensor([[0, 2, 4], [1, 0, 0], [0, 0, 0]])  # a video with no prompts among videos with some
@@ -197,18 +157,17 @@ def test_prompted_block_equals_explicit_per_frame_sequences(clip):
                 torch.testing.assert_close(result[video, t], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_prompted_block_without_prompts_is_the_plain_block(clip):
+def test_prompted_block_without_prompts_is_the_plain_block(random_clip_model):
     """Masked slots add nothing. Masked attention is another kernel than the plain one, so equal within 1e-6 (it
     is bit-identical on the 2-core CI CPU); with no slot at all (``spatial``) the plain block runs, bit for bit."""
-    block = clip.visual.transformer.resblocks[0]
-    h = torch.randn(8, 17, TINY.vision_width)
+    block = random_clip_model.visual.transformer.resblocks[0]
+    h = torch.randn(8, 17, RANDOM_CLIP_CONFIG.vision_width)
     counts = torch.zeros(2, 3, dtype=torch.long)
     with torch.no_grad():
-        result = prompted_block(
-            block, h, block.ln_1(h), prompt_keys(block, torch.randn(2, 3, 4, TINY.vision_width)), counts
-        )
+        kv = prompt_keys(block, torch.randn(2, 3, 4, RANDOM_CLIP_CONFIG.vision_width))
+        result = prompted_block(block, h, block.ln_1(h), kv, counts)
         torch.testing.assert_close(result, block(h), rtol=0, atol=1e-6)
-        no_slot = prompted_block(block, h, block.ln_1(h), torch.randn(2, 3, 0, 2 * TINY.vision_width), counts)
+        no_slot = prompted_block(block, h, block.ln_1(h), kv[:, :, :0], counts)
         assert torch.equal(no_slot, block(h))
 
 
@@ -229,12 +188,12 @@ def test_spatial_at_initialisation_equals_the_baseline_exactly(any_clip, device)
     assert same(features(STOPModel(clip, STOPConfig("spatial")).train(), video), baseline)
 
 
-def test_identical_frames_get_no_temporal_prompts(clip, device):
+def test_identical_frames_get_no_temporal_prompts(random_clip_model, device):
     """``W^t`` is exactly 0 in exact arithmetic and on the CI CPU; a matrix product may round one row differently at
     two batch positions on other hardware, so the test allows ``W^t`` up to the dead zone ``tau``, where the count
     is 0 by definition. With every prompt slot masked the features equal the baseline's within 1e-6."""
-    clip = on(device, clip)
-    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
+    clip = on(device, random_clip_model)
+    video = still_videos(2)
     baseline = features(STOPModel(clip, STOPConfig("none")), video)
     initial, details = features(STOPModel(clip, STOPConfig("stop")).eval(), video, return_details=True)
     assert all(d.counts.eq(0).all() and d.variation.le(stop.VARIATION_DEAD_ZONE).all() for d in details)
@@ -250,11 +209,11 @@ def test_identical_frames_get_no_temporal_prompts(clip, device):
 
 
 @pytest.mark.parametrize("prompt", ["stop", "temporal"])
-def test_identical_frames_get_no_temporal_prompts_while_training(clip, device, prompt):
+def test_identical_frames_get_no_temporal_prompts_while_training(random_clip_model, device, prompt):
     """In training mode with dropout 0.5, for several draws: ``P^s``'s dropout draws one mask per video
     (``stop.video_dropout``), so identical frames stay identical after spatial prompting and get no prompts."""
-    clip = on(device, clip)
-    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
+    clip = on(device, random_clip_model)
+    video = still_videos(2)
     model = as_if_trained(STOPModel(clip, STOPConfig(prompt, dropout=0.5))).train()
     drawn = []
     for seed in range(4):
@@ -266,12 +225,12 @@ def test_identical_frames_get_no_temporal_prompts_while_training(clip, device, p
         assert not torch.allclose(drawn[0], drawn[1])
 
 
-def test_a_dropout_mask_per_frame_would_give_identical_frames_prompts(clip, monkeypatch):
+def test_a_dropout_mask_per_frame_would_give_identical_frames_prompts(random_clip_model, monkeypatch):
     """Why ``video_dropout`` shares one mask across a video's frames: a mask per frame makes identical frames differ
     after spatial prompting, and the temporal prompter then prompts them."""
     monkeypatch.setattr(stop, "video_dropout", lambda x, batch, p, training: F.dropout(x, p, training))
-    video = random_videos(2, frames=1).expand(-1, FRAMES, -1, -1, -1).contiguous()
-    model = as_if_trained(STOPModel(clip, STOPConfig("stop", dropout=0.5))).train()
+    video = still_videos(2)
+    model = as_if_trained(STOPModel(random_clip_model, STOPConfig("stop", dropout=0.5))).train()
     for seed in range(4):
         torch.manual_seed(seed)
         _, details = features(model, video, return_details=True)
@@ -294,8 +253,8 @@ def test_a_change_between_frames_3_and_4_is_prompted_at_that_gap_only(any_clip, 
     assert len(details) == 1 and torch.equal(details[0].counts > 0, expected)
 
 
-def test_prompt_count_grows_with_the_change(clip):
-    model = STOPModel(clip, STOPConfig("stop")).eval()
+def test_prompt_count_grows_with_the_change(random_clip_model):
+    model = STOPModel(random_clip_model, STOPConfig("stop")).eval()
     variations, counts = [], []
     for scale in (0.0, 0.01, 0.1, 0.3, 1.0, 3.0):
         _, details = features(model, one_change_video(scale=scale), return_details=True)
@@ -308,34 +267,39 @@ def test_prompt_count_grows_with_the_change(clip):
     assert all(n == (math.ceil(4 * w) if w > stop.VARIATION_DEAD_ZONE else 0) for n, w in zip(counts, variations))
 
 
-def test_a_change_within_the_dead_zone_gets_no_prompt(clip):
+def test_a_change_within_the_dead_zone_gets_no_prompt(random_clip_model):
     """Step 6's dead zone: float noise between frames (here a change of 1e-6 of the image) gives ``0 < W^t <= tau``
     and no prompt, where ``ceil(eta W^t)`` alone would insert one."""
-    _, details = features(STOPModel(clip, STOPConfig("stop")).eval(), one_change_video(scale=1e-6), return_details=True)
+    _, details = features(
+        STOPModel(random_clip_model, STOPConfig("stop")).eval(), one_change_video(scale=1e-6), return_details=True
+    )
     variation = details[0].variation[0, 2].item()
     assert 0 < variation <= stop.VARIATION_DEAD_ZONE and math.ceil(4 * variation) == 1
     assert details[0].counts.eq(0).all()
 
 
-def test_reversal_changes_stop_but_not_the_baseline_or_static(clip):
+def test_reversal_changes_stop_but_not_the_baseline_or_static(random_clip_model):
     video = random_videos(3)
     reversed_video = video.flip(1)
-    for model in (STOPModel(clip, STOPConfig("none")), as_if_trained(STOPModel(clip, STOPConfig("static")))):
+    for model in (
+        STOPModel(random_clip_model, STOPConfig("none")),
+        as_if_trained(STOPModel(random_clip_model, STOPConfig("static"))),
+    ):
         torch.testing.assert_close(features(model, reversed_video), features(model, video), rtol=0, atol=1e-6)
     # At initialisation only P^t's small prompts see the order (still far above the 1e-7 of rounding).
     for model, least in (
-        (STOPModel(clip, STOPConfig("stop")).eval(), 1e-5),
-        (as_if_trained(STOPModel(clip, STOPConfig("stop"))), 0.05),
+        (STOPModel(random_clip_model, STOPConfig("stop")).eval(), 1e-5),
+        (as_if_trained(STOPModel(random_clip_model, STOPConfig("stop"))), 0.05),
     ):
         change = (features(model, reversed_video) - features(model, video)).norm(dim=-1)
         assert (change > least).all(), change
 
 
-def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
+def test_a_mixed_batch_gives_each_video_its_own_feature(random_clip_model):
     """Videos with different prompt counts share a batch through the key mask: nothing truncated or leaked."""
-    still = random_videos(1, frames=1, seed=1).expand(-1, FRAMES, -1, -1, -1)
+    still = still_videos(1, seed=1)
     batch = torch.cat([still, random_videos(1, seed=2), one_change_video(seed=3)])
-    model = as_if_trained(STOPModel(clip, STOPConfig("stop")))
+    model = as_if_trained(STOPModel(random_clip_model, STOPConfig("stop")))
     together, details = features(model, batch, return_details=True)
     totals = details[0].counts.sum(dim=1)
     assert totals[0] == 0 and totals[1] > totals[2] > 0, totals
@@ -352,12 +316,12 @@ def test_a_mixed_batch_gives_each_video_its_own_feature(clip):
 # --------------------------------------------------------------------------- #
 
 
-def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip, device):
-    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop"))).train()
+def test_only_stop_parameters_train_and_clip_stays_bit_identical(random_clip_model, device):
+    model = as_if_trained(STOPModel(on(device, random_clip_model), STOPConfig("stop"))).train()
     before = {name: tensor.clone() for name, tensor in model.clip.state_dict().items()}
     trainable_before = [p.detach().clone() for p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.2)
-    text = F.normalize(torch.randn(2, TINY.embed_dim), dim=-1).to(device)
+    text = F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim), dim=-1).to(device)
     loss = F.cross_entropy(model.class_logits(random_videos(2).to(device), text), torch.tensor([0, 1], device=device))
     loss.backward()
     optimizer.step()
@@ -369,25 +333,25 @@ def test_only_stop_parameters_train_and_clip_stays_bit_identical(clip, device):
     assert all(not torch.equal(a, b) for a, b in zip(trainable_before, model.trainable_parameters()))
 
 
-def test_activation_checkpointing_gives_the_same_gradients(clip, monkeypatch):
+def test_activation_checkpointing_gives_the_same_gradients(random_clip_model, monkeypatch):
     calls = []
     monkeypatch.setattr(stop, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
-    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1)
+    video, text = random_videos(2), F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim), dim=-1)
     gradients = []
     for grad_checkpoint in (False, True):
-        model = as_if_trained(STOPModel(clip, STOPConfig("stop"), grad_checkpoint=grad_checkpoint)).train()
+        model = as_if_trained(STOPModel(random_clip_model, STOPConfig("stop"), grad_checkpoint=grad_checkpoint)).train()
         torch.manual_seed(0)  # the same dropout masks; checkpointing replays them in the recomputation
         F.cross_entropy(model.class_logits(video, text), torch.tensor([0, 1])).backward()
         gradients.append([p.grad for p in model.trainable_parameters()])
-    assert len(calls) == TINY.vision_layers  # one recomputed segment per block, only when asked
+    assert len(calls) == RANDOM_CLIP_CONFIG.vision_layers  # one recomputed segment per block, only when asked
     for plain, checkpointed in zip(*gradients):
         torch.testing.assert_close(checkpointed, plain)
 
 
-def test_bfloat16_autocast_forward_and_backward(clip, device):
+def test_bfloat16_autocast_forward_and_backward(random_clip_model, device):
     """With the mean readout; ``test_readout.py`` checks the video CLS."""
-    model = as_if_trained(STOPModel(on(device, clip), STOPConfig("stop", readout="mean"))).train()
-    video, text = random_videos(2), F.normalize(torch.randn(2, TINY.embed_dim), dim=-1).to(device)
+    model = as_if_trained(STOPModel(on(device, random_clip_model), STOPConfig("stop", readout="mean"))).train()
+    video, text = random_videos(2), F.normalize(torch.randn(2, RANDOM_CLIP_CONFIG.embed_dim), dim=-1).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = F.cross_entropy(model.class_logits(video.to(device), text), torch.tensor([0, 1], device=device))
     loss.backward()
@@ -430,19 +394,19 @@ def train_direction(clip: clip_model.CLIP, prompt: str, steps: int = 40) -> tupl
     return model.eval(), class_features
 
 
-def test_stop_learns_motion_direction_while_static_stays_at_chance(clip):
+def test_stop_learns_motion_direction_while_static_stays_at_chance(random_clip_model):
     """The paper's claim in miniature. The held-out set pairs each video with its reversal, so a model blind
     to frame order gives both the same feature and scores exactly 0.5."""
     right = blob_videos(32, torch.Generator().manual_seed(1234))
     videos, labels = torch.cat([right, right.flip(1)]), torch.cat([torch.zeros(32), torch.ones(32)]).long()
     accuracy = {}
     for prompt in ("stop", "static"):
-        model, class_features = train_direction(clip, prompt)
+        model, class_features = train_direction(random_clip_model, prompt)
         with torch.no_grad():
             accuracy[prompt] = (model.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
         if prompt == "static":
             torch.testing.assert_close(features(model, right.flip(1)), features(model, right), rtol=0, atol=1e-6)
-    baseline = STOPModel(clip, STOPConfig("none"))
+    baseline = STOPModel(random_clip_model, STOPConfig("none"))
     with torch.no_grad():
         accuracy["none"] = (baseline.class_logits(videos, class_features).argmax(-1) == labels).float().mean().item()
     assert accuracy["stop"] >= 0.9, accuracy
@@ -455,10 +419,10 @@ def test_stop_learns_motion_direction_while_static_stays_at_chance(clip):
 
 
 @pytest.mark.parametrize("prompt", PROMPT_VARIANTS)
-def test_details_per_prompted_block(clip, prompt):
-    model = STOPModel(clip, STOPConfig(prompt, prompt_layers=2)).eval()
+def test_details_per_prompted_block(random_clip_model, prompt):
+    model = STOPModel(random_clip_model, STOPConfig(prompt, prompt_layers=2)).eval()
     video_features, details = features(model, random_videos(2), return_details=True)
-    assert video_features.shape == (2, TINY.embed_dim)
+    assert video_features.shape == (2, RANDOM_CLIP_CONFIG.embed_dim)
     torch.testing.assert_close(video_features.norm(dim=-1), torch.ones(2))
     assert len(details) == (0 if prompt == "none" else 2)
     for block in details:
@@ -480,13 +444,13 @@ def test_details_per_prompted_block(clip, prompt):
 
 
 @pytest.mark.parametrize("task", ["recognize", "retrieve"])
-def test_a_saved_checkpoint_computes_what_it_did(golden, task):
+def test_a_saved_checkpoint_computes_what_it_did(golden, golden_clip_model, task):
     """Regression: checkpoints of this version (one epoch on the synthetic data, the tiny CLIP; see
     ``tests/fixtures/README.md``) load and give, on a fixed video, the features, regions and prompt counts that
     the code which trained them computed."""
     saved = torch.load(golden / f"stop_checkpoint_{task}.pt", weights_only=True)
     reference = torch.load(golden / "stop_checkpoint_outputs.pt", weights_only=True)
-    model = STOPModel(clip_model.load(golden / "tiny_clip_state_dict.pt"), STOPConfig.from_dict(saved["config"]))
+    model = STOPModel(golden_clip_model, STOPConfig.from_dict(saved["config"]))
     model.load_trainable_state_dict(saved["stop"])
     video_features, details = features(model.eval(), reference["video"], return_details=True)
     expected = reference[task]
@@ -516,57 +480,64 @@ def test_region_count_is_ceil_rho_n():
     assert 0.07 * 100 > 7 and stop.region_count(0.07, 100) == 7  # 7.000000000000001 is 7 regions, not 8
 
 
-def test_default_regions_per_frame_on_a_7x7_and_a_4x4_grid(clip):
+def test_default_regions_per_frame_on_a_7x7_and_a_4x4_grid(random_clip_model):
     """The default ``STOPConfig`` marks 6 regions per frame on ViT-B/32's 7x7 grid (56 px, patch 8 here) and
     ``ceil(6/49 * 16) = 2`` on the tiny CLIP's 4x4 grid."""
     grid7 = clip_model.random_clip(clip_model.CLIPConfig(32, 56, 1, 64, 8, 16, 100, 32, 1, 1))
     videos56 = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    for model, video, regions in ((STOPModel(grid7), videos56, 6), (STOPModel(clip), random_videos(2, frames=3), 2)):
+    for model, video, regions in (
+        (STOPModel(grid7), videos56, 6),
+        (STOPModel(random_clip_model), random_videos(2, frames=3), 2),
+    ):
         _, details = features(as_if_trained(model), video, return_details=True)
         patches = model.clip.visual.grid_size**2
         assert all(d.regions.shape[-1] == patches and d.regions.sum(dim=-1).eq(regions).all() for d in details)
 
 
-def test_single_frame_videos_work(clip):
-    video_features, details = features(STOPModel(clip).eval(), random_videos(2, frames=1), return_details=True)
-    assert video_features.shape == (2, TINY.embed_dim) and details[0].counts.shape == (2, 0)
+def test_single_frame_videos_work(random_clip_model):
+    video_features, details = features(
+        STOPModel(random_clip_model).eval(), random_videos(2, frames=1), return_details=True
+    )
+    assert video_features.shape == (2, RANDOM_CLIP_CONFIG.embed_dim) and details[0].counts.shape == (2, 0)
 
 
-def test_wrong_video_shape_raises(clip):
+def test_wrong_video_shape_raises(random_clip_model):
     with pytest.raises(ValueError, match=r"expected \[B, T, 3, 32, 32\]"):
-        STOPModel(clip).encode_video(torch.randn(2, 3, 32, 32))
+        STOPModel(random_clip_model).encode_video(torch.randn(2, 3, 32, 32))
 
 
-def test_text_similarity_and_class_logits(clip):
-    model = STOPModel(clip).eval()
-    tokens = torch.randint(1, TINY.vocab_size, (3, TINY.context_length))
+def test_text_similarity_and_class_logits(random_clip_model):
+    model = STOPModel(random_clip_model).eval()
+    tokens = torch.randint(1, RANDOM_CLIP_CONFIG.vocab_size, (3, RANDOM_CLIP_CONFIG.context_length))
     text = model.encode_text(tokens)
-    torch.testing.assert_close(text, F.normalize(clip.encode_text(tokens), dim=-1))
+    torch.testing.assert_close(text, F.normalize(random_clip_model.encode_text(tokens), dim=-1))
     video = random_videos(2)
     with torch.no_grad():
         logits = model.class_logits(video, text)
-        expected = clip.logit_scale.exp() * model.encode_video(video) @ text.t()
+        expected = random_clip_model.logit_scale.exp() * model.encode_video(video) @ text.t()
     assert logits.shape == (2, 3)
     torch.testing.assert_close(logits, expected)
-    torch.testing.assert_close(model.similarity(text[:2], text), clip.logit_scale.exp() * text[:2] @ text.t())
+    torch.testing.assert_close(
+        model.similarity(text[:2], text), random_clip_model.logit_scale.exp() * text[:2] @ text.t()
+    )
 
 
-def test_trainable_state_round_trips_and_refuses_another_variant_or_shape(clip):
-    source = as_if_trained(STOPModel(clip, STOPConfig("stop")))
-    target = STOPModel(clip, STOPConfig("stop")).eval()
+def test_trainable_state_round_trips_and_refuses_another_variant_or_shape(random_clip_model):
+    source = as_if_trained(STOPModel(random_clip_model, STOPConfig("stop")))
+    target = STOPModel(random_clip_model, STOPConfig("stop")).eval()
     target.load_trainable_state_dict(source.trainable_state_dict())
     video = random_videos(2)
     assert torch.equal(features(target, video), features(source, video))
     assert all(key.startswith("prompters.") for key in source.trainable_state_dict())
 
     with pytest.raises(ConfigError, match="missing prompters.0.temporal"):
-        target.load_trainable_state_dict(STOPModel(clip, STOPConfig("spatial")).trainable_state_dict())
+        target.load_trainable_state_dict(STOPModel(random_clip_model, STOPConfig("spatial")).trainable_state_dict())
     with pytest.raises(ConfigError, match="unexpected prompters.1.static"):
-        one_block = STOPModel(clip, STOPConfig("static", prompt_layers=1))
-        one_block.load_trainable_state_dict(STOPModel(clip, STOPConfig("static")).trainable_state_dict())
+        one_block = STOPModel(random_clip_model, STOPConfig("static", prompt_layers=1))
+        one_block.load_trainable_state_dict(STOPModel(random_clip_model, STOPConfig("static")).trainable_state_dict())
     with pytest.raises(ConfigError, match=r"candidates has shape \(2, 16\), expected \(4, 16\)"):
-        target.load_trainable_state_dict(STOPModel(clip, STOPConfig("stop", eta=2)).trainable_state_dict())
+        target.load_trainable_state_dict(STOPModel(random_clip_model, STOPConfig("stop", eta=2)).trainable_state_dict())
     other_width = clip_model.random_clip(clip_model.CLIPConfig(32, 32, 3, 64, 8, 16, 100, 32, 1, 1))
     with pytest.raises(ConfigError, match="expected"):
         target.load_trainable_state_dict(STOPModel(other_width, STOPConfig("stop")).trainable_state_dict())
-    STOPModel(clip, STOPConfig("none")).load_trainable_state_dict({})
+    STOPModel(random_clip_model, STOPConfig("none")).load_trainable_state_dict({})

@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 import data
 from loading import dataset_files, synthetic
+from loading.protocols import PROTOCOLS
 
 RESOLUTION = 48  # model input size in these tests: deliberately not 224
 
@@ -60,11 +61,12 @@ def test_synthetic_turning_is_clockwise_on_screen() -> None:
 
 def test_ensure_synthetic_builds_both_layouts_once(tmp_path: Path) -> None:
     root = tmp_path / "synthetic"
-    (root / "ucf101" / "UCF-101").mkdir(parents=True)  # an older generator's data: replaced
-    (root / "ucf101" / "UCF-101" / "old.avi").write_bytes(b"")
+    old_video = root / "ucf101" / PROTOCOLS["ucf101"].videos / "old.avi"  # an older generator's data: replaced
+    old_video.parent.mkdir(parents=True)
+    old_video.write_bytes(b"")
     (root / "COMPLETE").write_text(f"version {synthetic.SYNTHETIC_VERSION - 1} seed 0\n")
     assert synthetic.ensure_synthetic(root, seed=0) == root
-    assert not (root / "ucf101" / "UCF-101" / "old.avi").exists()
+    assert not old_video.exists()
     marker_time = (root / "COMPLETE").stat().st_mtime_ns
     assert synthetic.ensure_synthetic(root, seed=0) == root and (root / "COMPLETE").stat().st_mtime_ns == marker_time
     assert [path.name for path in tmp_path.iterdir()] == ["synthetic"]  # no scratch folder left behind

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import synthetic as synthetic_command
 from loading import dataset_files, synthetic
 from loading.errors import DataError
+from loading.protocols import PROTOCOLS
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +48,13 @@ def test_another_seed_leaves_a_run_saved_inside_the_dataset_alone(tmp_path: Path
     run = root / "ucf101" / "runs" / "seed0" / "best.pt"
     run.parent.mkdir(parents=True)
     run.write_bytes(b"the user's checkpoint")
-    notes = root / "msrvtt" / "MSRVTT_Videos" / "notes.txt"  # even in a folder the generator fills
+    notes = root / "msrvtt" / PROTOCOLS["msrvtt"].videos / "notes.txt"  # even in a folder the generator fills
     notes.write_text("mine\n")
     before = files_under(root)
 
     with pytest.raises(DataError, match="ucf101/runs/seed0/best.pt") as refused:
         synthetic.ensure_synthetic(root, seed=1)
-    assert "msrvtt/MSRVTT_Videos/notes.txt" in str(refused.value)
+    assert str(notes.relative_to(root)) in str(refused.value)
     result = CliRunner().invoke(synthetic_command.app, ["--root", str(root), "--seed", "1"])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
@@ -70,7 +71,7 @@ def test_another_seed_leaves_a_run_saved_inside_the_dataset_alone(tmp_path: Path
 def test_a_version_change_keeps_files_outside_the_generators_folders(tmp_path: Path) -> None:
     """A marker of one line, as written before manifests: the generator's folders are taken to be its own."""
     root = tmp_path / "synthetic"
-    old_video = root / "ucf101" / "UCF-101" / "old.avi"
+    old_video = root / "ucf101" / PROTOCOLS["ucf101"].videos / "old.avi"
     run = root / "ucf101" / "runs" / "seed0" / "best.pt"
     for path in (old_video, run):
         path.parent.mkdir(parents=True)
@@ -81,7 +82,7 @@ def test_a_version_change_keeps_files_outside_the_generators_folders(tmp_path: P
     assert run.exists() and old_video.exists()
     run.unlink()
     synthetic.ensure_synthetic(root, seed=0)
-    assert not old_video.exists() and (root / "ucf101" / "UCF-101").is_dir()
+    assert not old_video.exists() and old_video.parent.is_dir()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
