@@ -61,10 +61,6 @@ class CLIPConfig:
     transformer_heads: int
     transformer_layers: int
 
-    @property
-    def vision_heads(self) -> int:
-        return self.vision_width // 64  # OpenAI's convention: 64 channels per head
-
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         if "visual.proj" not in state_dict:
@@ -242,7 +238,7 @@ class CLIP(nn.Module):
             config.vision_patch_size,
             config.vision_width,
             config.vision_layers,
-            config.vision_heads,
+            config.vision_width // 64,  # heads: OpenAI's convention, 64 channels each
             config.embed_dim,
         )
         self.transformer = Transformer(config.transformer_width, config.transformer_layers, config.transformer_heads)

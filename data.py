@@ -275,7 +275,14 @@ class VideoDataset(Dataset):
                 if self.keep_alignment:
                     return self._blank_clip(), self.targets[index]
                 continue
-            return self._to_clip(frames), self.targets[item]
+            clip = self.transform(tv_tensors.Video(frames)).as_subclass(Tensor)  # [V*T, 3, R, R], V temporal views
+            if self.crops == 3:  # clip is uncropped: [V*T, 3, R, L] or [V*T, 3, L, R]
+                crops = three_crops(clip, self.resolution)  # [3, V*T, 3, R, R]
+                crops = crops.unflatten(1, (self.views, self.num_frames)).transpose(0, 1)  # [V, 3, T, 3, R, R]
+                clip = crops.flatten(0, 1)  # [V*3, T, 3, R, R]
+            elif self.views > 1:
+                clip = clip.unflatten(0, (self.views, self.num_frames))  # [V, T, 3, R, R]
+            return clip, self.targets[item]
         raise DataError(
             f"{attempts} videos in a row from {self.paths[index]} could not be decoded; "
             "check the video folder and that this FFmpeg can decode their codec"
@@ -287,16 +294,6 @@ class VideoDataset(Dataset):
         self._broken[item] = True
         action = "a blank clip instead" if self.keep_alignment else f"using item {replacement} instead"
         warnings.warn(f"{error}; {action}", BrokenVideoWarning, stacklevel=3)
-
-    def _to_clip(self, frames: Tensor) -> Tensor:
-        clip = self.transform(tv_tensors.Video(frames)).as_subclass(Tensor)  # [V*T, 3, R, R], V temporal views
-        if self.crops == 3:  # clip is uncropped: [V*T, 3, R, L] or [V*T, 3, L, R]
-            crops = three_crops(clip, self.resolution)  # [3, V*T, 3, R, R]
-            crops = crops.unflatten(1, (self.views, self.num_frames)).transpose(0, 1)  # [V, 3, T, 3, R, R]
-            return crops.flatten(0, 1)  # [V*3, T, 3, R, R]
-        if self.views == 1:
-            return clip
-        return clip.unflatten(0, (self.views, self.num_frames))  # [V, T, 3, R, R]
 
     def _blank_clip(self) -> Tensor:
         shape = (self.num_frames, 3, self.resolution, self.resolution)

@@ -63,7 +63,7 @@ class STOPConfig:
     ``prompt``: the variant, one of ``PROMPT_VARIANTS``. ``alpha``: ``W^s = alpha A + (1 - alpha) M`` weighs the
     frozen attention and the learned dynamics equally (paper silent). ``beta``: a region patch counts ``1 + beta``
     times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
-    regions per frame (``region_count``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
+    regions per frame (``SpatialPrompter``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
     ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
     silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"mean"`` by default (``docs/method.md``).
     ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
@@ -193,12 +193,6 @@ def cls_attention_map(block: ResidualAttentionBlock, normed: torch.Tensor, frame
 # --------------------------------------------------------------------------- #
 
 
-def region_count(rho: float, patches: int) -> int:
-    """``K_s = ceil(rho N)``, the regions per frame; rounded to 6 decimals first, so that ``rho = 6/49`` of 49
-    patches is 6 (and not 7 for the last bit of ``6/49 * 49``)."""
-    return math.ceil(round(rho * patches, 6))
-
-
 def video_dropout(x: torch.Tensor, batch: int, p: float, training: bool) -> torch.Tensor:
     """Dropout of ``x`` ``[B*T, K, D]`` with one mask per video, shared by its ``T`` frames.
 
@@ -251,7 +245,8 @@ class SpatialPrompter(nn.Module):
         super().__init__()
         self.grid = grid
         self.alpha = alpha
-        self.num_regions = region_count(rho, grid * grid)  # K_s
+        # K_s = ceil(rho N) regions per frame, rounded to 6 decimals first: rho = 6/49 of 49 patches is 6, not 7
+        self.num_regions = math.ceil(round(rho * grid * grid, 6))
         self.reduce = nn.Linear(width, reduced_dim)  # W_u
         self.dynamics_net = frame_conv(reduced_dim, 1, (3, 3, 3))  # N^s
         self.prompt_net = SpatialPromptNet(width, reduced_dim, dropout)  # P^s

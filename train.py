@@ -211,12 +211,11 @@ def evaluate_epoch(run: Run, folder: runs.RunFolder, epoch: int) -> tuple[dict[s
     return metrics, metrics["text_to_video"]["R@1"]
 
 
-def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, given: set[str] = frozenset()) -> None:
-    """Train as ``config`` says: own (or resume) the run folder, then per epoch train, evaluate and save.
-
-    ``given``: the options typed on the command line (not defaults), which ``--resume`` checks against the run.
-    """
-    with runs.RunFolder(config, resume, overwrite, given) as folder:
+def train(task: str, options: dict[str, Any], given: set[str]) -> None:
+    """Train as the command's ``options`` say (``run_config``): own (or resume) the run folder, then per epoch
+    train, evaluate and save. ``given``: the options typed on the command line, which ``--resume`` checks."""
+    resume, overwrite = options.pop("resume"), options.pop("overwrite")
+    with runs.RunFolder(run_config(task, options), resume, overwrite, given - {"resume", "overwrite"}) as folder:
         config = folder.config  # a resumed run's own
         run = build_run(config, folder.checkpoint) if folder.first_epoch < config.epochs else None
         for epoch in range(folder.first_epoch, config.epochs):
@@ -312,16 +311,11 @@ def run_config(task: str, options: dict[str, Any]) -> TrainConfig:
     return config
 
 
-def run_command(task: str, options: dict[str, Any], given: set[str]) -> None:
-    resume, overwrite = options.pop("resume"), options.pop("overwrite")
-    train(run_config(task, options), resume, overwrite, given - {"resume", "overwrite"})
-
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 cli.add_command(app, "recognize", "Action recognition: ucf101, hmdb51, ssv2, kinetics400, or synthetic (no download).",
-                cli.train_options, run_command)  # fmt: skip
+                cli.train_options, train)  # fmt: skip
 cli.add_command(app, "retrieve", "Text-video retrieval: msrvtt, msvd, lsmdc, activitynet, didemo, vatex, or synthetic.",
-                cli.train_options, run_command)  # fmt: skip
+                cli.train_options, train)  # fmt: skip
 
 if __name__ == "__main__":
     app()

@@ -40,6 +40,7 @@ TASK_DATASETS = {
 MAX_FRAMES, MAX_ETA, MAX_WORDS, MAX_BATCH, MAX_LR, MAX_SEED = 256, 64, 77, 4096, 10.0, 2**32 - 1
 RECOGNITION_ONLY = ("split_id", "views", "crops")  # options that mean nothing to retrieval
 RETRIEVAL_ONLY = ("words",)
+PROTOCOL_FIELDS = {"frames": "frames", "words": "words", "batch_size": "batch", "epochs": "epochs", "lr": "lr"}
 
 DatasetOption = Annotated[str, typer.Option(help="Which dataset; synthetic is generated on first use.")]
 RootOption = Annotated[Path | None, typer.Option(help="Dataset folder in its published layout.")]
@@ -199,12 +200,24 @@ def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: 
     left_out = RETRIEVAL_ONLY if task == "recognize" else RECOGNITION_ONLY
     parameters = inspect.signature(options).parameters.values()
     defaults = {parameter.name: parameter.default for parameter in parameters if parameter.name in left_out}
-    dataset = Annotated[TASK_DATASETS[task], typer.Option(help="Which dataset; synthetic is generated on first use.")]
-    declared = [
-        parameter.replace(annotation=dataset) if parameter.name == "dataset" else with_defaults(parameter, task)
-        for parameter in parameters
-        if parameter.name not in left_out
-    ]
+    datasets = protocols.RECOGNITION_DATASETS if task == "recognize" else protocols.RETRIEVAL_DATASETS
+    rows = {"synthetic": protocols.SYNTHETIC[task]} | {name: protocols.PROTOCOLS[name] for name in datasets}
+    declared = []
+    for parameter in parameters:
+        if parameter.name in left_out:
+            continue
+        if parameter.name == "dataset":
+            kind, option = TASK_DATASETS[task], typer.Option(help="Which dataset; synthetic is generated on first use.")
+            parameter = parameter.replace(annotation=Annotated[kind, option])
+        elif parameter.name in PROTOCOL_FIELDS and parameter.default is None:  # the dataset's default, for each one
+            names_of: dict[float, list[str]] = {}  # "25 (synthetic); 10 (ucf101, hmdb51, ssv2, kinetics400)"
+            for name, row in rows.items():
+                names_of.setdefault(getattr(row, PROTOCOL_FIELDS[parameter.name]), []).append(name)
+            kind, option = get_args(parameter.annotation)
+            option = copy.copy(option)
+            option.help += " " + "; ".join(f"{value:g} ({', '.join(names)})" for value, names in names_of.items()) + "."
+            parameter = parameter.replace(annotation=Annotated[kind, option])
+        declared.append(parameter)
 
     def command(context: typer.Context, threads: int, **values: Any) -> None:
         with reported_errors(), process_group(resolve_device(values["device"])):
@@ -217,23 +230,3 @@ def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: 
     threads = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=0, annotation=ThreadsOption)
     command.__signature__ = inspect.Signature([context, *declared, threads])
     app.command(task, help=help)(command)
-
-
-PROTOCOL_FIELDS = {"frames": "frames", "words": "words", "batch_size": "batch", "epochs": "epochs", "lr": "lr"}
-
-
-def with_defaults(parameter: inspect.Parameter, task: str) -> inspect.Parameter:
-    """An option whose default is the dataset's, its help ending in that value for each of ``task``'s datasets:
-    "25 (synthetic); 10 (ucf101, hmdb51, ssv2, kinetics400)", datasets of one value together."""
-    if parameter.name not in PROTOCOL_FIELDS or parameter.default is not None:
-        return parameter
-    datasets = protocols.RECOGNITION_DATASETS if task == "recognize" else protocols.RETRIEVAL_DATASETS
-    rows = {"synthetic": protocols.SYNTHETIC[task]} | {name: protocols.PROTOCOLS[name] for name in datasets}
-    names_of: dict[float, list[str]] = {}
-    for name, row in rows.items():
-        names_of.setdefault(getattr(row, PROTOCOL_FIELDS[parameter.name]), []).append(name)
-    kind, option = get_args(parameter.annotation)
-    option = copy.copy(option)
-    values = "; ".join(f"{value:g} ({', '.join(names)})" for value, names in names_of.items())
-    option.help = f"{option.help} {values}."
-    return parameter.replace(annotation=Annotated[kind, option])

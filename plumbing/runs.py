@@ -50,12 +50,6 @@ def temporary_name(name: str) -> str:
     return f"{name}.{secrets.token_hex(6)}.tmp"
 
 
-def is_temporary_of(path: Path, names: tuple[str, ...]) -> bool:
-    """Whether ``path`` is a temporary file ``atomic_save`` made for one of ``names`` (``temporary_name``), or a
-    plain ``<name>.tmp`` of a run killed while saving."""
-    return any(re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{12})?\.tmp", path.name) for name in names)
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """Write ``obj`` (text, or anything ``torch.save`` takes) through a temporary file and a rename: an interrupted
     save never leaves a half-written file, and a failed one (a full disk, ``path`` a folder) leaves no temporary
@@ -227,7 +221,9 @@ class RunFolder:
                 f"{out} already holds a run: choose another --out for a new run (another seed or settings), pass "
                 "--resume to continue this one, or --overwrite to replace it"
             )
-        leftovers = [path for path in out.iterdir() if is_temporary_of(path, RUN_FILES)]  # of a killed save
+        # a killed save's temporary files: temporary_name's, or a plain <name>.tmp of a run killed while saving
+        temporary = rf"({'|'.join(re.escape(name) for name in RUN_FILES)})(\.[0-9a-f]{{12}})?\.tmp"
+        leftovers = [path for path in out.iterdir() if re.fullmatch(temporary, path.name)]
         if not has_run and any(path.name not in {*RUN_FILES, LOCK_FILE} for path in set(out.iterdir()) - {*leftovers}):
             raise RunError(
                 f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "

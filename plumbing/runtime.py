@@ -109,14 +109,6 @@ class Backbone:
     tokenize: Callable[[list[str]], torch.Tensor]
 
 
-def tensors_sha256(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def load_backbone(name: str | None, trained_on: bool = False) -> Backbone:
     """``--clip``: an OpenAI model name or a checkpoint path; none (or ``random-demo-clip``) gives the demo CLIP.
 
@@ -135,7 +127,11 @@ def load_backbone(name: str | None, trained_on: bool = False) -> Backbone:
         # differences vanish in the softmax. Use a trained CLIP's scale instead: OpenAI's models sit at the cap, 100.
         clip.logit_scale.data.fill_(math.log(100))
         tokenize = partial(clip_model.byte_tokenize, context_length=DEMO_CLIP.context_length)
-        return Backbone(clip, DEMO_CLIP_NAME, tensors_sha256(clip), tokenize)
+        digest = hashlib.sha256()  # of its tensors: the demo CLIP has no file
+        for key, tensor in sorted(clip.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return Backbone(clip, DEMO_CLIP_NAME, digest.hexdigest(), tokenize)
     path = clip_model.checkpoint_path(name)
     sha256 = clip_model.MODEL_SHA256.get(name) or clip_model.file_sha256(path)
     clip = clip_model.load(path)
@@ -159,13 +155,6 @@ def build_model(
     return model.to(device)
 
 
-def memory_bytes(device: torch.device) -> int:
-    """The memory a batch can have on ``device``: the GPU's, or this machine's (the loader builds every batch here)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_batch_memory(model: STOPModel, frames: int, clips: int, device: torch.device) -> None:
     """Refuse, before anything is allocated, a batch of ``clips`` videos of ``frames`` frames that cannot fit: the
     float32 pixels of the batch, and the tokens of one block (each frame's patches and class token, and the ``eta``
@@ -174,7 +163,9 @@ def check_batch_memory(model: STOPModel, frames: int, clips: int, device: torch.
     resolution, width = visual.input_resolution, visual.conv1.out_channels
     tokens = frames * ((resolution // visual.conv1.kernel_size[0]) ** 2 + 1) + (frames + 1) * model.config.eta
     needed = 4 * clips * (frames * 3 * resolution**2 + tokens * width)
-    available = min(memory_bytes(device), memory_bytes(torch.device("cpu")))
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's: batches are built here
+    if device.type == "cuda":
+        available = min(available, torch.cuda.get_device_properties(device).total_memory)
     if needed > available:
         raise RunError(
             f"--frames {frames} with a batch of {clips} clips and --eta {model.config.eta} needs at least "

@@ -30,7 +30,7 @@ def test_absurd_options_are_refused_by_name(option, value, tmp_path):
 
 
 def test_an_impossible_batch_is_refused_before_it_is_allocated(tiny_root, golden_clip, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "memory_bytes", lambda device: 2**18)  # a machine of 256 KiB
+    monkeypatch.setattr(runtime.os, "sysconf", lambda name: 2**9)  # a machine of 512 pages of 512 bytes: 256 KiB
 
     def never(*args, **kwargs):
         raise AssertionError("the data was read")

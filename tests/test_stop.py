@@ -472,12 +472,16 @@ def test_any_vit_shape(width, patch):
 
 def test_region_count_is_ceil_rho_n():
     """``K_s = ceil(rho N)``, rounded first so that float error in ``rho N`` never adds a region."""
+
+    def regions(rho: float, grid: int) -> int:
+        return stop.SpatialPrompter(width=64, grid=grid, reduced_dim=8, alpha=0.5, rho=rho, dropout=0.0).num_regions
+
     assert STOPConfig().rho == 6 / 49
-    assert stop.region_count(6 / 49, 49) == 6  # ViT-B/32's 7x7 grid: the authors' 6 regions
-    assert stop.region_count(6 / 49, 196) == 24  # ViT-B/16's 14x14 grid
-    assert stop.region_count(6 / 49, 16) == 2  # the tiny CLIP's 4x4 grid: ceil(1.96)
-    assert stop.region_count(0.1, 49) == 5  # ceil(4.9)
-    assert 0.07 * 100 > 7 and stop.region_count(0.07, 100) == 7  # 7.000000000000001 is 7 regions, not 8
+    assert regions(6 / 49, 7) == 6  # ViT-B/32's 7x7 grid: the authors' 6 regions
+    assert regions(6 / 49, 14) == 24  # ViT-B/16's 14x14 grid
+    assert regions(6 / 49, 4) == 2  # the tiny CLIP's 4x4 grid: ceil(1.96)
+    assert regions(0.1, 7) == 5  # ceil(4.9)
+    assert 0.07 * 100 > 7 and regions(0.07, 10) == 7  # 7.000000000000001 is 7 regions, not 8
 
 
 def test_default_regions_per_frame_on_a_7x7_and_a_4x4_grid(random_clip_model):
