@@ -10,7 +10,7 @@ video, and whether a video's sentences are joined into one paragraph. ``--frames
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loading.dataset_files import DataError
 
@@ -87,9 +87,10 @@ PROTOCOLS = {
         multi_caption=True,
     ),
 }  # fmt: skip
+# The synthetic dataset is written in UCF101's layout (recognition) and MSR-VTT's (retrieval).
 SYNTHETIC = {
-    "recognize": Protocol(8, 32, 25, 1e-2, DEMO, annotations="ucfTrainTestlist", videos="UCF-101"),
-    "retrieve": Protocol(12, 32, 10, 1e-2, DEMO, 32, "msrvtt_data", "MSRVTT_Videos", PROTOCOLS["msrvtt"].files),
+    "recognize": replace(PROTOCOLS["ucf101"], epochs=25, lr=1e-2, source=DEMO),
+    "retrieve": replace(PROTOCOLS["msrvtt"], batch=32, epochs=10, lr=1e-2, source=DEMO),
 }
 
 
