@@ -45,12 +45,12 @@ class Row:
     full_finetune: bool = False
 
 
-ROWS = {
-    **{variant: Row(dict(prompt=variant)) for variant in PROMPT_VARIANTS},
-    "stop --readout cls": Row(dict(prompt="stop", readout="cls")),
-    "stop --attention joint": Row(dict(prompt="stop", readout="cls", attention="joint")),
+ROWS = {  # the frozen baseline and full fine-tuning are CLIP4Clip's meanP; the prompted rows, STOP's default cls
+    **{name: Row(dict(prompt=name, readout="mean" if name == "none" else "cls")) for name in PROMPT_VARIANTS},
+    "stop --readout mean": Row(dict(prompt="stop", readout="mean")),
+    "stop --attention joint": Row(dict(prompt="stop", attention="joint")),
     "stop --grad-checkpoint": Row(dict(prompt="stop"), grad_checkpoint=True),
-    "full fine-tune": Row(dict(prompt="none"), full_finetune=True),
+    "full fine-tune": Row(dict(prompt="none", readout="mean"), full_finetune=True),
 }
 BASELINE, FULL = "none", "full fine-tune"  # the rows every ratio is taken against
 

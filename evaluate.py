@@ -248,7 +248,8 @@ def evaluated_model(
             "pass --checkpoint RUN/best.pt, or --prompt none for zero-shot CLIP4Clip"
         )
     backbone = runtime.load_backbone(options.clip)
-    model = runtime.build_model(backbone, STOPConfig(prompt="none"), device, precision)
+    zero_shot = STOPConfig(prompt="none", readout="mean")  # the frozen CLIP4Clip meanP baseline
+    model = runtime.build_model(backbone, zero_shot, device, precision)
     note = f"no --checkpoint: this evaluates CLIP {backbone.name} zero-shot, frozen and with no prompts (--prompt none)"
     if options.clip is None:
         note += "; the demo CLIP's weights are random, so the numbers are at chance: a trained run needs --checkpoint"

@@ -4,11 +4,11 @@ A frozen CLIP ViT reads a video's frames; STOP keeps every CLIP weight frozen an
 trains two small prompt generators (``docs/method.md``). The video feature meets the text through one of two
 readouts (``READOUTS``):
 
-- ``mean`` (the default; CLIP4Clip "meanP", the paper's baseline): every frame goes through the image tower with
-  its own CLS and the video feature is the mean of the frame features;
-- ``cls`` (Figure 2a): the video has one CLS token, CLIP's class embedding at position 0, which in every block
-  attends to itself, to every frame's patches and to every real temporal prompt; the feature is that token's.
-  With one frame and no prompt this is CLIP's image forward.
+- ``cls`` (the default; Figure 2a): the video has one CLS token, CLIP's class embedding at position 0, which in
+  every block attends to itself, to every frame's patches and to every real temporal prompt; the feature is that
+  token's. With one frame and no prompt this is CLIP's image forward;
+- ``mean`` (CLIP4Clip "meanP", the paper's baseline): every frame goes through the image tower with its own CLS and
+  the video feature is the mean of the frame features.
 
 Either way the feature is L2-normalised. ``attention`` (``ATTENTIONS``) says what a frame's patches attend to:
 their own frame, the video CLS and the prompts beside them (``frame``), or every token of the video (``joint``,
@@ -65,7 +65,7 @@ class STOPConfig:
     times in ``W^t`` (paper silent). ``eta``: at most ``eta`` prompts per gap. ``rho``: ``K_s = ceil(rho N)``
     regions per frame (``SpatialPrompter``). ``reduced_dim``: ``d_r``. ``prompt_layers``: prompt the first
     ``prompt_layers`` blocks, ``None`` for every block. ``dropout`` on the output of ``P^s`` and ``P^t`` (paper
-    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"mean"`` by default (``docs/method.md``).
+    silent; VPT's prompt dropout). ``readout``: one of ``READOUTS``, ``"cls"`` by default (``docs/method.md``).
     ``attention``: one of ``ATTENTIONS``; ``"joint"`` needs ``readout="cls"``.
     """
 
@@ -77,7 +77,7 @@ class STOPConfig:
     reduced_dim: int = 32
     prompt_layers: int | None = None
     dropout: float = 0.1
-    readout: str = "mean"
+    readout: str = "cls"
     attention: str = "frame"
 
     def __post_init__(self) -> None:
