@@ -380,7 +380,7 @@ def gather_in_dataset_order(loader: DataLoader, *columns: torch.Tensor | list) -
     """
     if not in_group():
         return columns
-    shares: list[Any] = [None] * dist.get_WORLD_SIZE
+    shares: list[Any] = [None] * dist.get_world_size()
     local = [column.cpu() if isinstance(column, torch.Tensor) else column for column in columns]
     dist.all_gather_object(shares, (list(loader.sampler), local))
     first: dict[int, int] = {}  # dataset index -> its first position among all ranks' rows
@@ -402,9 +402,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     process's own rows (the others' are constants here, and get theirs in their own process). One process: ``x``."""
     if not in_group():
         return x
-    shares = [torch.empty_like(x) for _ in range(dist.get_WORLD_SIZE)]
+    shares = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(shares, x.detach().contiguous())
-    shares[dist.get_RANK] = x
+    shares[dist.get_rank()] = x
     return torch.cat(shares)
 
 
@@ -412,7 +412,7 @@ def summed_over_ranks(*values: float) -> list[float]:
     """Each value summed over every rank (losses, clip counts, broken videos); the values themselves in one process."""
     if not in_group():
         return list(values)
-    shares: list[Any] = [None] * dist.get_WORLD_SIZE
+    shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, values)
     return [sum(share[i] for share in shares) for i in range(len(values))]
 
@@ -422,7 +422,7 @@ def broken_over_ranks(*datasets: Dataset) -> int:
     share, a training video drawn by another rank in another epoch) counts once."""
     if not in_group():
         return sum(dataset.broken_count() for dataset in datasets)
-    shares: list[Any] = [None] * dist.get_WORLD_SIZE
+    shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, [dataset.broken_items() for dataset in datasets])
     return sum(len({item for share in shares for item in share[number]}) for number in range(len(datasets)))
 

@@ -118,7 +118,7 @@ def test_the_help_offers_only_what_each_command_accepts_and_states_the_defaults(
     assert re.search(r"--lr .*0\.01 \(synthetic\)", output) and "0.001 (ucf101, hmdb51, ssv2, kinetics400)" in output
     output = run(train.app, "retrieve", "--help")[1]
     assert re.search(rf"--frames .*\b{protocols.SYNTHETIC['retrieve'].frames} \(synthetic\b", output), output
-    assert re.search(r"--lr .*5e-3 \(vatex\)", output), output
+    assert re.search(r"--lr .*0\.005 \(vatex\)", output), output
     output = run(evaluate.app, "recognize", "--help")[1]
     assert re.search(r"--prompt +<none>", output), output
     code, output = run(train.app, "recognize", "--prompt", "none")
