@@ -277,15 +277,6 @@ class SpatialPrompter(nn.Module):
 # --------------------------------------------------------------------------- #
 
 
-def prompt_counts(W_t: torch.Tensor, eta: int) -> torch.Tensor:
-    """Step 6, ``n_t = ceil(eta W^t)`` where ``W^t > tau``, else 0: ``[B, T-1]`` int64 in ``0..eta``.
-
-    ``tau`` (``VARIATION_DEAD_ZONE``) is a dead zone for float noise, which ``ceil`` would turn into a whole prompt
-    (``docs/method.md``, "Identical frames").
-    """
-    return torch.where(W_t > VARIATION_DEAD_ZONE, torch.ceil(eta * W_t), 0).long()
-
-
 class TemporalPromptNet(nn.Module):
     """``P^t`` (Figure 2c) at width ``d_r``: Attention -> Conv3d -> ReLU -> Conv3d -> Linear (times ``W^t``) ->
     Dropout, over the reduced differences ``Delta`` ``[B, T-1, N, d_r]`` of each gap.
@@ -360,7 +351,9 @@ class TemporalPrompter(nn.Module):
         r = r.view(batch, -1, r.shape[-1])
         weight = 1 + self.beta * (r[:, 1:] | r[:, :-1]).float()  # 1 + beta r, r of frame t or t+1: [B, T-1, N]
         W_t = torch.tanh((weight * v).sum(-1) / weight.sum(-1))  # step 5, W^t: [B, T-1]
-        n_t = prompt_counts(W_t.detach(), self.eta)  # step 6, no gradient
+        # step 6, n_t = ceil(eta W^t) without gradient, and 0 where W^t <= tau: the dead zone keeps float noise, which
+        # ceil would turn into a whole prompt, from ever becoming one (docs/method.md, "Identical frames")
+        n_t = torch.where(W_t > VARIATION_DEAD_ZONE, torch.ceil(self.eta * W_t.detach()), 0).long()  # [B, T-1]
         p_t = self.prompt_net(delta, W_t)  # step 7: [B, T-1, eta, D]
         return p_t, n_t, W_t
 
@@ -435,13 +428,6 @@ def to_video(x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([x[:, 0, ..., :1, :], patches], dim=-2)
 
 
-def to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``to_video``'s inverse for tokens ``[B, 1+T*N, D]`` -> ``[B*T, 1+N, D]``, the CLS copied into every frame."""
-    batch, _, width = x.shape
-    cls = x[:, None, :1].expand(batch, frames, 1, width)  # [B, T, 1, D]
-    return torch.cat([cls, x[:, 1:].unflatten(1, (frames, -1))], dim=2).flatten(0, 1)
-
-
 def video_cls_block(
     block: ResidualAttentionBlock,
     h: torch.Tensor,
@@ -490,7 +476,8 @@ def video_cls_block(
     x = to_video(h, batch)  # [B, 1+T*N, D]
     x = x + attn.out_proj(out.transpose(1, 2).flatten(2))
     x = x + block.mlp(block.ln_2(x))
-    return to_frames(x, frames)
+    cls = x[:, None, :1].expand(batch, frames, 1, x.shape[-1])  # the CLS copied back into every frame: [B, T, 1, D]
+    return torch.cat([cls, x[:, 1:].unflatten(1, (frames, -1))], dim=2).flatten(0, 1)  # [B*T, 1+N, D]
 
 
 # --------------------------------------------------------------------------- #
