@@ -34,7 +34,7 @@ import data
 import stop
 from evaluate import evaluate_recognition, evaluate_retrieval, format_metrics
 from loading import protocols
-from loading.errors import ConfigError, RankError, RunError
+from loading.errors import ConfigError, RankError, RunError, is_number
 from plumbing import cli, runs, runtime
 from plumbing.runtime import VideoTower, all_gather_with_grad, autocast, echo
 from stop import STOPConfig, STOPModel
@@ -76,7 +76,7 @@ class TrainConfig(STOPConfig):
         super().__post_init__()
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if not is_number(value, 0):
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a finite number >= 0")
         if self.lr > cli.MAX_LR:
             raise ConfigError(f"--lr {self.lr}: expected at most {cli.MAX_LR:g}")

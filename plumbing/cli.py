@@ -11,7 +11,6 @@ consistent).
 import contextlib
 import copy
 import inspect
-import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,9 +205,9 @@ def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: 
     for parameter in parameters:
         if parameter.name in left_out:
             continue
-        if parameter.name == "dataset":
-            kind, option = TASK_DATASETS[task], typer.Option(help="Which dataset; synthetic is generated on first use.")
-            parameter = parameter.replace(annotation=Annotated[kind, option])
+        if parameter.name == "dataset":  # only the task's datasets
+            option = get_args(parameter.annotation)[1]
+            parameter = parameter.replace(annotation=Annotated[TASK_DATASETS[task], option])
         elif parameter.name in PROTOCOL_FIELDS and parameter.default is None:  # the dataset's default, for each one
             names_of: dict[float, list[str]] = {}  # "25 (synthetic); 10 (ucf101, hmdb51, ssv2, kinetics400)"
             for name, row in rows.items():
@@ -221,8 +220,7 @@ def add_command(app: typer.Typer, task: str, help: str, options: Callable, run: 
 
     def command(context: typer.Context, threads: int, **values: Any) -> None:
         with reported_errors(), process_group(resolve_device(values["device"])):
-            processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's on this machine
-            torch.set_num_threads(threads or max(1, available_cores() // processes))
+            torch.set_num_threads(threads or max(1, available_cores() // runtime.LOCAL_WORLD_SIZE))
             given = {name for name in values if context.get_parameter_source(name).name != "DEFAULT"}
             run(task, {**values, **defaults}, given)
 

@@ -223,8 +223,9 @@ class RunFolder:
             )
         # a killed save's temporary files: temporary_name's, or a plain <name>.tmp of a run killed while saving
         temporary = rf"({'|'.join(re.escape(name) for name in RUN_FILES)})(\.[0-9a-f]{{12}})?\.tmp"
-        leftovers = [path for path in out.iterdir() if re.fullmatch(temporary, path.name)]
-        if not has_run and any(path.name not in {*RUN_FILES, LOCK_FILE} for path in set(out.iterdir()) - {*leftovers}):
+        entries = list(out.iterdir())
+        leftovers = [path for path in entries if re.fullmatch(temporary, path.name)]
+        if not has_run and any(path.name not in {*RUN_FILES, LOCK_FILE} and path not in leftovers for path in entries):
             raise RunError(
                 f"{out} is not empty and holds no run (no metrics.jsonl or last.pt): its files are left alone; "
                 "choose a new or empty folder for --out"

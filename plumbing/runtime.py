@@ -224,8 +224,7 @@ class VideoTower(nn.Module):
 def default_workers() -> int:
     """DataLoader workers when ``--workers`` is not given: this machine's cores shared by its torchrun processes,
     at most 8 (more rarely pays for a clip of 8-12 frames, and each holds a decoder)."""
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(8, dataset_files.available_cores() // processes)
+    return min(8, dataset_files.available_cores() // LOCAL_WORLD_SIZE)
 
 
 def caption_tokenizer(backbone: Backbone, words: int) -> Callable[[list[str]], torch.Tensor]:
@@ -244,6 +243,7 @@ T = TypeVar("T")
 # so still known once the process group is gone (``cli.reported_errors`` runs after it).
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0")) if WORLD_SIZE > 1 else 0
+LOCAL_WORLD_SIZE = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine
 
 
 def in_group() -> bool:

@@ -153,9 +153,9 @@ def test_default_workers_fit_the_machine(monkeypatch):
     assert runtime.default_workers() <= dataset_files.available_cores()
     for cores in (1, 2, 64):
         monkeypatch.setattr(dataset_files, "available_cores", lambda cores=cores: cores)
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        monkeypatch.setattr(runtime, "LOCAL_WORLD_SIZE", 1)
         assert runtime.default_workers() == min(8, cores)
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share its cores
+        monkeypatch.setattr(runtime, "LOCAL_WORLD_SIZE", 2)  # two torchrun processes on this machine share its cores
         assert 2 * runtime.default_workers() <= cores
 
 
